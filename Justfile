@@ -1,0 +1,57 @@
+# kbsync tasks. `just run` and `just test` bootstrap what they need by themselves:
+# without DATABASE_URL they start a throwaway PostgreSQL with pgvector (scripts/pg.sh).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+kbsync := "target/debug/kbsync"
+
+# List the recipes.
+default:
+    @just --list
+
+# Start the throwaway PostgreSQL (idempotent) and print its DATABASE_URL.
+db:
+    @scripts/pg.sh start
+
+# Stop the throwaway PostgreSQL.
+db-stop:
+    @scripts/pg.sh stop
+
+# Fetch the offline embedding model (all-MiniLM-L6-v2) into .kbsync/models.
+model:
+    @scripts/model.sh
+
+# Database, schema, demo sources and data, then the daemon with the local model.
+run:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${DATABASE_URL:-}" ]; then export DATABASE_URL=$(scripts/pg.sh start); fi
+    scripts/model.sh >/dev/null
+    cargo build -p kbsync
+    {{kbsync}} config check >/dev/null
+    {{kbsync}} demo schema
+    {{kbsync}} install
+    {{kbsync}} demo data
+    exec {{kbsync}} run
+
+# Format check, clippy, and every test against a real PostgreSQL with pgvector.
+test:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${DATABASE_URL:-}" ]; then
+      if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
+      export DATABASE_URL=$(scripts/pg.sh start)
+    fi
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo build --workspace
+    if cargo nextest --version >/dev/null 2>&1; then
+      cargo nextest run --workspace --no-fail-fast
+    else
+      echo "cargo-nextest not found; running cargo test (cargo install cargo-nextest --locked for per-test processes)" >&2
+      cargo test --workspace --no-fail-fast
+    fi
+
+# Apply formatting and clippy's fixes.
+fmt:
+    cargo fmt --all

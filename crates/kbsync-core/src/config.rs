@@ -1,0 +1,844 @@
+//! `kbsync.toml`: every field, its default, and the checks that turn a bad file into an
+//! error naming the file, the field and what is wrong.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::sql_ident::{Ident, TableName, quote_literal};
+
+/// Environment variables that override the config file.
+pub const ENV_DATABASE_URL: &str = "KBSYNC_DATABASE_URL";
+pub const ENV_DATABASE_URL_FALLBACK: &str = "DATABASE_URL";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {field}: {problem}")]
+    Invalid {
+        file: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    pub embedding: EmbeddingConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
+    /// Sources by name; the name is the chunk type stored in `tenant_knowledge.source`.
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. Overridden by `KBSYNC_DATABASE_URL`, then `DATABASE_URL`.
+    /// Prefer the environment for URLs that carry a password.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// all-MiniLM-L6-v2 on the CPU, offline.
+    Local,
+    /// Any OpenAI-compatible `/v1/embeddings` server.
+    Openai,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingConfig {
+    pub provider: ProviderKind,
+    /// Model name, recorded with every chunk; a change marks chunks stale.
+    pub model: String,
+    /// Vector dimension; `tenant_knowledge.embedding` is `vector(dimensions)`.
+    pub dimensions: u32,
+    /// Largest chunk in the model's tokens. Default: 200 for `local` (all-MiniLM-L6-v2
+    /// reads at most 256 word pieces), 512 for `openai`.
+    pub max_chunk_tokens: Option<usize>,
+    /// `local`: directory with model.safetensors, tokenizer.json, config.json.
+    pub model_dir: Option<PathBuf>,
+    /// `openai`: base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: Option<String>,
+    /// `openai`: environment variable that holds the API key. Default `OPENAI_API_KEY`.
+    pub api_key_env: Option<String>,
+    /// `openai`: file that holds the API key (instead of `api_key_env`).
+    pub api_key_file: Option<PathBuf>,
+    /// `openai`: send `dimensions` in requests (text-embedding-3 models can shorten).
+    #[serde(default)]
+    pub send_dimensions: bool,
+    /// `openai`: at most this many inputs per request. Default 2048 (OpenAI's cap;
+    /// text-embeddings-inference defaults to 32).
+    #[serde(default = "defaults::max_inputs_per_request")]
+    pub max_inputs_per_request: usize,
+    /// `openai`: at most this many tokens per request. Default 300000.
+    #[serde(default = "defaults::max_tokens_per_request")]
+    pub max_tokens_per_request: usize,
+    /// `openai`: per-request timeout. Default 60s.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Requests in flight at once, per process. Default 4.
+    #[serde(default = "defaults::max_concurrency")]
+    pub max_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Read the outbox at least this often even without a NOTIFY. Default 5s.
+    #[serde(default = "defaults::fallback_poll", with = "humantime_serde")]
+    pub fallback_poll: Duration,
+    /// A claimed key not written within this time may be taken by another daemon.
+    /// Default 5m.
+    #[serde(default = "defaults::claim_lease", with = "humantime_serde")]
+    pub claim_lease: Duration,
+    /// Keys processed per batch. Default 256.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Failed attempts before a key is parked in the dead-letter table. Default 5.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// On SIGTERM, in-flight batches get this long to finish. Default 30s.
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            fallback_poll: defaults::fallback_poll(),
+            claim_lease: defaults::claim_lease(),
+            batch_size: defaults::batch_size(),
+            max_attempts: defaults::max_attempts(),
+            drain_timeout: defaults::drain_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Run the sweep inside `kbsync run` on this schedule. Default true.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Cron expression in UTC, seconds first (6 or 7 fields; weekdays Sun=1).
+    /// Default `0 0 3 * * *`: daily at 03:00 UTC.
+    #[serde(default = "defaults::reconcile_schedule")]
+    pub schedule: String,
+    /// A sweep that would delete more than this share of a source's chunks stops and
+    /// asks for `--force`. Default 0.5.
+    #[serde(default = "defaults::max_delete_fraction")]
+    pub max_delete_fraction: f64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            schedule: defaults::reconcile_schedule(),
+            max_delete_fraction: defaults::max_delete_fraction(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Source table, `table` or `schema.table`.
+    pub table: String,
+    /// Key column (unique per row).
+    pub key: String,
+    /// Where the tenant id comes from.
+    pub tenant: TenantConfig,
+    /// Rows must pass all rules to have chunks; rows that stop passing lose them.
+    #[serde(default)]
+    pub filter: Vec<FilterRule>,
+    /// Text to embed, with `{column}` placeholders (`{{`/`}}` for braces). NULL is "".
+    pub text: String,
+    /// Columns copied into each chunk's `metadata`.
+    #[serde(default)]
+    pub metadata: Vec<String>,
+    /// Changes are collected this long after the last edit of a key. Default 5s.
+    #[serde(default = "defaults::debounce", with = "humantime_serde")]
+    pub debounce: Duration,
+    /// A key edited without pause is still processed at least this often. Default 60s.
+    #[serde(default = "defaults::max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Window for deletes (and rows leaving the filter). Default 2s.
+    #[serde(default = "defaults::delete_debounce", with = "humantime_serde")]
+    pub delete_debounce: Duration,
+    /// One chunk per row (split only if it exceeds the model's limit). Default false.
+    #[serde(default)]
+    pub single_chunk: bool,
+    /// Chunk size in model tokens. Default: `embedding.max_chunk_tokens`.
+    pub chunk_tokens: Option<usize>,
+    /// Tokens shared by neighbouring chunks. Default: chunk size / 8.
+    pub chunk_overlap: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant id column: on the source table, or on `via.table` when `via` is set.
+    pub column: String,
+    /// Reach the tenant through a foreign key (e.g. QAPair → page → user).
+    pub via: Option<TenantJoin>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantJoin {
+    pub table: String,
+    /// Column on the source table that references `table`.
+    pub foreign_key: String,
+    /// Column of `table` that `foreign_key` points at.
+    pub references: String,
+}
+
+/// One condition on a column of the source table; exactly one operator is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterRule {
+    pub column: String,
+    pub equals: Option<String>,
+    pub not_equals: Option<String>,
+    pub one_of: Option<Vec<String>>,
+    pub is_null: Option<bool>,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_inputs_per_request() -> usize {
+        2048
+    }
+    pub fn max_tokens_per_request() -> usize {
+        300_000
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_concurrency() -> usize {
+        4
+    }
+    pub fn fallback_poll() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn claim_lease() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn batch_size() -> usize {
+        256
+    }
+    pub fn max_attempts() -> u32 {
+        5
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn reconcile_schedule() -> String {
+        "0 0 3 * * *".to_owned()
+    }
+    pub fn max_delete_fraction() -> f64 {
+        0.5
+    }
+    pub fn debounce() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn max_wait() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn delete_debounce() -> Duration {
+        Duration::from_secs(2)
+    }
+}
+
+/// Largest vector pgvector (0.6) can index with HNSW.
+pub const MAX_INDEXED_DIMENSIONS: u32 = 2000;
+/// all-MiniLM-L6-v2 reads at most 256 word pieces, two of them special tokens.
+pub const LOCAL_MODEL_TOKEN_LIMIT: usize = 254;
+/// OpenAI's per-input limit.
+pub const OPENAI_TOKEN_LIMIT: usize = 8191;
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |field: String, problem: String| ConfigError::Invalid {
+            file: path.to_owned(),
+            field,
+            problem,
+        };
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| invalid("(syntax)".into(), one_line(&e.to_string())))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." {
+                "(top level)".to_owned()
+            } else {
+                field
+            };
+            invalid(field, one_line(&e.inner().to_string()))
+        })?;
+        config
+            .validate()
+            .map_err(|(field, problem)| invalid(field, problem))?;
+        Ok(config)
+    }
+
+    /// The database URL: environment first, then the file.
+    pub fn database_url(&self) -> Option<String> {
+        std::env::var(ENV_DATABASE_URL)
+            .ok()
+            .or_else(|| std::env::var(ENV_DATABASE_URL_FALLBACK).ok())
+            .filter(|url| !url.is_empty())
+            .or_else(|| self.database.url.clone())
+    }
+
+    pub fn max_chunk_tokens(&self) -> usize {
+        self.embedding
+            .max_chunk_tokens
+            .unwrap_or(match self.embedding.provider {
+                ProviderKind::Local => 200,
+                ProviderKind::Openai => 512,
+            })
+    }
+
+    pub fn model_token_limit(&self) -> usize {
+        match self.embedding.provider {
+            ProviderKind::Local => LOCAL_MODEL_TOKEN_LIMIT,
+            ProviderKind::Openai => OPENAI_TOKEN_LIMIT,
+        }
+    }
+
+    /// The reconcile schedule, parsed.
+    pub fn reconcile_schedule(&self) -> Result<cron::Schedule, String> {
+        cron::Schedule::from_str(&self.reconcile.schedule).map_err(|e| {
+            format!(
+                "{:?} is not a cron expression ({e}); it wants 6 or 7 fields, seconds first, in UTC, e.g. \"0 0 3 * * *\" for daily at 03:00",
+                self.reconcile.schedule
+            )
+        })
+    }
+
+    /// Each problem as (field path, what is wrong and what to do).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let e = &self.embedding;
+        if e.model.trim().is_empty() {
+            return Err(("embedding.model".into(), "must not be empty".into()));
+        }
+        if e.dimensions == 0 || e.dimensions > MAX_INDEXED_DIMENSIONS {
+            return Err((
+                "embedding.dimensions".into(),
+                format!(
+                    "{} is out of range: 1..={MAX_INDEXED_DIMENSIONS} (pgvector's HNSW index limit; text-embedding-3 models can be shortened with send_dimensions = true)",
+                    e.dimensions
+                ),
+            ));
+        }
+        let chunk_limit = self.model_token_limit();
+        if let Some(n) = e.max_chunk_tokens
+            && (n == 0 || n > chunk_limit)
+        {
+            return Err((
+                "embedding.max_chunk_tokens".into(),
+                format!("{n} is out of range: 1..={chunk_limit} for this provider's model"),
+            ));
+        }
+        match e.provider {
+            ProviderKind::Local => {
+                if e.model_dir.is_none() {
+                    return Err((
+                        "embedding.model_dir".into(),
+                        "required for provider \"local\": the directory with model.safetensors, tokenizer.json and config.json (`just model` fetches it)".into(),
+                    ));
+                }
+                if e.dimensions != 384 {
+                    return Err((
+                        "embedding.dimensions".into(),
+                        format!(
+                            "provider \"local\" (all-MiniLM-L6-v2) gives 384 dimensions, not {}",
+                            e.dimensions
+                        ),
+                    ));
+                }
+                for (field, set) in [
+                    ("base_url", e.base_url.is_some()),
+                    ("api_key_env", e.api_key_env.is_some()),
+                    ("api_key_file", e.api_key_file.is_some()),
+                ] {
+                    if set {
+                        return Err((
+                            format!("embedding.{field}"),
+                            "only meaningful for provider \"openai\"; remove it or set provider = \"openai\"".into(),
+                        ));
+                    }
+                }
+            }
+            ProviderKind::Openai => {
+                let Some(base) = &e.base_url else {
+                    return Err((
+                        "embedding.base_url".into(),
+                        "required for provider \"openai\", e.g. \"https://api.openai.com/v1\" or \"http://localhost:11434/v1\" for Ollama".into(),
+                    ));
+                };
+                match url::Url::parse(base) {
+                    Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                    _ => {
+                        return Err((
+                            "embedding.base_url".into(),
+                            format!("{base:?} is not an http(s) URL"),
+                        ));
+                    }
+                }
+                if e.api_key_env.is_some() && e.api_key_file.is_some() {
+                    return Err((
+                        "embedding.api_key_file".into(),
+                        "set either api_key_env or api_key_file, not both".into(),
+                    ));
+                }
+                if e.model_dir.is_some() {
+                    return Err((
+                        "embedding.model_dir".into(),
+                        "only meaningful for provider \"local\"".into(),
+                    ));
+                }
+            }
+        }
+        if e.max_inputs_per_request == 0 || e.max_inputs_per_request > 2048 {
+            return Err((
+                "embedding.max_inputs_per_request".into(),
+                format!("{} is out of range: 1..=2048", e.max_inputs_per_request),
+            ));
+        }
+        if e.max_tokens_per_request < self.max_chunk_tokens() {
+            return Err((
+                "embedding.max_tokens_per_request".into(),
+                format!(
+                    "{} is smaller than one chunk ({} tokens)",
+                    e.max_tokens_per_request,
+                    self.max_chunk_tokens()
+                ),
+            ));
+        }
+        if e.max_concurrency == 0 {
+            return Err((
+                "embedding.max_concurrency".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.daemon.batch_size == 0 {
+            return Err(("daemon.batch_size".into(), "must be at least 1".into()));
+        }
+        if self.daemon.max_attempts == 0 {
+            return Err(("daemon.max_attempts".into(), "must be at least 1".into()));
+        }
+        if self.daemon.fallback_poll.is_zero() {
+            return Err(("daemon.fallback_poll".into(), "must be more than 0s".into()));
+        }
+        if self.daemon.claim_lease < Duration::from_secs(10) {
+            return Err((
+                "daemon.claim_lease".into(),
+                "must be at least 10s: a lease shorter than one embedding call makes daemons take each other's work".into(),
+            ));
+        }
+        self.reconcile_schedule()
+            .map_err(|problem| ("reconcile.schedule".to_owned(), problem))?;
+        let fraction = self.reconcile.max_delete_fraction;
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err((
+                "reconcile.max_delete_fraction".into(),
+                format!("{fraction} is out of range: 0.0..=1.0"),
+            ));
+        }
+        if self.sources.is_empty() {
+            return Err((
+                "sources".into(),
+                "no sources declared: add at least one [sources.NAME] table".into(),
+            ));
+        }
+        for (name, source) in &self.sources {
+            Source::from_config(name, source, self)
+                .map_err(|(field, problem)| (format!("sources.{name}{field}"), problem))?;
+        }
+        Ok(())
+    }
+
+    /// The validated sources. Infallible after `load`/`parse`.
+    pub fn sources(&self) -> Vec<Source> {
+        self.sources
+            .iter()
+            .filter_map(|(name, cfg)| Source::from_config(name, cfg, self).ok())
+            .collect()
+    }
+
+    /// A copy safe to print: the password of the database URL replaced.
+    pub fn redacted(&self) -> Self {
+        let mut copy = self.clone();
+        copy.database.url = copy.database.url.as_deref().map(redact_url);
+        copy
+    }
+}
+
+/// Replace the password in a PostgreSQL URL (or key=value string) with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.password().is_some() {
+            let _ = parsed.set_password(Some("***"));
+        }
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        if !pairs.is_empty() {
+            parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        return parsed.to_string();
+    }
+    // key=value form: hide any password=... word.
+    url.split_whitespace()
+        .map(|word| {
+            if word.starts_with("password=") {
+                "password=***"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// How a source's text is assembled from its columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextPart {
+    Literal(String),
+    Column(Ident),
+}
+
+pub fn parse_text_template(template: &str) -> Result<Vec<TextPart>, String> {
+    let mut parts = Vec::new();
+    let mut literal = String::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                literal.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                literal.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(ch) => name.push(ch),
+                        None => return Err(format!("unclosed placeholder {{{name}")),
+                    }
+                }
+                let column =
+                    Ident::new(name.trim()).map_err(|e| format!("placeholder {{{name}}}: {e}"))?;
+                if !literal.is_empty() {
+                    parts.push(TextPart::Literal(std::mem::take(&mut literal)));
+                }
+                parts.push(TextPart::Column(column));
+            }
+            '}' => return Err("a lone `}`; write `}}` for a brace".into()),
+            other => literal.push(other),
+        }
+    }
+    if !literal.is_empty() {
+        parts.push(TextPart::Literal(literal));
+    }
+    if !parts.iter().any(|p| matches!(p, TextPart::Column(_))) {
+        return Err("names no column: use {column} placeholders".into());
+    }
+    Ok(parts)
+}
+
+/// A filter rule, validated: SQL with a `{row}` prefix to fill in (`OLD.`, `NEW.`, `t.`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub column: Ident,
+    pub condition: FilterCondition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterCondition {
+    Equals(String),
+    NotEquals(String),
+    OneOf(Vec<String>),
+    IsNull(bool),
+}
+
+impl Filter {
+    /// This rule as SQL over `prefix` (e.g. `NEW.`); NULL counts as "does not pass".
+    pub fn to_sql(&self, prefix: &str) -> String {
+        let col = format!("{prefix}{}", self.column);
+        // Literals were checked by quote_literal during validation.
+        let lit = |v: &str| quote_literal(v).unwrap_or_else(|_| "NULL".to_owned());
+        match &self.condition {
+            FilterCondition::Equals(v) => format!("{col} = {}", lit(v)),
+            FilterCondition::NotEquals(v) => format!("{col} IS DISTINCT FROM {}", lit(v)),
+            FilterCondition::OneOf(vs) => format!(
+                "{col} IN ({})",
+                vs.iter().map(|v| lit(v)).collect::<Vec<_>>().join(", ")
+            ),
+            FilterCondition::IsNull(true) => format!("{col} IS NULL"),
+            FilterCondition::IsNull(false) => format!("{col} IS NOT NULL"),
+        }
+    }
+}
+
+/// A source, validated, with its names ready to be quoted into SQL.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub table: TableName,
+    pub key: Ident,
+    pub tenant_column: Ident,
+    pub tenant_via: Option<(TableName, Ident, Ident)>,
+    pub filters: Vec<Filter>,
+    pub text: Vec<TextPart>,
+    pub metadata: Vec<Ident>,
+    pub debounce: Duration,
+    pub max_wait: Duration,
+    pub delete_debounce: Duration,
+    pub single_chunk: bool,
+    pub chunk_tokens: usize,
+    pub chunk_overlap: usize,
+}
+
+impl Source {
+    fn from_config(
+        name: &str,
+        cfg: &SourceConfig,
+        config: &Config,
+    ) -> Result<Self, (String, String)> {
+        let field = |f: &str| {
+            if f.is_empty() {
+                String::new()
+            } else {
+                format!(".{f}")
+            }
+        };
+        let valid_name = name.len() <= 40
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid_name {
+            return Err((
+                String::new(),
+                format!(
+                    "source name {name:?} must be lowercase letters, digits and _, start with a letter, at most 40 characters"
+                ),
+            ));
+        }
+        let table = TableName::parse(&cfg.table).map_err(|e| (field("table"), e.to_string()))?;
+        let key = Ident::new(&cfg.key).map_err(|e| (field("key"), e.to_string()))?;
+        let tenant_column =
+            Ident::new(&cfg.tenant.column).map_err(|e| (field("tenant.column"), e.to_string()))?;
+        let tenant_via = match &cfg.tenant.via {
+            None => None,
+            Some(via) => Some((
+                TableName::parse(&via.table)
+                    .map_err(|e| (field("tenant.via.table"), e.to_string()))?,
+                Ident::new(&via.foreign_key)
+                    .map_err(|e| (field("tenant.via.foreign_key"), e.to_string()))?,
+                Ident::new(&via.references)
+                    .map_err(|e| (field("tenant.via.references"), e.to_string()))?,
+            )),
+        };
+        let mut filters = Vec::new();
+        for (i, rule) in cfg.filter.iter().enumerate() {
+            let at = |f: &str| field(&format!("filter[{i}]{f}"));
+            let column = Ident::new(&rule.column).map_err(|e| (at(".column"), e.to_string()))?;
+            let mut conditions = Vec::new();
+            if let Some(v) = &rule.equals {
+                conditions.push(FilterCondition::Equals(v.clone()));
+            }
+            if let Some(v) = &rule.not_equals {
+                conditions.push(FilterCondition::NotEquals(v.clone()));
+            }
+            if let Some(vs) = &rule.one_of {
+                if vs.is_empty() {
+                    return Err((at(".one_of"), "must list at least one value".into()));
+                }
+                conditions.push(FilterCondition::OneOf(vs.clone()));
+            }
+            if let Some(b) = rule.is_null {
+                conditions.push(FilterCondition::IsNull(b));
+            }
+            if conditions.len() != 1 {
+                return Err((
+                    at(""),
+                    "needs exactly one of equals, not_equals, one_of, is_null".into(),
+                ));
+            }
+            let condition = conditions.remove(0);
+            let values: Vec<&String> = match &condition {
+                FilterCondition::Equals(v) | FilterCondition::NotEquals(v) => vec![v],
+                FilterCondition::OneOf(vs) => vs.iter().collect(),
+                FilterCondition::IsNull(_) => vec![],
+            };
+            for v in values {
+                quote_literal(v).map_err(|e| (at(""), e.to_string()))?;
+            }
+            filters.push(Filter { column, condition });
+        }
+        let text = parse_text_template(&cfg.text).map_err(|e| (field("text"), e))?;
+        let metadata = cfg
+            .metadata
+            .iter()
+            .map(|m| Ident::new(m).map_err(|e| (field("metadata"), e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if cfg.max_wait < cfg.debounce {
+            return Err((
+                field("max_wait"),
+                format!(
+                    "{} is shorter than debounce ({}); max_wait bounds how long a busy key may wait, so it must be at least the debounce window",
+                    humantime_serde::re::humantime::format_duration(cfg.max_wait),
+                    humantime_serde::re::humantime::format_duration(cfg.debounce)
+                ),
+            ));
+        }
+        let limit = config.model_token_limit();
+        let chunk_tokens = cfg.chunk_tokens.unwrap_or(config.max_chunk_tokens());
+        if chunk_tokens == 0 || chunk_tokens > limit {
+            return Err((
+                field("chunk_tokens"),
+                format!(
+                    "{chunk_tokens} is out of range: 1..={limit} for the configured embedding model"
+                ),
+            ));
+        }
+        let chunk_overlap = cfg.chunk_overlap.unwrap_or(chunk_tokens / 8);
+        if chunk_overlap >= chunk_tokens {
+            return Err((
+                field("chunk_overlap"),
+                format!("{chunk_overlap} must be smaller than the chunk size ({chunk_tokens})"),
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            table,
+            key,
+            tenant_column,
+            tenant_via,
+            filters,
+            text,
+            metadata,
+            debounce: cfg.debounce,
+            max_wait: cfg.max_wait,
+            delete_debounce: cfg.delete_debounce,
+            single_chunk: cfg.single_chunk,
+            chunk_tokens,
+            chunk_overlap,
+        })
+    }
+
+    /// Columns of the source table whose change can change this source's chunks:
+    /// the key, the text's columns, the filter's, the metadata's and the tenant's (or
+    /// its foreign key). Derived, so it cannot drift from the text template.
+    pub fn relevant_columns(&self) -> Vec<Ident> {
+        let mut cols = vec![self.key.clone()];
+        cols.extend(self.text.iter().filter_map(|p| match p {
+            TextPart::Column(c) => Some(c.clone()),
+            TextPart::Literal(_) => None,
+        }));
+        cols.extend(self.filters.iter().map(|f| f.column.clone()));
+        cols.extend(self.metadata.iter().cloned());
+        match &self.tenant_via {
+            Some((_, fk, _)) => cols.push(fk.clone()),
+            None => cols.push(self.tenant_column.clone()),
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        cols.retain(|c| seen.insert(c.clone()));
+        cols
+    }
+
+    /// SQL that is true when the row under `prefix` passes the filter (never NULL).
+    pub fn filter_sql(&self, prefix: &str) -> String {
+        if self.filters.is_empty() {
+            return "true".to_owned();
+        }
+        let rules: Vec<String> = self.filters.iter().map(|f| f.to_sql(prefix)).collect();
+        format!("COALESCE(({}), false)", rules.join(" AND "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_template_parses_columns_literals_and_escapes() {
+        let parts = parse_text_template("Q: {question}\n{{A}}: { answer }").unwrap();
+        assert_eq!(
+            parts,
+            vec![
+                TextPart::Literal("Q: ".into()),
+                TextPart::Column(Ident::new("question").unwrap()),
+                TextPart::Literal("\n{A}: ".into()),
+                TextPart::Column(Ident::new("answer").unwrap()),
+            ]
+        );
+        assert!(parse_text_template("{question").is_err());
+        assert!(parse_text_template("no columns").is_err());
+        assert!(parse_text_template("{a; drop table x}").is_err());
+        assert!(parse_text_template("a } b {c}").is_err());
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        assert!(!redact_url("postgres://db/app?password=s3cret").contains("s3cret"));
+        assert_eq!(
+            redact_url("host=db password=s3cret"),
+            "host=db password=***"
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! Connecting to PostgreSQL and the one SQLSTATE → retryable/fatal mapping.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error(
+        "no database URL: set KBSYNC_DATABASE_URL or DATABASE_URL, or database.url in the config"
+    )]
+    NoUrl,
+    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// What to do about a failed database call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Transient: connection lost, server restarting, serialization failure, lock or
+    /// statement timeout. Retry with backoff.
+    Retryable,
+    /// The statement or data is wrong; retrying gives the same answer.
+    Fatal,
+}
+
+pub fn classify(err: &tokio_postgres::Error) -> ErrorKind {
+    let Some(code) = err.code() else {
+        // No SQLSTATE: I/O error, closed connection, timeout.
+        return ErrorKind::Retryable;
+    };
+    let retryable = [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::QUERY_CANCELED,
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::TOO_MANY_CONNECTIONS,
+    ];
+    let class = &code.code()[..2];
+    // 08 connection exception, 53 insufficient resources, 57P idle/shutdown family.
+    if retryable.contains(code) || class == "08" || class == "53" {
+        ErrorKind::Retryable
+    } else {
+        ErrorKind::Fatal
+    }
+}
+
+/// Connect and drive the connection on a task. The task ends when the client is
+/// dropped or the connection fails; callers notice through the client's errors.
+pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|source| DbError::Connect {
+        url: crate::config::redact_url(url),
+        source,
+    })?;
+    config
+        .application_name("kbsync")
+        .connect_timeout(Duration::from_secs(10))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: crate::config::redact_url(url),
+            source,
+        })?;
+    let handle = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection ended");
+        }
+    });
+    Ok((client, handle))
+}

@@ -1,0 +1,456 @@
+//! `kbsync install`: versioned migrations, the embedding column's dimension, and the
+//! capture triggers of the configured sources, planned against the live catalog and
+//! applied in one transaction. A plan of nothing means the database is up to date.
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::capture::{function_name, function_sql, trigger_defs};
+use crate::config::{Config, Source};
+use crate::sql_ident::quote_literal;
+
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. Released files are never edited: the checksum of each
+/// applied migration is checked on every install.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "kbsync_schema",
+    sql: include_str!("../../../sql/migrations/0001_kbsync_schema.sql"),
+}];
+
+/// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
+const INSTALL_LOCK: i64 = 0x6b62_7379_6e63_0001;
+const HNSW_INDEX: &str = "tenant_knowledge_embedding_hnsw";
+
+#[derive(Debug, Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(
+        "migration {version} ({name}) was applied with a different text than this kbsync ships; released migrations must never be edited"
+    )]
+    EditedMigration { version: i32, name: String },
+    #[error(
+        "the database has kbsync migration {version}, which this kbsync does not know: it is older than the schema; upgrade kbsync"
+    )]
+    UnknownMigration { version: i32 },
+    #[error(
+        "tenant_knowledge.embedding is vector({current}) but embedding.dimensions is {wanted}. Stored embeddings cannot be reused by a model of another dimension. Either set embedding.dimensions = {current} again, or run `kbsync install --reset-embeddings`: it keeps every chunk's text, sets all embeddings to NULL, changes the column to vector({wanted}) and rebuilds the index; then `kbsync reconcile` re-embeds them with the new model"
+    )]
+    DimensionChanged { current: i32, wanted: u32 },
+    #[error("sources.{source_name}: {problem}")]
+    Source {
+        source_name: String,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InstallOptions {
+    /// Allow a change of embedding dimension by clearing every embedding.
+    pub reset_embeddings: bool,
+}
+
+/// One change to make, with the SQL that makes it.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub description: String,
+    pub sql: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InstallPlan {
+    pub steps: Vec<Step>,
+}
+
+impl InstallPlan {
+    fn push(&mut self, description: impl Into<String>, sql: impl Into<String>) {
+        self.steps.push(Step {
+            description: description.into(),
+            sql: sql.into(),
+        });
+    }
+
+    /// The whole plan as one SQL script, for `--dry-run`.
+    pub fn script(&self) -> String {
+        let mut out = String::from("BEGIN;\n");
+        for step in &self.steps {
+            out.push_str(&format!(
+                "\n-- {}\n{};\n",
+                step.description,
+                step.sql.trim_end_matches(';')
+            ));
+        }
+        out.push_str("\nCOMMIT;\n");
+        out
+    }
+}
+
+fn checksum(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn fingerprint(sql: &str) -> String {
+    format!("kbsync:{}", checksum(sql))
+}
+
+/// Work out what `install` would change. Reads only.
+pub async fn plan(
+    client: &impl GenericClient,
+    config: &Config,
+    options: InstallOptions,
+) -> Result<InstallPlan, InstallError> {
+    let mut plan = InstallPlan::default();
+    plan_migrations(client, &mut plan).await?;
+    plan_embedding_column(client, config, options, &mut plan).await?;
+    plan_capture(client, &config.sources(), &mut plan).await?;
+    Ok(plan)
+}
+
+async fn plan_migrations(
+    client: &impl GenericClient,
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let has_table: bool = client
+        .query_one(
+            "SELECT to_regclass('kbsync.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let mut applied = Vec::new();
+    if has_table {
+        for row in client
+            .query(
+                "SELECT version, name, checksum FROM kbsync.schema_migrations ORDER BY version",
+                &[],
+            )
+            .await?
+        {
+            applied.push((
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+            ));
+        }
+    } else {
+        plan.push(
+            "create kbsync's migration bookkeeping",
+            "CREATE SCHEMA IF NOT EXISTS kbsync;
+CREATE TABLE kbsync.schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)",
+        );
+    }
+    for (version, name, sum) in &applied {
+        match MIGRATIONS.iter().find(|m| m.version == *version) {
+            None => return Err(InstallError::UnknownMigration { version: *version }),
+            Some(m) if checksum(m.sql) != *sum => {
+                return Err(InstallError::EditedMigration {
+                    version: *version,
+                    name: name.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for m in MIGRATIONS {
+        if applied.iter().any(|(v, _, _)| *v == m.version) {
+            continue;
+        }
+        let record = format!(
+            "INSERT INTO kbsync.schema_migrations (version, name, checksum) VALUES ({}, {}, {})",
+            m.version,
+            quote_literal(m.name).unwrap_or_default(),
+            quote_literal(&checksum(m.sql)).unwrap_or_default()
+        );
+        plan.push(
+            format!("migration {:04} {}", m.version, m.name),
+            format!("{}\n{record}", m.sql.trim_end()),
+        );
+    }
+    Ok(())
+}
+
+async fn plan_embedding_column(
+    client: &impl GenericClient,
+    config: &Config,
+    options: InstallOptions,
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let wanted = config.embedding.dimensions;
+    // None: the table does not exist yet (migration pending); -1: no dimension yet.
+    let current: Option<i32> = client
+        .query_opt(
+            "SELECT atttypmod FROM pg_attribute
+              WHERE attrelid = to_regclass('public.tenant_knowledge') AND attname = 'embedding'",
+            &[],
+        )
+        .await?
+        .map(|row| row.get(0));
+    let has_index: bool = client
+        .query_one(
+            &format!("SELECT to_regclass('public.{HNSW_INDEX}') IS NOT NULL"),
+            &[],
+        )
+        .await?
+        .get(0);
+    let set_type =
+        format!("ALTER TABLE public.tenant_knowledge ALTER COLUMN embedding TYPE vector({wanted})");
+    let create_index = format!(
+        "CREATE INDEX {HNSW_INDEX} ON public.tenant_knowledge USING hnsw (embedding vector_cosine_ops)"
+    );
+    match current {
+        None | Some(-1) => {
+            plan.push(format!("embedding column: vector({wanted})"), set_type);
+            if has_index {
+                plan.push(
+                    "drop the old embedding index",
+                    format!("DROP INDEX public.{HNSW_INDEX}"),
+                );
+            }
+            plan.push("HNSW index (cosine) on the embedding", create_index);
+        }
+        Some(dim) if dim == wanted as i32 => {
+            if !has_index {
+                plan.push("HNSW index (cosine) on the embedding", create_index);
+            }
+        }
+        Some(dim) if options.reset_embeddings => {
+            if has_index {
+                plan.push(
+                    "drop the embedding index",
+                    format!("DROP INDEX public.{HNSW_INDEX}"),
+                );
+            }
+            plan.push(
+                format!("clear every embedding (was vector({dim})); chunk texts are kept"),
+                "UPDATE public.tenant_knowledge SET embedding = NULL, embedding_model = NULL WHERE embedding IS NOT NULL",
+            );
+            plan.push(
+                format!("embedding column: vector({dim}) -> vector({wanted})"),
+                set_type,
+            );
+            plan.push("HNSW index (cosine) on the embedding", create_index);
+        }
+        Some(dim) => {
+            return Err(InstallError::DimensionChanged {
+                current: dim,
+                wanted,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The capture function and triggers each source should have, against what the
+/// catalog has; stale kbsync triggers and functions (sources no longer configured, or
+/// moved to another table) are dropped.
+async fn plan_capture(
+    client: &impl GenericClient,
+    sources: &[Source],
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let existing_functions: Vec<(String, Option<String>)> = client
+        .query(
+            "SELECT p.proname::text, obj_description(p.oid, 'pg_proc')
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // (trigger name, table as regclass text, function name, fingerprint)
+    let existing_triggers: Vec<(String, String, String, Option<String>)> = client
+        .query(
+            "SELECT t.tgname::text, t.tgrelid::regclass::text, p.proname::text,
+                    obj_description(t.oid, 'pg_trigger')
+               FROM pg_trigger t
+               JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%' AND NOT t.tgisinternal
+              ORDER BY 2, 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+
+    // Desired: (trigger name, table regclass text, create sql)
+    let mut desired_triggers = Vec::new();
+    for source in sources {
+        let table_text = source.table.regclass_text();
+        let regclass: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&table_text])
+            .await?
+            .get(0);
+        let Some(regclass) = regclass else {
+            return Err(InstallError::Source {
+                source_name: source.name.clone(),
+                problem: format!("table {} does not exist in this database", source.table),
+            });
+        };
+        check_columns(client, source, &table_text, &source.relevant_columns()).await?;
+        if let Some((via_table, _, references)) = &source.tenant_via {
+            let via_text = via_table.regclass_text();
+            let exists: bool = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&via_text])
+                .await?
+                .get(0);
+            if !exists {
+                return Err(InstallError::Source {
+                    source_name: source.name.clone(),
+                    problem: format!(
+                        "tenant.via.table {via_table} does not exist in this database"
+                    ),
+                });
+            }
+            check_columns(
+                client,
+                source,
+                &via_text,
+                &[references.clone(), source.tenant_column.clone()],
+            )
+            .await?;
+        }
+        for def in trigger_defs(source) {
+            desired_triggers.push((def.name, regclass.clone(), def.create_sql));
+        }
+    }
+
+    let wanted_functions: Vec<String> = sources.iter().map(|s| function_name(&s.name)).collect();
+    for (name, table, _, _) in &existing_triggers {
+        if !desired_triggers
+            .iter()
+            .any(|(n, t, _)| n == name && t == table)
+        {
+            plan.push(
+                format!(
+                    "drop trigger {name} on {table} (its source is no longer configured there)"
+                ),
+                format!("DROP TRIGGER \"{name}\" ON {table}"),
+            );
+        }
+    }
+    for (name, _) in &existing_functions {
+        if !wanted_functions.contains(name) {
+            plan.push(
+                format!("drop function kbsync.{name} (source no longer configured)"),
+                format!("DROP FUNCTION kbsync.\"{name}\"()"),
+            );
+        }
+    }
+    for source in sources {
+        let fname = function_name(&source.name);
+        let sql = function_sql(source);
+        let print = fingerprint(&sql);
+        let current = existing_functions.iter().find(|(n, _)| *n == fname);
+        if current.and_then(|(_, c)| c.as_deref()) != Some(print.as_str()) {
+            plan.push(
+                format!("capture function for source {}", source.name),
+                format!("{sql};\nCOMMENT ON FUNCTION kbsync.\"{fname}\"() IS '{print}'"),
+            );
+        }
+    }
+    for (name, table, sql) in &desired_triggers {
+        let print = fingerprint(sql);
+        let current = existing_triggers
+            .iter()
+            .find(|(n, t, _, _)| n == name && t == table);
+        match current {
+            Some((_, _, _, Some(c))) if *c == print => {}
+            Some(_) => plan.push(
+                format!("replace trigger {name} on {table}"),
+                format!("DROP TRIGGER \"{name}\" ON {table};\n{sql};\nCOMMENT ON TRIGGER \"{name}\" ON {table} IS '{print}'"),
+            ),
+            None => plan.push(
+                format!("trigger {name} on {table}"),
+                format!("{sql};\nCOMMENT ON TRIGGER \"{name}\" ON {table} IS '{print}'"),
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn check_columns(
+    client: &impl GenericClient,
+    source: &Source,
+    table_text: &str,
+    columns: &[crate::sql_ident::Ident],
+) -> Result<(), InstallError> {
+    for column in columns {
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                                 WHERE attrelid = to_regclass($1) AND attname = $2
+                                   AND attnum > 0 AND NOT attisdropped)",
+                &[&table_text, &column.as_str()],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            return Err(InstallError::Source {
+                source_name: source.name.clone(),
+                problem: format!("column {column} does not exist in table {table_text}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Plan and apply in one transaction, under an advisory lock so that two installs
+/// never interleave. Returns the steps that were applied (empty: nothing to do).
+pub async fn apply(
+    client: &mut Client,
+    config: &Config,
+    options: InstallOptions,
+) -> Result<InstallPlan, InstallError> {
+    let tx = client.transaction().await?;
+    // Literals in trigger DDL are escaped for standard strings.
+    tx.batch_execute("SET LOCAL standard_conforming_strings = on")
+        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSTALL_LOCK])
+        .await?;
+    let plan = plan(&tx, config, options).await?;
+    for step in &plan.steps {
+        tracing::debug!(step = %step.description, "install");
+        tx.batch_execute(&step.sql).await?;
+    }
+    tx.commit().await?;
+    Ok(plan)
+}
+
+/// Whether every migration this binary knows is applied (the daemon refuses to start
+/// otherwise: it never runs DDL itself).
+pub async fn schema_is_current(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
+    let has_table: bool = client
+        .query_one(
+            "SELECT to_regclass('kbsync.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !has_table {
+        return Ok(false);
+    }
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM kbsync.schema_migrations", &[])
+        .await?
+        .get(0);
+    Ok(applied as usize == MIGRATIONS.len())
+}

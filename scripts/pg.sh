@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Throwaway local PostgreSQL with pgvector, for `just run` and `just test`.
+#
+#   scripts/pg.sh start    start it (idempotent) and print the DATABASE_URL to use
+#   scripts/pg.sh stop     stop it
+#   scripts/pg.sh status   exit 0 when it is running
+#   scripts/pg.sh url      print the DATABASE_URL of the throwaway server
+#   scripts/pg.sh bindir   print the PostgreSQL bin directory in use (fetching it if needed)
+#
+# Binaries, in order: $KBSYNC_PG_BIN; `pg_config --bindir` when its share dir has
+# extension/vector.control; else the PyPI wheel pgserver==0.1.4 (PostgreSQL 16.2 +
+# pgvector 0.6.2), downloaded once into .kbsync/cache. PostgreSQL refuses to run as
+# root, so as root the server runs as the unprivileged user $KBSYNC_PG_USER (default
+# kbsyncpg), created if missing.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+state="${KBSYNC_STATE_DIR:-$repo/.kbsync}"
+cache="$state/cache"
+data="$state/pgdata"
+sockdir="$state/pgrun"   # socket and server log, owned by the cluster owner
+port="${KBSYNC_PG_PORT:-54329}"
+pguser_os="${KBSYNC_PG_USER:-kbsyncpg}"
+wheel_version="0.1.4"
+
+die() { echo "pg.sh: $*" >&2; exit 1; }
+log() { echo "pg.sh: $*" >&2; }
+
+has_vector() { # $1 = bindir
+  local share
+  share=$("$1/pg_config" --sharedir 2>/dev/null) || return 1
+  [ -f "$share/extension/vector.control" ]
+}
+
+fetch_pgserver() {
+  local dest="$cache/pgserver-$wheel_version"
+  if [ ! -x "$dest/pgserver/pginstall/bin/postgres" ]; then
+    command -v python3 >/dev/null || die "python3 is needed to fetch PostgreSQL+pgvector (pip wheel pgserver); install python3 and pip, or set KBSYNC_PG_BIN to a PostgreSQL bin dir with pgvector"
+    mkdir -p "$cache/wheels"
+    log "downloading pgserver==$wheel_version (PostgreSQL 16.2 + pgvector 0.6.2) from PyPI"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+      --python-version 3.11 --platform manylinux_2_17_x86_64 \
+      -d "$cache/wheels" "pgserver==$wheel_version" >&2 \
+      || die "pip download pgserver==$wheel_version failed; check network access to PyPI or set KBSYNC_PG_BIN"
+    rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+    # zipfile does not keep the executable bits; restore them for bin/.
+    python3 -m zipfile -e "$cache"/wheels/pgserver-"$wheel_version"-*.whl "$dest.tmp"
+    chmod -R a+rX "$dest.tmp"
+    chmod a+x "$dest.tmp"/pgserver/pginstall/bin/*
+    rm -rf "$dest" && mv "$dest.tmp" "$dest"
+  fi
+  echo "$dest/pgserver/pginstall/bin"
+}
+
+find_bindir() {
+  if [ -n "${KBSYNC_PG_BIN:-}" ]; then
+    [ -x "$KBSYNC_PG_BIN/postgres" ] || die "KBSYNC_PG_BIN=$KBSYNC_PG_BIN has no postgres binary"
+    has_vector "$KBSYNC_PG_BIN" || die "KBSYNC_PG_BIN=$KBSYNC_PG_BIN: pgvector is not installed there (no extension/vector.control)"
+    echo "$KBSYNC_PG_BIN"; return
+  fi
+  if command -v pg_config >/dev/null; then
+    local b; b=$(pg_config --bindir)
+    if [ -x "$b/postgres" ] && has_vector "$b"; then echo "$b"; return; fi
+  fi
+  fetch_pgserver
+}
+
+# Run a command as the user that owns the cluster.
+as_owner() {
+  if [ "$(id -u)" = 0 ]; then runuser -u "$pguser_os" -- "$@"; else "$@"; fi
+}
+
+url() {
+  local user; user=$(db_superuser)
+  echo "postgres://$user@127.0.0.1:$port/postgres"
+}
+
+db_superuser() { if [ "$(id -u)" = 0 ]; then echo "$pguser_os"; else id -un; fi; }
+
+start() {
+  local bin; bin=$(find_bindir)
+  mkdir -p "$state"
+  if [ "$(id -u)" = 0 ]; then
+    id "$pguser_os" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$pguser_os" \
+      || die "could not create user $pguser_os to run PostgreSQL (it refuses to run as root)"
+    mkdir -p "$data" "$sockdir"
+    chown "$pguser_os" "$data" "$sockdir"
+    chmod 700 "$data"
+    as_owner test -x "$bin/postgres" \
+      || die "user $pguser_os cannot reach $bin/postgres; make the checkout's parent directories world-traversable (chmod o+x) or set KBSYNC_STATE_DIR to a directory it can reach"
+    as_owner test -w "$data" \
+      || die "user $pguser_os cannot write $data; make the checkout's parent directories world-traversable (chmod o+x) or set KBSYNC_STATE_DIR"
+  else
+    mkdir -p "$data" "$sockdir"; chmod 700 "$data"
+  fi
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initdb $data"
+    as_owner "$bin/initdb" -D "$data" -U "$(db_superuser)" --auth=trust -E UTF8 --locale=C >"$state/initdb.log" 2>&1 \
+      || { cat "$state/initdb.log" >&2; die "initdb failed"; }
+  fi
+  if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    log "already running on port $port"
+  else
+    # Trust auth is safe here: the server listens on 127.0.0.1 and a private socket only.
+    as_owner "$bin/pg_ctl" -D "$data" -l "$sockdir/postgres.log" -w -t 60 start \
+      -o "-p $port -k $sockdir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off -c shared_buffers=256MB" >/dev/null \
+      || { tail -n 30 "$sockdir/postgres.log" >&2; die "PostgreSQL did not start (log: $sockdir/postgres.log)"; }
+    log "started PostgreSQL $("$bin/postgres" --version | awk '{print $3}') with pgvector on 127.0.0.1:$port"
+  fi
+  url
+}
+
+stop() {
+  [ -f "$data/PG_VERSION" ] || { log "no cluster at $data"; return 0; }
+  local bin; bin=$(find_bindir)
+  if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    as_owner "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null && log "stopped"
+  else
+    log "not running"
+  fi
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  url) url ;;
+  status) [ -f "$data/PG_VERSION" ] && as_owner "$(find_bindir)/pg_ctl" -D "$data" status >/dev/null 2>&1 ;;
+  bindir) find_bindir ;;
+  *) die "usage: scripts/pg.sh start|stop|status|url|bindir" ;;
+esac

@@ -1,0 +1,368 @@
+//! `kbsync install` against a real PostgreSQL: creates everything, is idempotent,
+//! `--dry-run` changes nothing, refuses a silent dimension change, follows the config.
+
+#![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
+
+use kbsync_testkit::{TempConfig, TestDb};
+
+async fn kbsync_triggers(db: &TestDb) -> Vec<(String, String, u32)> {
+    let client = db.client().await;
+    client
+        .query(
+            "SELECT t.tgname::text, t.tgrelid::regclass::text, t.oid::oid
+               FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'kbsync' AND NOT t.tgisinternal ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("listing triggers")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn install_creates_everything_and_a_second_run_changes_nothing() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let first = db.kbsync(&["install"]);
+    first.assert_success();
+    assert!(first.stdout.contains("migration 0001"), "{}", first.stdout);
+
+    let client = db.client().await;
+    for table in [
+        "public.tenant_knowledge",
+        "kbsync.outbox",
+        "kbsync.dead_letters",
+        "kbsync.reconcile_runs",
+    ] {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(exists, "{table} missing");
+    }
+    let typmod: i32 = client
+        .query_one(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'public.tenant_knowledge'::regclass AND attname = 'embedding'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(typmod, 384);
+    let index: String = client
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'tenant_knowledge_embedding_hnsw'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        index.contains("hnsw") && index.contains("vector_cosine_ops"),
+        "{index}"
+    );
+    let unique: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'tenant_knowledge_chunk_key' AND contype = 'u'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unique, 1);
+
+    let triggers = kbsync_triggers(&db).await;
+    assert_eq!(triggers.len(), 16, "{triggers:?}");
+    for (source, table) in [
+        ("faq", "web_knowledge_qapair"),
+        ("product", "web_knowledge_product"),
+        ("page", "web_knowledge_websitepage"),
+        ("manual", "ai_model_aiprompts"),
+    ] {
+        for op in ["ins", "upd", "del", "trunc"] {
+            let name = format!("kbsync_{source}_{op}");
+            assert!(
+                triggers.iter().any(|(n, t, _)| *n == name && t == table),
+                "{name} on {table} missing: {triggers:?}"
+            );
+        }
+    }
+
+    let second = db.kbsync(&["install"]);
+    second.assert_success();
+    assert!(
+        second.stdout.contains("up to date; nothing to do"),
+        "{}",
+        second.stdout
+    );
+    assert_eq!(
+        kbsync_triggers(&db).await,
+        triggers,
+        "second install recreated triggers"
+    );
+    let migrations: i64 = client
+        .query_one("SELECT count(*) FROM kbsync.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(migrations, 1);
+}
+
+#[tokio::test]
+async fn dry_run_prints_the_sql_and_changes_nothing() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let out = db.kbsync(&["install", "--dry-run"]);
+    out.assert_success();
+    for expected in [
+        "CREATE TABLE public.tenant_knowledge",
+        "CREATE TABLE kbsync.outbox",
+        "vector(384)",
+        "CREATE TRIGGER \"kbsync_faq_upd\" AFTER UPDATE ON \"web_knowledge_qapair\"",
+        "COMMIT;",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "{expected:?} not in:\n{}",
+            out.stdout
+        );
+    }
+    let client = db.client().await;
+    let kbsync_objects: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'kbsync')
+                  + (SELECT count(*) FROM pg_class WHERE relname = 'tenant_knowledge')
+                  + (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'kbsync%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kbsync_objects, 0, "--dry-run created objects");
+
+    // After a real install, a dry run has nothing to print.
+    db.kbsync(&["install"]).assert_success();
+    let again = db.kbsync(&["install", "--dry-run"]);
+    again.assert_success();
+    assert!(again.stdout.contains("nothing to do"), "{}", again.stdout);
+}
+
+fn openai_1536() -> TempConfig {
+    TempConfig::shipped_with(&[(
+        "provider = \"local\"\nmodel = \"all-MiniLM-L6-v2\"\ndimensions = 384\nmodel_dir = \".kbsync/models/all-MiniLM-L6-v2\"",
+        "provider = \"openai\"\nmodel = \"text-embedding-3-small\"\ndimensions = 1536\nbase_url = \"http://127.0.0.1:9/v1\"",
+    )])
+}
+
+#[tokio::test]
+async fn a_dimension_change_is_refused_with_how_to_migrate_and_reset_keeps_texts() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash, embedding, embedding_model)
+             VALUES ('1', 'faq', 'k', 0, 'kept text', '\\x00', array_fill(0.5, ARRAY[384])::vector, 'all-MiniLM-L6-v2')",
+        )
+        .await
+        .unwrap();
+
+    let config = openai_1536();
+    let refused = db.kbsync_with_config(config.path(), &["install"]);
+    refused.assert_failure();
+    for words in [
+        "vector(384)",
+        "dimensions is 1536",
+        "--reset-embeddings",
+        "kbsync reconcile",
+    ] {
+        assert!(
+            refused.stderr.contains(words),
+            "{words:?} not in: {}",
+            refused.stderr
+        );
+    }
+    let embedded: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tenant_knowledge WHERE embedding IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(embedded, 1, "a refused install changed the data");
+
+    db.kbsync_with_config(config.path(), &["install", "--reset-embeddings"])
+        .assert_success();
+    let row = client
+        .query_one(
+            "SELECT content, embedding IS NULL, embedding_model IS NULL,
+                    (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'tenant_knowledge'::regclass AND attname = 'embedding')
+               FROM tenant_knowledge",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "kept text");
+    assert!(row.get::<_, bool>(1) && row.get::<_, bool>(2));
+    assert_eq!(row.get::<_, i32>(3), 1536);
+}
+
+#[tokio::test]
+async fn triggers_of_sources_no_longer_configured_are_removed() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let text = std::fs::read_to_string(kbsync_testkit::shipped_config()).unwrap();
+    let only_faq = text.split("[sources.product]").next().unwrap();
+    let config = TempConfig::new(only_faq);
+    let out = db.kbsync_with_config(config.path(), &["install"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("drop trigger kbsync_page_upd"),
+        "{}",
+        out.stdout
+    );
+    let triggers = kbsync_triggers(&db).await;
+    assert_eq!(triggers.len(), 4, "{triggers:?}");
+    assert!(
+        triggers
+            .iter()
+            .all(|(n, _, _)| n.starts_with("kbsync_faq_"))
+    );
+    let functions: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(functions, 1);
+}
+
+#[tokio::test]
+async fn a_changed_window_or_text_replaces_only_that_sources_objects() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let before = kbsync_triggers(&db).await;
+    let config = TempConfig::shipped_with(&[(
+        "text = \"{manual_prompt}\"",
+        "text = \"{manual_prompt} {updated_at}\"",
+    )]);
+    let out = db.kbsync_with_config(config.path(), &["install"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("replace trigger kbsync_manual_upd"),
+        "{}",
+        out.stdout
+    );
+    let after = kbsync_triggers(&db).await;
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|t| !before.contains(t))
+        .map(|t| t.0.clone())
+        .collect();
+    assert_eq!(changed, vec!["kbsync_manual_upd".to_owned()]);
+}
+
+#[tokio::test]
+async fn missing_tables_and_columns_are_named() {
+    let db = TestDb::create().await;
+    let out = db.kbsync(&["install"]);
+    out.assert_failure();
+    assert!(
+        out.stderr
+            .contains("sources.faq: table \"web_knowledge_qapair\" does not exist"),
+        "{}",
+        out.stderr
+    );
+
+    let db = db.with_demo_schema().await;
+    let config =
+        TempConfig::shipped_with(&[("text = \"{manual_prompt}\"", "text = \"{manual_promt}\"")]);
+    let out = db.kbsync_with_config(config.path(), &["install"]);
+    out.assert_failure();
+    assert!(
+        out.stderr
+            .contains("sources.manual: column \"manual_promt\" does not exist"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn an_edited_released_migration_is_detected() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    db.client()
+        .await
+        .batch_execute("UPDATE kbsync.schema_migrations SET checksum = 'edited' WHERE version = 1")
+        .await
+        .unwrap();
+    let out = db.kbsync(&["install"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("must never be edited"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_filter_value_that_looks_like_sql_stays_a_value() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let hostile = "completed'); DROP TABLE accounts_user; --";
+    let config = TempConfig::shipped_with(&[(
+        "filter = [{ column = \"crawl_status\", equals = \"completed\" }]",
+        &format!("filter = [{{ column = \"url\", equals = \"{hostile}\" }}]"),
+    )]);
+    db.kbsync_with_config(config.path(), &["install"])
+        .assert_success();
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO accounts_user VALUES (1, 'u', 'c', 'd')")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO web_knowledge_websitepage (id, user_id, url) VALUES (gen_random_uuid(), 1, 'plain'), (gen_random_uuid(), 1, $1)",
+            &[&hostile],
+        )
+        .await
+        .unwrap();
+    let exists: bool = client
+        .query_one("SELECT to_regclass('accounts_user') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
+    let captured: i64 = client
+        .query_one(
+            "SELECT count(*) FROM kbsync.outbox WHERE source = 'page'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        captured, 1,
+        "only the row whose url equals the literal passes the filter"
+    );
+}
+
+#[tokio::test]
+async fn the_daemon_refuses_to_start_without_the_schema() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let out = db.kbsync(&["run"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("run `kbsync install` first"),
+        "{}",
+        out.stderr
+    );
+}

@@ -1,0 +1,1 @@
+//! Integration tests live beside this file; see Cargo.toml for the list.
