@@ -17,11 +17,8 @@ pub const ENV_DATABASE_URL_FALLBACK: &str = "DATABASE_URL";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {file}: {source}")]
-    Read {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read config file {file}: {error}")]
+    Read { file: PathBuf, error: std::io::Error },
     #[error("{file}: {field}: {problem}")]
     Invalid {
         file: PathBuf,
@@ -281,9 +278,9 @@ pub const OPENAI_TOKEN_LIMIT: usize = 8191;
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }

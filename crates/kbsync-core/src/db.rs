@@ -83,3 +83,25 @@ pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {
     });
     Ok((client, handle))
 }
+
+/// The whole story of a database error: tokio-postgres' own Display says only
+/// "db error" and keeps the server's message in the source.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut text = format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}

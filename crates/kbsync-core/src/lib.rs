@@ -1,8 +1,14 @@
-//! kbsync's reusable core: configuration and sources, the SQL that captures changes,
-//! schema installation and database access.
+//! kbsync's reusable core, in the order the data flows: configuration and sources,
+//! the capture triggers, the outbox, reading source rows, chunking, embedding, and
+//! writing the knowledge table; plus schema installation and database access.
 
 pub mod capture;
+pub mod chunk;
 pub mod config;
 pub mod db;
+pub mod embed;
 pub mod install;
+pub mod knowledge;
+pub mod outbox;
+pub mod source_rows;
 pub mod sql_ident;

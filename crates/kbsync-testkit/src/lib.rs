@@ -1,5 +1,13 @@
 //! Test support: a fresh PostgreSQL database per test, and the `kbsync` binary run
-//! against it. Tests need a real PostgreSQL with pgvector; `just test` starts one.
+//! against it, and an OpenAI-compatible embeddings server. Tests need a real
+//! PostgreSQL with pgvector; `just test` starts one.
+
+mod daemon;
+mod openai_server;
+
+pub use daemon::{DaemonProcess, TEST_API_KEY, sync_config, wait_for};
+
+pub use openai_server::{FakeOpenAi, Fault, deterministic_vector};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

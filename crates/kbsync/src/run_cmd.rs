@@ -1,25 +1,35 @@
-//! `kbsync run`: the daemon.
+//! `kbsync run`: the daemon, stopped by SIGINT/SIGTERM.
 
 use anyhow::bail;
-use kbsync_core::config::Config;
+use kbsync_core::config::{Config, ProviderKind};
 use kbsync_core::install::schema_is_current;
+use kbsync_listener::Daemon;
+use tokio_util::sync::CancellationToken;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    if config.embedding.provider == ProviderKind::Local {
+        return wait_without_local_model(config).await;
+    }
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let signals = tokio::spawn(async move {
+        let result = shutdown_signal().await;
+        stop.cancel();
+        result
+    });
+    let outcome = Daemon::new(config)?.run(cancel).await;
+    signals.abort();
+    outcome?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The local model is not built into this kbsync yet: say so and keep capturing.
+async fn wait_without_local_model(config: Config) -> anyhow::Result<()> {
     let client = crate::connect(&config).await?;
-    // The daemon never runs DDL: the schema is `kbsync install`'s job.
     if !schema_is_current(&client).await? {
         bail!(
             "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
-        );
-    }
-    for source in config.sources() {
-        tracing::info!(
-            source = %source.name,
-            table = %source.table,
-            debounce = ?source.debounce,
-            delete_debounce = ?source.delete_debounce,
-            max_wait = ?source.max_wait,
-            "source configured"
         );
     }
     let backlog: i64 = client
@@ -28,7 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .get(0);
     tracing::warn!(
         backlog,
-        "the sync pipeline (outbox -> windows -> chunk -> embed -> write) is not built yet; changes are captured durably in kbsync.outbox and nothing is processed. Waiting for SIGINT/SIGTERM"
+        "embedding provider \"local\" is not built into this kbsync yet, so nothing is embedded: changes are captured durably in kbsync.outbox and wait there. Use provider = \"openai\" with any OpenAI-compatible server to process them. Waiting for SIGINT/SIGTERM"
     );
     shutdown_signal().await?;
     tracing::info!("shutting down");
@@ -42,5 +52,6 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    tracing::info!("shutdown requested");
     Ok(())
 }

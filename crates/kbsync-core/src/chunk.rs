@@ -1,0 +1,188 @@
+//! Chunking: a source row's text into token-sized pieces at semantic boundaries
+//! (text-splitter), each with a content hash that decides whether it needs embedding.
+
+use sha2::{Digest, Sha256};
+use text_splitter::{ChunkConfig, ChunkSizer, TextSplitter};
+use thiserror::Error;
+use tiktoken_rs::CoreBPE;
+
+use crate::config::Source;
+
+/// Counts tokens the way the embedding model does.
+#[derive(Clone, Copy)]
+pub enum TokenCounter {
+    /// OpenAI's cl100k_base BPE (bundled with tiktoken-rs; no download).
+    Cl100k(&'static CoreBPE),
+}
+
+impl TokenCounter {
+    pub fn cl100k() -> Self {
+        Self::Cl100k(tiktoken_rs::cl100k_base_singleton())
+    }
+
+    pub fn count(&self, text: &str) -> usize {
+        match self {
+            Self::Cl100k(bpe) => bpe.encode_ordinary(text).len(),
+        }
+    }
+}
+
+impl ChunkSizer for TokenCounter {
+    fn size(&self, chunk: &str) -> usize {
+        self.count(chunk)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ChunkError {
+    #[error("chunk settings rejected: {0}")]
+    Config(String),
+}
+
+/// One piece of a row's text, ready to embed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub content: String,
+    pub hash: [u8; 32],
+    pub tokens: usize,
+}
+
+impl Chunk {
+    fn new(content: &str, counter: &TokenCounter) -> Self {
+        Self {
+            content: content.to_owned(),
+            hash: content_hash(content),
+            tokens: counter.count(content),
+        }
+    }
+}
+
+pub fn content_hash(content: &str) -> [u8; 32] {
+    Sha256::digest(content.as_bytes()).into()
+}
+
+/// Splits texts for one source.
+pub struct Chunker {
+    splitter: TextSplitter<TokenCounter>,
+    counter: TokenCounter,
+    single_chunk: bool,
+    model_limit: usize,
+}
+
+impl Chunker {
+    pub fn new(
+        source: &Source,
+        counter: TokenCounter,
+        model_limit: usize,
+    ) -> Result<Self, ChunkError> {
+        let config = ChunkConfig::new(source.chunk_tokens)
+            .with_sizer(counter)
+            .with_overlap(source.chunk_overlap)
+            .map_err(|e| ChunkError::Config(e.to_string()))?;
+        Ok(Self {
+            splitter: TextSplitter::new(config),
+            counter,
+            single_chunk: source.single_chunk,
+            model_limit,
+        })
+    }
+
+    /// The chunks of `text`, in order. Empty or whitespace-only text has none.
+    /// `single_chunk` sources keep the whole text as one chunk unless it is longer
+    /// than the model reads, in which case it is split like any other text rather
+    /// than silently truncated by the model.
+    pub fn chunk(&self, text: &str) -> Vec<Chunk> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Vec::new();
+        }
+        if self.single_chunk && self.counter.count(text) <= self.model_limit {
+            return vec![Chunk::new(text, &self.counter)];
+        }
+        self.splitter
+            .chunks(text)
+            .map(|piece| Chunk::new(piece, &self.counter))
+            .collect()
+    }
+
+    pub fn counter(&self) -> TokenCounter {
+        self.counter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn source(single: bool, tokens: usize, overlap: usize) -> Source {
+        let text = format!(
+            r#"
+[embedding]
+provider = "openai"
+model = "m"
+dimensions = 8
+base_url = "http://127.0.0.1:1/v1"
+[sources.s]
+table = "t"
+key = "id"
+tenant = {{ column = "u" }}
+text = "{{body}}"
+single_chunk = {single}
+chunk_tokens = {tokens}
+chunk_overlap = {overlap}
+"#
+        );
+        Config::parse(&text, Path::new("test.toml"))
+            .unwrap()
+            .sources()
+            .remove(0)
+    }
+
+    #[test]
+    fn empty_and_whitespace_text_has_no_chunks() {
+        let chunker = Chunker::new(&source(false, 50, 5), TokenCounter::cl100k(), 8191).unwrap();
+        assert!(chunker.chunk("").is_empty());
+        assert!(chunker.chunk(" \n\t ").is_empty());
+    }
+
+    #[test]
+    fn long_text_is_split_within_the_token_cap_and_in_order() {
+        let chunker = Chunker::new(&source(false, 40, 0), TokenCounter::cl100k(), 8191).unwrap();
+        let paragraphs: Vec<String> = (0..20)
+            .map(|i| format!("Paragraph {i} talks about topic number {i} in a few plain words."))
+            .collect();
+        let text = paragraphs.join("\n\n");
+        let chunks = chunker.chunk(&text);
+        assert!(chunks.len() > 2);
+        assert!(chunks.iter().all(|c| c.tokens <= 40 && c.tokens > 0));
+        let joined: String = chunks
+            .iter()
+            .map(|c| c.content.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut pos = 0;
+        for p in &paragraphs {
+            let at = joined[pos..]
+                .find(p.as_str())
+                .expect("every paragraph, in order");
+            pos += at + p.len();
+        }
+    }
+
+    #[test]
+    fn single_chunk_keeps_the_text_whole_unless_the_model_cannot_read_it() {
+        let chunker = Chunker::new(&source(true, 10, 0), TokenCounter::cl100k(), 60).unwrap();
+        let short = "Question: how long is delivery?\nAnswer: three to five days, sometimes more.";
+        assert_eq!(chunker.chunk(short).len(), 1);
+        let long = short.repeat(10);
+        assert!(chunker.chunk(&long).len() > 1);
+    }
+
+    #[test]
+    fn equal_text_has_equal_hash() {
+        assert_eq!(content_hash("a"), content_hash("a"));
+        assert_ne!(content_hash("a"), content_hash("b"));
+    }
+}

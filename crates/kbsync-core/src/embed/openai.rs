@@ -1,0 +1,472 @@
+//! A client for OpenAI-compatible `/v1/embeddings` servers (OpenAI, Azure-style
+//! gateways, Ollama, vLLM, text-embeddings-inference).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use base64::Engine;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use super::{EmbedError, InputOutcome};
+use crate::chunk::TokenCounter;
+use crate::config::{Config, OPENAI_TOKEN_LIMIT};
+
+/// Longest server-directed wait we honour before retrying.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// An API key that cannot be printed.
+#[derive(Clone)]
+struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+#[derive(Debug)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    url: String,
+    model: String,
+    dimensions: usize,
+    send_dimensions: bool,
+    key: ApiKey,
+    key_origin: String,
+    max_inputs: usize,
+    max_tokens: usize,
+    counter: TokenCounter,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenCounter")
+    }
+}
+
+/// One request's failure, before retries are decided.
+#[derive(Debug)]
+enum RequestError {
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Transport(String),
+    Malformed(String),
+}
+
+impl RequestError {
+    fn retryable(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => matches!(status, 408 | 409 | 429) || *status >= 500,
+            Self::Transport(_) | Self::Malformed(_) => true,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The server rejects the content of the inputs (not the request as a whole).
+    fn rejects_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Status {
+                status: 400 | 413 | 422,
+                ..
+            }
+        )
+    }
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status {
+                status, message, ..
+            } => write!(f, "HTTP {status}: {message}"),
+            Self::Transport(e) => write!(f, "{e}"),
+            Self::Malformed(e) => write!(f, "malformed response: {e}"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EmbeddingResponse {
+    data: Vec<EmbeddingItem>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingItem {
+    index: usize,
+    embedding: EmbeddingValue,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingValue {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+impl OpenAiClient {
+    pub fn from_config(config: &Config) -> Result<Self, EmbedError> {
+        let e = &config.embedding;
+        let base = e.base_url.as_deref().ok_or_else(|| {
+            EmbedError::Config("embedding.base_url is required for provider \"openai\"".into())
+        })?;
+        let (key, key_origin) = match &e.api_key_file {
+            Some(path) => {
+                let key = std::fs::read_to_string(path).map_err(|err| {
+                    EmbedError::Config(format!(
+                        "cannot read embedding.api_key_file {}: {err}",
+                        path.display()
+                    ))
+                })?;
+                (
+                    key.trim().to_owned(),
+                    format!("the file {}", path.display()),
+                )
+            }
+            None => {
+                let var = e
+                    .api_key_env
+                    .clone()
+                    .unwrap_or_else(|| "OPENAI_API_KEY".to_owned());
+                let key = std::env::var(&var).unwrap_or_default();
+                if key.is_empty() {
+                    return Err(EmbedError::Config(format!(
+                        "environment variable {var} (embedding.api_key_env) is not set; export the API key there (servers without keys, like Ollama, accept any value)"
+                    )));
+                }
+                (key, format!("${var}"))
+            }
+        };
+        let http = reqwest::Client::builder()
+            .timeout(e.request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|err| EmbedError::Config(format!("HTTP client: {err}")))?;
+        Ok(Self {
+            http,
+            url: format!("{}/embeddings", base.trim_end_matches('/')),
+            model: e.model.clone(),
+            dimensions: e.dimensions as usize,
+            send_dimensions: e.send_dimensions,
+            key: ApiKey(key),
+            key_origin,
+            max_inputs: e.max_inputs_per_request,
+            max_tokens: e.max_tokens_per_request,
+            counter: TokenCounter::cl100k(),
+            permits: Arc::new(Semaphore::new(e.max_concurrency)),
+        })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    pub fn token_limit(&self) -> usize {
+        OPENAI_TOKEN_LIMIT
+    }
+
+    /// Embed `inputs`, in requests within the input and token caps. Inputs the model
+    /// cannot read whole (over 8191 tokens) or that are empty are refused per input,
+    /// never sent (chunking keeps them from happening).
+    pub async fn embed(&self, inputs: &[String]) -> Result<Vec<InputOutcome>, EmbedError> {
+        let mut outcomes: Vec<Option<InputOutcome>> = vec![None; inputs.len()];
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        let mut current: Vec<usize> = Vec::new();
+        let mut current_tokens = 0;
+        for (i, input) in inputs.iter().enumerate() {
+            let tokens = self.counter.count(input);
+            if input.trim().is_empty() {
+                outcomes[i] = Some(Err("empty input is not embedded".into()));
+                continue;
+            }
+            if tokens > OPENAI_TOKEN_LIMIT {
+                outcomes[i] = Some(Err(format!(
+                    "input has {tokens} tokens; the model reads at most {OPENAI_TOKEN_LIMIT}"
+                )));
+                continue;
+            }
+            if !current.is_empty()
+                && (current.len() >= self.max_inputs || current_tokens + tokens > self.max_tokens)
+            {
+                batches.push(std::mem::take(&mut current));
+                current_tokens = 0;
+            }
+            current.push(i);
+            current_tokens += tokens;
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        for batch in batches {
+            self.embed_isolating(inputs, batch, &mut outcomes).await?;
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err("not embedded".into())))
+            .collect())
+    }
+
+    /// Send one batch; when the server rejects its content, split it in halves until
+    /// the rejected inputs stand alone, so only their keys fail.
+    async fn embed_isolating(
+        &self,
+        inputs: &[String],
+        batch: Vec<usize>,
+        outcomes: &mut [Option<InputOutcome>],
+    ) -> Result<(), EmbedError> {
+        let mut pending = vec![batch];
+        while let Some(batch) = pending.pop() {
+            let texts: Vec<&str> = batch.iter().map(|&i| inputs[i].as_str()).collect();
+            match self.request_with_retries(&texts).await {
+                Ok(vectors) => {
+                    for (&i, v) in batch.iter().zip(vectors) {
+                        outcomes[i] = Some(Ok(v));
+                    }
+                }
+                Err(e) if e.rejects_input() && batch.len() > 1 => {
+                    let (a, b) = batch.split_at(batch.len() / 2);
+                    pending.push(b.to_vec());
+                    pending.push(a.to_vec());
+                }
+                Err(e) if e.rejects_input() => {
+                    outcomes[batch[0]] = Some(Err(e.to_string()));
+                }
+                Err(RequestError::Status {
+                    status, message, ..
+                }) if matches!(status, 401 | 403) => {
+                    return Err(EmbedError::Refused {
+                        status,
+                        message: format!("{message} — check the API key in {}", self.key_origin),
+                    });
+                }
+                Err(RequestError::Status {
+                    status, message, ..
+                }) if !matches!(status, 408 | 409 | 429) && status < 500 => {
+                    return Err(EmbedError::Refused {
+                        status,
+                        message: format!(
+                            "{message} — check embedding.base_url ({}) and embedding.model ({})",
+                            self.url, self.model
+                        ),
+                    });
+                }
+                Err(e) => return Err(EmbedError::Unavailable(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_with_retries(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RequestError> {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(30))
+            .with_max_times(6)
+            .with_jitter();
+        (|| self.request(texts))
+            .retry(policy)
+            .when(RequestError::retryable)
+            .adjust(|e, backoff| {
+                backoff.map(|d| {
+                    e.retry_after()
+                        .map(|ra| ra.min(MAX_RETRY_AFTER))
+                        .unwrap_or(d)
+                })
+            })
+            .notify(
+                |e, delay| tracing::warn!(error = %e, ?delay, "embedding request failed; retrying"),
+            )
+            .await
+    }
+
+    async fn request(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RequestError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| RequestError::Transport(e.to_string()))?;
+        let mut body = serde_json::json!({
+            "model": self.model,
+            "input": texts,
+            "encoding_format": "float",
+        });
+        if self.send_dimensions {
+            body["dimensions"] = serde_json::json!(self.dimensions);
+        }
+        let response = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.key.0)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| RequestError::Transport(without_url(&e)))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let retry_after = retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            return Err(RequestError::Status {
+                status,
+                message: error_message(&text),
+                retry_after,
+            });
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| RequestError::Transport(without_url(&e)))?;
+        let parsed: EmbeddingResponse =
+            serde_json::from_slice(&bytes).map_err(|e| RequestError::Malformed(e.to_string()))?;
+        self.check(parsed, texts.len())
+            .map_err(RequestError::Malformed)
+    }
+
+    /// Count, order and dimension of the vectors must match the request.
+    fn check(&self, response: EmbeddingResponse, expected: usize) -> Result<Vec<Vec<f32>>, String> {
+        if response.data.len() != expected {
+            return Err(format!(
+                "{} vectors for {expected} inputs",
+                response.data.len()
+            ));
+        }
+        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; expected];
+        for item in response.data {
+            let v = match item.embedding {
+                EmbeddingValue::Float(v) => v,
+                EmbeddingValue::Base64(s) => decode_base64(&s)?,
+            };
+            if v.len() != self.dimensions {
+                return Err(format!(
+                    "a vector has {} dimensions, embedding.dimensions is {}",
+                    v.len(),
+                    self.dimensions
+                ));
+            }
+            let slot = vectors
+                .get_mut(item.index)
+                .ok_or_else(|| format!("index {} out of range", item.index))?;
+            if slot.replace(v).is_some() {
+                return Err(format!("index {} appears twice", item.index));
+            }
+        }
+        vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v.ok_or_else(|| format!("no vector for input {i}")))
+            .collect()
+    }
+}
+
+fn decode_base64(s: &str) -> Result<Vec<f32>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| format!("bad base64 embedding: {e}"))?;
+    if bytes.len() % 4 != 0 {
+        return Err("base64 embedding is not a whole number of f32".into());
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = text("retry-after")?;
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The `error.message` of an OpenAI-style error body, else the body itself (short).
+fn error_message(body: &str) -> String {
+    let parsed: Option<String> = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        });
+    let message = parsed.unwrap_or_else(|| body.to_owned());
+    message.chars().take(500).collect()
+}
+
+/// reqwest errors print the URL; ours carries no secret, but keep messages short.
+fn without_url(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn retry_after_reads_ms_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        let mut h = HeaderMap::new();
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        h.insert("retry-after", HeaderValue::from_str(&later).unwrap());
+        let wait = retry_after(&h).unwrap();
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn base64_vectors_decode_as_little_endian_f32() {
+        let bytes: Vec<u8> = [1.0f32, -0.5]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        assert_eq!(decode_base64(&text).unwrap(), vec![1.0, -0.5]);
+        assert!(decode_base64("AAA=").is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Writing `tenant_knowledge`: what is stored for a set of keys, and the idempotent
+//! upsert/delete of a batch, inside the caller's transaction.
+
+use std::collections::HashMap;
+
+use pgvector::Vector;
+use tokio_postgres::GenericClient;
+
+/// A chunk as stored.
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    pub index: i32,
+    pub hash: Vec<u8>,
+    pub embedding: Option<Vector>,
+    pub model: Option<String>,
+    pub tenant: String,
+    pub metadata: serde_json::Value,
+}
+
+/// Stored chunks of `keys`, by key.
+pub async fn stored_chunks(
+    client: &impl GenericClient,
+    source: &str,
+    keys: &[String],
+) -> Result<HashMap<String, Vec<StoredChunk>>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT source_key, chunk_index, content_hash, embedding, embedding_model, tenant_id, metadata
+               FROM public.tenant_knowledge WHERE source = $1 AND source_key = ANY($2)
+              ORDER BY source_key, chunk_index",
+            &[&source, &keys],
+        )
+        .await?;
+    let mut by_key: HashMap<String, Vec<StoredChunk>> = HashMap::new();
+    for r in rows {
+        by_key.entry(r.get(0)).or_default().push(StoredChunk {
+            index: r.get(1),
+            hash: r.get(2),
+            embedding: r.get(3),
+            model: r.get(4),
+            tenant: r.get(5),
+            metadata: r.get(6),
+        });
+    }
+    Ok(by_key)
+}
+
+/// A chunk to write.
+#[derive(Debug, Clone)]
+pub struct ChunkWrite {
+    pub tenant: String,
+    pub key: String,
+    pub index: i32,
+    pub content: String,
+    pub hash: Vec<u8>,
+    pub embedding: Vector,
+    pub model: String,
+    pub metadata: serde_json::Value,
+}
+
+/// Upsert `writes`, then cut every key in `lengths` down to its new number of chunks
+/// (0 deletes the key's chunks).
+pub async fn write_batch(
+    client: &impl GenericClient,
+    source: &str,
+    writes: &[ChunkWrite],
+    lengths: &[(String, i32)],
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let mut written = 0;
+    if !writes.is_empty() {
+        let tenants: Vec<&str> = writes.iter().map(|w| w.tenant.as_str()).collect();
+        let keys: Vec<&str> = writes.iter().map(|w| w.key.as_str()).collect();
+        let indexes: Vec<i32> = writes.iter().map(|w| w.index).collect();
+        let contents: Vec<&str> = writes.iter().map(|w| w.content.as_str()).collect();
+        let hashes: Vec<&[u8]> = writes.iter().map(|w| w.hash.as_slice()).collect();
+        let embeddings: Vec<&Vector> = writes.iter().map(|w| &w.embedding).collect();
+        let models: Vec<&str> = writes.iter().map(|w| w.model.as_str()).collect();
+        let metadata: Vec<&serde_json::Value> = writes.iter().map(|w| &w.metadata).collect();
+        written = client
+            .execute(
+                "INSERT INTO public.tenant_knowledge AS k
+                        (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata)
+                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[])
+                 ON CONFLICT (source, source_key, chunk_index) DO UPDATE
+                    SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content,
+                        content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
+                        embedding_model = EXCLUDED.embedding_model, metadata = EXCLUDED.metadata,
+                        updated_at = now()",
+                &[&source, &tenants, &keys, &indexes, &contents, &hashes, &embeddings, &models, &metadata],
+            )
+            .await?;
+    }
+    let mut deleted = 0;
+    if !lengths.is_empty() {
+        let keys: Vec<&str> = lengths.iter().map(|(k, _)| k.as_str()).collect();
+        let counts: Vec<i32> = lengths.iter().map(|(_, n)| *n).collect();
+        deleted = client
+            .execute(
+                "DELETE FROM public.tenant_knowledge k
+                  USING unnest($2::text[], $3::int[]) AS cut(source_key, keep)
+                  WHERE k.source = $1 AND k.source_key = cut.source_key AND k.chunk_index >= cut.keep",
+                &[&source, &keys, &counts],
+            )
+            .await?;
+    }
+    Ok((written, deleted))
+}

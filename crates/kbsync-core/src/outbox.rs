@@ -1,0 +1,270 @@
+//! The outbox's life cycle on the daemon's side: claim ready keys (the debounce
+//! windows are evaluated here, in the database's clock), keep the claim alive while
+//! working, then in the write transaction fence, acknowledge, or record a failure.
+//!
+//! A claim is a token plus a lease on outbox rows, not a held row lock, so the
+//! application's writes to the same keys never wait for an embedding call.
+
+use std::time::Duration;
+
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::config::Source;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One row of the source.
+    Row,
+    /// The whole source (after a TRUNCATE).
+    Source,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::Row => "row",
+            Scope::Source => "source",
+        }
+    }
+}
+
+/// A claimed outbox entry.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub scope: Scope,
+    pub key: String,
+    pub version: i64,
+    pub attempts: i32,
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Claim up to `limit` entries of `source` whose window has closed: the last change
+/// is older than the source's debounce (delete window for deletes), or the first
+/// change older than max_wait. Entries claimed by someone whose lease ran out, and
+/// entries whose retry time has come, are ready too.
+pub async fn claim(
+    client: &impl GenericClient,
+    source: &Source,
+    token: Uuid,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH ready AS (
+                SELECT source, scope, source_key FROM kbsync.outbox
+                 WHERE source = $1
+                   AND (claimed_until IS NULL OR claimed_until < now())
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                   AND (last_changed_at <= now() - make_interval(secs => CASE WHEN deleted THEN $2::float8 ELSE $3::float8 END)
+                        OR first_changed_at <= now() - make_interval(secs => $4::float8))
+                 ORDER BY last_changed_at
+                 LIMIT $5
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE kbsync.outbox o
+                SET claim_token = $6, claimed_until = now() + make_interval(secs => $7::float8)
+               FROM ready
+              WHERE o.source = ready.source AND o.scope = ready.scope AND o.source_key = ready.source_key
+          RETURNING o.scope, o.source_key, o.version, o.attempts",
+            &[
+                &source.name,
+                &secs(source.delete_debounce),
+                &secs(source.debounce),
+                &secs(source.max_wait),
+                &limit,
+                &token,
+                &secs(lease),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Claimed {
+            scope: if r.get::<_, &str>(0) == "source" {
+                Scope::Source
+            } else {
+                Scope::Row
+            },
+            key: r.get(1),
+            version: r.get(2),
+            attempts: r.get(3),
+        })
+        .collect())
+}
+
+/// Seconds until the next entry of `source` may become ready (None: nothing pending).
+pub async fn seconds_until_ready(
+    client: &impl GenericClient,
+    source: &Source,
+) -> Result<Option<f64>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXTRACT(EPOCH FROM min(GREATEST(
+                        LEAST(last_changed_at + make_interval(secs => CASE WHEN deleted THEN $2::float8 ELSE $3::float8 END),
+                              first_changed_at + make_interval(secs => $4::float8)),
+                        COALESCE(claimed_until, '-infinity'),
+                        COALESCE(next_attempt_at, '-infinity'))) - now())::float8
+               FROM kbsync.outbox WHERE source = $1",
+            &[&source.name, &secs(source.delete_debounce), &secs(source.debounce), &secs(source.max_wait)],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Extend the lease of everything claimed with `token`.
+pub async fn renew(
+    client: &impl GenericClient,
+    token: Uuid,
+    lease: Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE kbsync.outbox SET claimed_until = now() + make_interval(secs => $2::float8) WHERE claim_token = $1",
+            &[&token, &secs(lease)],
+        )
+        .await
+}
+
+/// In the write transaction: lock the claimed entries that are still ours and
+/// return their keys. An entry taken over by another daemon (our lease ran out) is
+/// not ours any more, and our possibly older result for it must not be written.
+pub async fn fence(
+    client: &impl GenericClient,
+    source: &str,
+    token: Uuid,
+    scope: Scope,
+    keys: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT source_key FROM kbsync.outbox
+              WHERE source = $1 AND scope = $2 AND claim_token = $3 AND source_key = ANY($4)
+                FOR UPDATE",
+            &[&source, &scope.as_str(), &token, &keys],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Remove entries whose version is still the one we processed; entries changed
+/// meanwhile are released so their new change gets its own window.
+pub async fn acknowledge(
+    client: &impl GenericClient,
+    source: &str,
+    token: Uuid,
+    scope: Scope,
+    entries: &[(String, i64)],
+) -> Result<(), tokio_postgres::Error> {
+    let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+    let versions: Vec<i64> = entries.iter().map(|(_, v)| *v).collect();
+    client
+        .execute(
+            "DELETE FROM kbsync.outbox o
+              USING unnest($4::text[], $5::bigint[]) AS done(source_key, version)
+              WHERE o.source = $1 AND o.scope = $2 AND o.claim_token = $3
+                AND o.source_key = done.source_key AND o.version = done.version",
+            &[&source, &scope.as_str(), &token, &keys, &versions],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE kbsync.outbox
+                SET claim_token = NULL, claimed_until = NULL, first_changed_at = last_changed_at
+              WHERE source = $1 AND scope = $2 AND claim_token = $3 AND source_key = ANY($4)",
+            &[&source, &scope.as_str(), &token, &keys],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Delay before the next attempt after `attempts` failures: 2 s doubling, at most 5 min.
+pub fn retry_delay(attempts: i32) -> Duration {
+    let exp = attempts.clamp(0, 8) as u32;
+    Duration::from_secs(2u64.saturating_pow(exp + 1).min(300))
+}
+
+/// A key that failed. `permanent` failures (the provider rejects the input) are
+/// parked at once; others are retried with backoff until `max_attempts`.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub key: String,
+    pub error: String,
+    pub permanent: bool,
+}
+
+/// Record failures of claimed row entries; returns how many were dead-lettered.
+pub async fn record_failures(
+    client: &impl GenericClient,
+    source: &str,
+    token: Uuid,
+    failures: &[Failure],
+    max_attempts: u32,
+) -> Result<u64, tokio_postgres::Error> {
+    let mut parked = 0;
+    for failure in failures {
+        let row = client
+            .query_opt(
+                "UPDATE kbsync.outbox SET attempts = attempts + 1, last_error = $4
+                  WHERE source = $1 AND scope = 'row' AND source_key = $2 AND claim_token = $3
+              RETURNING attempts",
+                &[&source, &failure.key, &token, &failure.error],
+            )
+            .await?;
+        let Some(row) = row else { continue };
+        let attempts: i32 = row.get(0);
+        if failure.permanent || attempts as u32 >= max_attempts {
+            client
+                .execute(
+                    "INSERT INTO kbsync.dead_letters (source, source_key, error, attempts)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (source, source_key) DO UPDATE
+                        SET error = EXCLUDED.error, attempts = kbsync.dead_letters.attempts + EXCLUDED.attempts,
+                            last_failed_at = now()",
+                    &[&source, &failure.key, &failure.error, &attempts],
+                )
+                .await?;
+            client
+                .execute(
+                    "DELETE FROM kbsync.outbox WHERE source = $1 AND scope = 'row' AND source_key = $2 AND claim_token = $3",
+                    &[&source, &failure.key, &token],
+                )
+                .await?;
+            parked += 1;
+        } else {
+            client
+                .execute(
+                    "UPDATE kbsync.outbox
+                        SET claim_token = NULL, claimed_until = NULL,
+                            next_attempt_at = now() + make_interval(secs => $4::float8)
+                      WHERE source = $1 AND scope = 'row' AND source_key = $2 AND claim_token = $3",
+                    &[&source, &failure.key, &token, &secs(retry_delay(attempts))],
+                )
+                .await?;
+        }
+    }
+    Ok(parked)
+}
+
+/// Give back everything claimed with `token` without counting an attempt, to be
+/// retried after `delay` (the provider or the database was unavailable: not the
+/// rows' fault).
+pub async fn postpone(
+    client: &impl GenericClient,
+    token: Uuid,
+    delay: Duration,
+    error: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE kbsync.outbox
+                SET claim_token = NULL, claimed_until = NULL, last_error = $3,
+                    next_attempt_at = now() + make_interval(secs => $2::float8)
+              WHERE claim_token = $1",
+            &[&token, &secs(delay), &error],
+        )
+        .await
+}

@@ -1,0 +1,265 @@
+//! One claimed batch of one source, start to finish: read the current rows, chunk
+//! them, compare chunk hashes with what is stored, embed only chunks whose text is
+//! new (deduplicated across the batch), and write everything in one transaction
+//! fenced on the claim.
+
+use std::collections::HashMap;
+
+use pgvector::Vector;
+use thiserror::Error;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use kbsync_core::chunk::{Chunk, Chunker};
+use kbsync_core::config::{Config, Source};
+use kbsync_core::embed::{EmbedError, Provider};
+use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
+use kbsync_core::outbox::{self, Claimed, Failure, Scope};
+use kbsync_core::source_rows::{SourceQuery, SourceRow};
+
+#[derive(Debug, Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Provider(#[from] EmbedError),
+}
+
+/// A source with everything prepared once at start-up.
+pub struct SourcePipeline {
+    pub source: Source,
+    query: SourceQuery,
+    chunker: Chunker,
+    orphan_sql: String,
+}
+
+impl SourcePipeline {
+    pub async fn prepare(
+        client: &Client,
+        source: Source,
+        config: &Config,
+        provider: &Provider,
+    ) -> Result<Self, String> {
+        let query = SourceQuery::prepare(client, &source)
+            .await
+            .map_err(|e| format!("source {}: {e}", source.name))?;
+        let limit = provider.token_limit().min(config.model_token_limit());
+        let chunker = Chunker::new(&source, provider.token_counter(), limit)
+            .map_err(|e| format!("source {}: {e}", source.name))?;
+        let orphan_sql = SourceQuery::orphan_delete_sql(&source);
+        Ok(Self {
+            source,
+            query,
+            chunker,
+            orphan_sql,
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchReport {
+    pub inputs_embedded: usize,
+    pub chunks_written: u64,
+    pub chunks_deleted: u64,
+    pub failed: usize,
+    pub dead_lettered: u64,
+}
+
+/// What a key's chunks need.
+struct KeyPlan {
+    tenant: String,
+    metadata: serde_json::Value,
+    chunks: Vec<Chunk>,
+    /// Per chunk: a stored embedding that can be reused, or the index into the
+    /// batch's list of texts to embed.
+    sources: Vec<EmbeddingSource>,
+    /// Per chunk: true when the stored row at that index is already exactly this.
+    unchanged: Vec<bool>,
+}
+
+enum EmbeddingSource {
+    Stored(Vector),
+    Input(usize),
+}
+
+pub async fn process(
+    client: &mut Client,
+    pipeline: &SourcePipeline,
+    provider: &Provider,
+    max_attempts: u32,
+    token: Uuid,
+    claimed: &[Claimed],
+) -> Result<BatchReport, BatchError> {
+    let source = &pipeline.source;
+    let model = provider.model().to_owned();
+    let row_claims: Vec<&Claimed> = claimed.iter().filter(|c| c.scope == Scope::Row).collect();
+    let whole_source = claimed.iter().find(|c| c.scope == Scope::Source);
+    let keys: Vec<String> = row_claims.iter().map(|c| c.key.clone()).collect();
+
+    let rows: HashMap<String, SourceRow> = pipeline
+        .query
+        .load(&*client, &keys)
+        .await?
+        .into_iter()
+        .map(|r| (r.key.clone(), r))
+        .collect();
+    let stored = knowledge::stored_chunks(&*client, &source.name, &keys).await?;
+
+    // Plan every key; collect the distinct texts that need a new embedding.
+    let mut inputs: Vec<String> = Vec::new();
+    let mut input_by_hash: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut plans: HashMap<String, KeyPlan> = HashMap::new();
+    for key in &keys {
+        let Some(row) = rows.get(key) else { continue };
+        let chunks = pipeline.chunker.chunk(&row.text);
+        let existing: &[StoredChunk] = stored.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        let mut sources = Vec::with_capacity(chunks.len());
+        let mut unchanged = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let reusable = |s: &&StoredChunk| {
+                s.hash == chunk.hash
+                    && s.embedding.is_some()
+                    && s.model.as_deref() == Some(model.as_str())
+            };
+            let at_index = existing.iter().find(|s| s.index == i as i32);
+            unchanged.push(
+                at_index
+                    .filter(reusable)
+                    .is_some_and(|s| s.tenant == row.tenant && s.metadata == row.metadata),
+            );
+            // Same text anywhere in the key's old chunks (e.g. shifted by an insert).
+            match existing
+                .iter()
+                .find(reusable)
+                .and_then(|s| s.embedding.clone())
+            {
+                Some(v) => sources.push(EmbeddingSource::Stored(v)),
+                None => {
+                    let next = inputs.len();
+                    let at = *input_by_hash.entry(chunk.hash).or_insert(next);
+                    if at == next {
+                        inputs.push(chunk.content.clone());
+                    }
+                    sources.push(EmbeddingSource::Input(at));
+                }
+            }
+        }
+        plans.insert(
+            key.clone(),
+            KeyPlan {
+                tenant: row.tenant.clone(),
+                metadata: row.metadata.clone(),
+                chunks,
+                sources,
+                unchanged,
+            },
+        );
+    }
+
+    let outcomes = if inputs.is_empty() {
+        Vec::new()
+    } else {
+        provider.embed(&inputs).await?
+    };
+
+    // Assemble writes; a key with any refused chunk fails as a whole.
+    let mut writes: Vec<ChunkWrite> = Vec::new();
+    let mut lengths: Vec<(String, i32)> = Vec::new();
+    let mut failures: Vec<Failure> = Vec::new();
+    for key in &keys {
+        let Some(plan) = plans.remove(key) else {
+            // Row gone or filtered out: its chunks go.
+            lengths.push((key.clone(), 0));
+            continue;
+        };
+        let refused = plan.sources.iter().find_map(|s| match s {
+            EmbeddingSource::Input(i) => outcomes.get(*i).and_then(|o| o.as_ref().err()).cloned(),
+            EmbeddingSource::Stored(_) => None,
+        });
+        if let Some(error) = refused {
+            failures.push(Failure {
+                key: key.clone(),
+                error,
+                permanent: true,
+            });
+            continue;
+        }
+        let count = plan.chunks.len();
+        for (i, ((chunk, src), unchanged)) in plan
+            .chunks
+            .into_iter()
+            .zip(plan.sources)
+            .zip(plan.unchanged)
+            .enumerate()
+        {
+            if unchanged {
+                continue;
+            }
+            let embedding = match src {
+                EmbeddingSource::Stored(v) => v,
+                EmbeddingSource::Input(at) => match outcomes.get(at) {
+                    Some(Ok(v)) => Vector::from(v.clone()),
+                    _ => continue,
+                },
+            };
+            writes.push(ChunkWrite {
+                tenant: plan.tenant.clone(),
+                key: key.clone(),
+                index: i as i32,
+                content: chunk.content,
+                hash: chunk.hash.to_vec(),
+                embedding,
+                model: model.clone(),
+                metadata: plan.metadata.clone(),
+            });
+        }
+        lengths.push((key.clone(), count as i32));
+    }
+
+    // One transaction: fence on our claim, write, acknowledge.
+    let tx = client.transaction().await?;
+    let ours: Vec<String> = outbox::fence(&tx, &source.name, token, Scope::Row, &keys).await?;
+    let is_ours = |k: &String| ours.contains(k);
+    writes.retain(|w| is_ours(&w.key));
+    lengths.retain(|(k, _)| is_ours(k));
+    failures.retain(|f| is_ours(&f.key));
+    let (chunks_written, mut chunks_deleted) =
+        knowledge::write_batch(&tx, &source.name, &writes, &lengths).await?;
+    let dead_lettered =
+        outbox::record_failures(&tx, &source.name, token, &failures, max_attempts).await?;
+    let done: Vec<(String, i64)> = row_claims
+        .iter()
+        .filter(|c| is_ours(&c.key) && !failures.iter().any(|f| f.key == c.key))
+        .map(|c| (c.key.clone(), c.version))
+        .collect();
+    outbox::acknowledge(&tx, &source.name, token, Scope::Row, &done).await?;
+    if let Some(truncate) = whole_source {
+        let ours = outbox::fence(
+            &tx,
+            &source.name,
+            token,
+            Scope::Source,
+            std::slice::from_ref(&truncate.key),
+        )
+        .await?;
+        if !ours.is_empty() {
+            chunks_deleted += tx.execute(&pipeline.orphan_sql, &[&source.name]).await?;
+            outbox::acknowledge(
+                &tx,
+                &source.name,
+                token,
+                Scope::Source,
+                &[(truncate.key.clone(), truncate.version)],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(BatchReport {
+        inputs_embedded: inputs.len(),
+        chunks_written,
+        chunks_deleted,
+        failed: failures.len(),
+        dead_lettered,
+    })
+}

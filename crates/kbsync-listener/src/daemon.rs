@@ -1,0 +1,325 @@
+//! `kbsync run`: one listener task and N worker tasks under one cancellation token.
+//! Each worker loops: claim a ready batch from some source, process it while keeping
+//! its lease alive, and when nothing is ready sleep until a wake-up, the next window
+//! closing, or the fallback poll. Task failures are never silent: a worker that
+//! panics stops the daemon with an error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use kbsync_core::config::Config;
+use kbsync_core::db::{self, ErrorKind};
+use kbsync_core::embed::{EmbedError, Provider};
+use kbsync_core::install::schema_is_current;
+use kbsync_core::outbox;
+
+use crate::batch::{self, BatchError, SourcePipeline};
+use crate::listener;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("database error at start-up: {0}")]
+    Startup(#[from] tokio_postgres::Error),
+    #[error(
+        "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
+    )]
+    SchemaNotInstalled,
+    #[error(transparent)]
+    Provider(#[from] EmbedError),
+    #[error("{0}")]
+    Source(String),
+    #[error("a worker task failed: {0}")]
+    Task(String),
+}
+
+pub struct Daemon {
+    config: Config,
+    url: String,
+}
+
+struct Shared {
+    config: Config,
+    url: String,
+    provider: Provider,
+    pipelines: Vec<SourcePipeline>,
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> Result<Self, DaemonError> {
+        let url = config.database_url().ok_or(db::DbError::NoUrl)?;
+        Ok(Self { config, url })
+    }
+
+    /// Run until `cancel` fires, then let in-flight batches finish within the drain
+    /// timeout; whatever is not finished stays in the outbox.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), DaemonError> {
+        let (client, _conn) = db::connect(&self.url).await?;
+        // The daemon never runs DDL: the schema is `kbsync install`'s job.
+        if !schema_is_current(&client).await? {
+            return Err(DaemonError::SchemaNotInstalled);
+        }
+        let provider = Provider::from_config(&self.config)?;
+        let mut pipelines = Vec::new();
+        for source in self.config.sources() {
+            tracing::info!(
+                source = %source.name, table = %source.table,
+                debounce = ?source.debounce, delete_debounce = ?source.delete_debounce, max_wait = ?source.max_wait,
+                "source"
+            );
+            pipelines.push(
+                SourcePipeline::prepare(&client, source, &self.config, &provider)
+                    .await
+                    .map_err(DaemonError::Source)?,
+            );
+        }
+        drop(client);
+        let workers = self.config.embedding.max_concurrency;
+        tracing::info!(workers, model = provider.model(), "kbsync daemon started");
+        let shared = Arc::new(Shared {
+            config: self.config,
+            url: self.url,
+            provider,
+            pipelines,
+        });
+
+        let (wake_tx, wake_rx) = watch::channel(0u64);
+        let (connected_tx, _connected_rx) = watch::channel(false);
+        let work_cancel = cancel.child_token();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(listener::run(
+            shared.url.clone(),
+            wake_tx,
+            connected_tx,
+            work_cancel.clone(),
+        ));
+        for n in 0..workers {
+            tasks.spawn(worker(
+                n,
+                shared.clone(),
+                wake_rx.clone(),
+                work_cancel.clone(),
+            ));
+        }
+
+        let failure = tokio::select! {
+            _ = cancel.cancelled() => None,
+            joined = tasks.join_next() => match joined {
+                Some(Err(e)) => Some(e.to_string()),
+                _ => Some("a task ended unexpectedly".to_owned()),
+            },
+        };
+        work_cancel.cancel();
+        let drain = shared.config.daemon.drain_timeout;
+        tracing::info!(?drain, "stopping: finishing in-flight batches");
+        if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "drain timeout reached; unfinished batches stay in the outbox and are retried after their lease"
+            );
+            tasks.shutdown().await;
+        }
+        match failure {
+            Some(reason) => Err(DaemonError::Task(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Connect, retrying with backoff until it works or we are cancelled.
+async fn connect_with_retry(url: &str, cancel: &CancellationToken) -> Option<Client> {
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match db::connect(url).await {
+            Ok((client, _)) => return Some(client),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(error = %e, ?delay, "database unavailable; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn worker(
+    n: usize,
+    shared: Arc<Shared>,
+    mut wake: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let daemon = &shared.config.daemon;
+    let mut provider_failures: u32 = 0;
+    let mut db_failures: i32 = -1;
+    'connect: loop {
+        // After a database error, pause before reconnecting so a persistent fault
+        // (say, a source table dropped) does not turn into a hot loop.
+        if db_failures >= 0 {
+            let delay = outbox::retry_delay(db_failures).min(Duration::from_secs(30));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        db_failures += 1;
+        let Some(mut client) = connect_with_retry(&shared.url, &cancel).await else {
+            return;
+        };
+        // A second connection renews leases while the first is busy with a batch.
+        let Some(lease_client) = connect_with_retry(&shared.url, &cancel).await else {
+            return;
+        };
+        let mut first_source = n;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            wake.borrow_and_update();
+            let mut did_work = false;
+            for offset in 0..shared.pipelines.len() {
+                let pipeline = &shared.pipelines[(first_source + offset) % shared.pipelines.len()];
+                let token = Uuid::new_v4();
+                let claimed = match outbox::claim(
+                    &client,
+                    &pipeline.source,
+                    token,
+                    daemon.claim_lease,
+                    daemon.batch_size as i64,
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %db::describe(&e), "claiming from the outbox failed; reconnecting");
+                        continue 'connect;
+                    }
+                };
+                if claimed.is_empty() {
+                    continue;
+                }
+                did_work = true;
+                let span = tracing::info_span!("batch", source = %pipeline.source.name, keys = claimed.len());
+                let work = batch::process(
+                    &mut client,
+                    pipeline,
+                    &shared.provider,
+                    daemon.max_attempts,
+                    token,
+                    &claimed,
+                );
+                let result = with_lease(&lease_client, token, daemon.claim_lease, work)
+                    .instrument(span.clone())
+                    .await;
+                match result {
+                    Ok(report) => {
+                        provider_failures = 0;
+                        db_failures = -1;
+                        tracing::info!(
+                            source = %pipeline.source.name,
+                            keys = claimed.len(),
+                            embedded = report.inputs_embedded,
+                            written = report.chunks_written,
+                            deleted = report.chunks_deleted,
+                            failed = report.failed,
+                            dead_lettered = report.dead_lettered,
+                            "batch done"
+                        );
+                    }
+                    Err(BatchError::Provider(e)) => {
+                        provider_failures += 1;
+                        let delay = outbox::retry_delay(provider_failures as i32);
+                        tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
+                        if let Err(pe) =
+                            outbox::postpone(&lease_client, token, delay, &e.to_string()).await
+                        {
+                            tracing::warn!(error = %pe, "could not postpone; the claim will expire instead");
+                        }
+                    }
+                    Err(BatchError::Db(e)) => {
+                        let kind = db::classify(&e);
+                        tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch");
+                        let delay = if kind == ErrorKind::Retryable {
+                            Duration::from_secs(1)
+                        } else {
+                            Duration::from_secs(30)
+                        };
+                        let _ = outbox::postpone(&lease_client, token, delay, &e.to_string()).await;
+                        if kind == ErrorKind::Retryable || client.is_closed() {
+                            continue 'connect;
+                        }
+                    }
+                }
+            }
+            first_source = first_source.wrapping_add(1);
+            if did_work {
+                continue;
+            }
+            let wait = match next_ready(&client, &shared).await {
+                Ok(w) => w.min(daemon.fallback_poll),
+                Err(e) => {
+                    tracing::warn!(error = %db::describe(&e), "reading the outbox failed; reconnecting");
+                    continue 'connect;
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Time until the earliest pending window closes, over all sources.
+async fn next_ready(client: &Client, shared: &Shared) -> Result<Duration, tokio_postgres::Error> {
+    let mut soonest = shared.config.daemon.fallback_poll;
+    for pipeline in &shared.pipelines {
+        if let Some(secs) = outbox::seconds_until_ready(client, &pipeline.source).await? {
+            // A little slack so the window has surely closed when we look.
+            let wait = Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5);
+            soonest = soonest.min(wait);
+        }
+    }
+    Ok(soonest)
+}
+
+/// Run `work`, renewing the claim's lease every third of it meanwhile.
+async fn with_lease<T>(
+    client: &Client,
+    token: Uuid,
+    lease: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                if let Err(e) = outbox::renew(client, token, lease).await {
+                    tracing::warn!(error = %db::describe(&e), "renewing a claim failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The daemon: a listener that turns NOTIFYs into wake-ups, and workers that claim
+//! ready outbox entries (the debounce windows), process them (read rows → chunk →
+//! embed → write) and acknowledge them, until cancelled.
+
+mod batch;
+mod daemon;
+mod listener;
+
+pub use daemon::{Daemon, DaemonError};

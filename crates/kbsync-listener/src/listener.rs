@@ -1,0 +1,129 @@
+//! LISTEN on a dedicated connection, driven through `Connection::poll_message`
+//! (the only way tokio-postgres hands out notifications). Every notification — its
+//! payload is only a hint, and garbage from other clients is harmless — and every
+//! (re)connect bumps a wake-up counter the workers watch; the workers then read the
+//! outbox, so a change committed while we were disconnected is never missed.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use kbsync_core::capture::CHANNEL;
+
+/// Why a listening session ended.
+enum Ended {
+    Cancelled,
+    /// Lost before or after LISTEN took effect (`listened`).
+    Lost {
+        error: String,
+        listened: bool,
+    },
+}
+
+pub async fn run(
+    url: String,
+    wake: watch::Sender<u64>,
+    connected: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    let policy = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = policy();
+    loop {
+        match listen_once(&url, &wake, &connected, &cancel).await {
+            Ended::Cancelled => return,
+            Ended::Lost { error, listened } => {
+                connected.send_replace(false);
+                if listened {
+                    delays = policy();
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(%error, ?delay, "listener connection lost; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn bump(wake: &watch::Sender<u64>) {
+    wake.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+async fn listen_once(
+    url: &str,
+    wake: &watch::Sender<u64>,
+    connected: &watch::Sender<bool>,
+    cancel: &CancellationToken,
+) -> Ended {
+    let lost = |error: String, listened: bool| Ended::Lost { error, listened };
+    let mut config: tokio_postgres::Config = match url.parse() {
+        Ok(c) => c,
+        Err(e) => return lost(e.to_string(), false),
+    };
+    // Keepalives so that a dead peer is noticed in ~25 s rather than never.
+    config
+        .application_name("kbsync-listener")
+        .connect_timeout(Duration::from_secs(10))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    let connect = tokio::select! {
+        _ = cancel.cancelled() => return Ended::Cancelled,
+        c = config.connect(NoTls) => c,
+    };
+    let (client, mut connection) = match connect {
+        Ok(pair) => pair,
+        Err(e) => return lost(e.to_string(), false),
+    };
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let listen_sql = format!("LISTEN \"{CHANNEL}\"");
+    let listen = client.batch_execute(&listen_sql);
+    tokio::pin!(listen);
+    // The connection has to be polled for LISTEN itself to complete.
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ended::Cancelled,
+            done = &mut listen => match done {
+                Ok(()) => break,
+                Err(e) => return lost(e.to_string(), false),
+            },
+            message = messages.next() => match message {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return lost(e.to_string(), false),
+                None => return lost("connection closed".into(), false),
+            },
+        }
+    }
+    tracing::info!(channel = CHANNEL, "listening");
+    connected.send_replace(true);
+    // Whatever was committed while we were away is in the outbox: look now.
+    bump(wake);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ended::Cancelled,
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    tracing::trace!(payload = n.payload(), "notification");
+                    bump(wake);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return lost(e.to_string(), true),
+                None => return lost("connection closed by the server".into(), true),
+            },
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Running `kbsync run` as a real process against a test database, and waiting with
+//! deadlines (never bare sleeps) for the state a test expects.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{TempConfig, kbsync_bin, shipped_config};
+
+/// The API key the daemon is given in tests; asserted never to appear in logs.
+pub const TEST_API_KEY: &str = "sk-test-0123456789abcdef";
+
+/// The shipped config pointed at an OpenAI-compatible server, every debounce window
+/// set to `window` and the delete windows to `delete_window`, a short claim lease and
+/// fallback poll so crash tests converge quickly.
+pub fn sync_config(base_url: &str, dims: usize, window: &str, delete_window: &str) -> TempConfig {
+    let shipped = std::fs::read_to_string(shipped_config()).expect("reading kbsync.toml");
+    let mut out = String::new();
+    let mut skipping_embedding = false;
+    for line in shipped.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            skipping_embedding = trimmed == "[embedding]";
+            if skipping_embedding {
+                out.push_str(&format!(
+                    "[embedding]\nprovider = \"openai\"\nmodel = \"test-embedding\"\ndimensions = {dims}\nbase_url = \"{base_url}\"\nmax_inputs_per_request = 64\nrequest_timeout = \"10s\"\nmax_concurrency = 2\n\n"
+                ));
+                continue;
+            }
+        }
+        if skipping_embedding {
+            continue;
+        }
+        let line = if trimmed.starts_with("debounce =") {
+            format!("debounce = \"{window}\"\nmax_wait = \"30s\"")
+        } else if trimmed.starts_with("delete_debounce =") {
+            format!("delete_debounce = \"{delete_window}\"")
+        } else if trimmed.starts_with("claim_lease =") {
+            "claim_lease = \"10s\"".to_owned()
+        } else if trimmed.starts_with("fallback_poll =") {
+            "fallback_poll = \"1s\"".to_owned()
+        } else if trimmed.starts_with("drain_timeout =") {
+            "drain_timeout = \"20s\"".to_owned()
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    TempConfig::new(&out)
+}
+
+/// A `kbsync run` process; killed when dropped. Its stderr goes to a log file.
+pub struct DaemonProcess {
+    child: Child,
+    log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl DaemonProcess {
+    pub fn start(config: &Path, database_url: &str) -> Self {
+        let log_dir = tempfile::tempdir().expect("a directory for the daemon log");
+        let log = log_dir.path().join("kbsync.log");
+        let stderr = std::fs::File::create(&log).expect("daemon log file");
+        let child = Command::new(kbsync_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("KBSYNC_DATABASE_URL")
+            .env("DATABASE_URL", database_url)
+            .env("OPENAI_API_KEY", TEST_API_KEY)
+            .env("RUST_LOG", "info,kbsync_listener=debug")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting kbsync run");
+        Self {
+            child,
+            log,
+            _log_dir: log_dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit (at most `within`); returns the exit status.
+    /// Async so that servers on the test's runtime keep answering meanwhile.
+    pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kbsync did not exit within {within:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll `check` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,243 @@
+//! A local HTTP server that speaks the OpenAI embeddings API, for tests and
+//! benchmarks: deterministic vectors, counters of what it received, injectable
+//! latency and faults. It stands in for the paid API only; PostgreSQL is always real.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+
+/// What the next request gets instead of a normal answer.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// An HTTP error, with optional extra headers (e.g. `retry-after`).
+    Status(u16, Vec<(&'static str, String)>),
+    /// A 200 whose body is not JSON.
+    Malformed,
+    /// One vector fewer than inputs.
+    WrongCount,
+    /// Vectors of the wrong dimension.
+    WrongDimension,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<Vec<String>>,
+    authorizations: Vec<String>,
+    faults: VecDeque<Fault>,
+    poison: Vec<String>,
+    latency: Duration,
+    base64: bool,
+}
+
+#[derive(Clone)]
+struct Shared {
+    dims: usize,
+    inner: Arc<Mutex<Inner>>,
+}
+
+pub struct FakeOpenAi {
+    addr: SocketAddr,
+    shared: Shared,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeOpenAi {
+    pub async fn start(dims: usize) -> Self {
+        let shared = Shared {
+            dims,
+            inner: Arc::new(Mutex::new(Inner::default())),
+        };
+        let app = Router::new()
+            .route("/v1/embeddings", post(embeddings))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake OpenAI server");
+        let addr = listener.local_addr().expect("local address");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            shared,
+            _server: server,
+        }
+    }
+
+    /// Base URL to put in `embedding.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared.inner.lock().expect("fake server state")
+    }
+
+    /// Queue faults for the next requests, in order.
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.inner().faults.extend(faults);
+    }
+
+    /// Inputs containing `marker` are refused with a 400.
+    pub fn poison(&self, marker: &str) {
+        self.inner().poison.push(marker.to_owned());
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        self.inner().latency = latency;
+    }
+
+    /// Answer with base64-encoded vectors whatever the request asked.
+    pub fn answer_base64(&self, on: bool) {
+        self.inner().base64 = on;
+    }
+
+    /// Every request's inputs, in arrival order (including refused ones).
+    pub fn requests(&self) -> Vec<Vec<String>> {
+        self.inner().requests.clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.inner().requests.len()
+    }
+
+    /// Inputs of requests that were answered with vectors.
+    pub fn inputs_total(&self) -> usize {
+        self.inner().requests.iter().map(Vec::len).sum()
+    }
+
+    pub fn authorizations(&self) -> Vec<String> {
+        self.inner().authorizations.clone()
+    }
+
+    /// The vector this server gives for `text`.
+    pub fn vector_for(&self, text: &str) -> Vec<f32> {
+        deterministic_vector(text, self.shared.dims)
+    }
+}
+
+/// A unit vector derived from the text's SHA-256, so equal texts get equal vectors.
+pub fn deterministic_vector(text: &str, dims: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(dims);
+    let mut counter = 0u32;
+    while out.len() < dims {
+        let digest = Sha256::new()
+            .chain_update(text.as_bytes())
+            .chain_update(counter.to_le_bytes())
+            .finalize();
+        for pair in digest.chunks_exact(2) {
+            if out.len() == dims {
+                break;
+            }
+            let x = u16::from_le_bytes([pair[0], pair[1]]) as f32 / u16::MAX as f32;
+            out.push(x * 2.0 - 1.0);
+        }
+        counter += 1;
+    }
+    let norm = out
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    out.iter().map(|x| x / norm).collect()
+}
+
+fn error(status: u16, message: &str, headers: &[(&'static str, String)]) -> Response {
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(serde_json::json!({"error": {"message": message, "type": "test"}})),
+    )
+        .into_response();
+    for (name, value) in headers {
+        if let Ok(v) = value.parse() {
+            response.headers_mut().insert(*name, v);
+        }
+    }
+    response
+}
+
+async fn embeddings(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let inputs: Vec<String> = match &body["input"] {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().unwrap_or_default().to_owned())
+            .collect(),
+        _ => return error(400, "'input' must be a string or an array of strings", &[]),
+    };
+    let (fault, latency, poisoned, base64) = {
+        let mut inner = shared.inner.lock().expect("fake server state");
+        inner.requests.push(inputs.clone());
+        if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            inner.authorizations.push(auth.to_owned());
+        }
+        let poisoned = inputs
+            .iter()
+            .any(|i| inner.poison.iter().any(|p| i.contains(p.as_str())));
+        (
+            inner.faults.pop_front(),
+            inner.latency,
+            poisoned,
+            inner.base64,
+        )
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if inputs.iter().any(|i| i.is_empty()) {
+        return error(400, "'$.input' is invalid: empty string", &[]);
+    }
+    let mut dims = shared.dims;
+    let mut count = inputs.len();
+    match fault {
+        Some(Fault::Status(status, extra)) => return error(status, "injected fault", &extra),
+        Some(Fault::Malformed) => return (StatusCode::OK, "{\"data\": [tru").into_response(),
+        Some(Fault::WrongCount) => count = count.saturating_sub(1),
+        Some(Fault::WrongDimension) => dims += 1,
+        None => {}
+    }
+    if poisoned {
+        return error(
+            400,
+            "This input was rejected by the test server's poison rule",
+            &[],
+        );
+    }
+    let want_base64 = base64 || body["encoding_format"].as_str() == Some("base64");
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .take(count)
+        .enumerate()
+        .map(|(index, text)| {
+            let v = deterministic_vector(text, dims);
+            let embedding = if want_base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                serde_json::json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(v)
+            };
+            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Json(serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": 0, "total_tokens": 0}
+    }))
+    .into_response()
+}

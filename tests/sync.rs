@@ -1,0 +1,521 @@
+//! `kbsync run` end to end: real PostgreSQL, the real binary, an OpenAI-compatible
+//! test server. Each test waits with deadlines for the state it expects.
+
+#![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kbsync_testkit::{
+    DaemonProcess, FakeOpenAi, Fault, TEST_API_KEY, TestDb, sync_config, wait_for,
+};
+use tokio_postgres::Client;
+
+const DIMS: usize = 8;
+const CONVERGE: Duration = Duration::from_secs(60);
+
+type ChunkSet = BTreeSet<(String, String, String, String)>;
+
+/// What tenant_knowledge must hold, computed from the source tables with plain SQL
+/// (the demo texts are short: one chunk per row).
+async fn expected(client: &Client) -> ChunkSet {
+    let sql = r"
+        SELECT 'faq', q.id::text, p.user_id::text, btrim('Question: ' || q.question || E'\nAnswer: ' || q.answer, E' \n\t')
+          FROM web_knowledge_qapair q JOIN web_knowledge_websitepage p ON p.id = q.page_id
+         WHERE q.generation_status = 'completed'
+        UNION ALL
+        SELECT 'product', id::text, user_id::text,
+               btrim(name || E'\n' || description || E'\nCategory: ' || category || E'\nPrice: ' || coalesce(price::text, '') || ' ' || currency, E' \n\t')
+          FROM web_knowledge_product
+        UNION ALL
+        SELECT 'page', id::text, user_id::text, btrim(title || E'\n\n' || content, E' \n\t')
+          FROM web_knowledge_websitepage WHERE crawl_status = 'completed'
+        UNION ALL
+        SELECT 'manual', user_id::text, user_id::text, btrim(manual_prompt, E' \n\t')
+          FROM ai_model_aiprompts";
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .filter(|(_, _, _, content): &(String, String, String, String)| !content.is_empty())
+        .collect()
+}
+
+/// tenant_knowledge as (source, key, tenant, content); panics on anything a correct
+/// sync never leaves: a second chunk of a short text, a NULL embedding, a wrong model.
+async fn actual(client: &Client) -> ChunkSet {
+    let bad: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tenant_knowledge
+              WHERE chunk_index <> 0 OR embedding IS NULL OR embedding_model IS DISTINCT FROM 'test-embedding'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        bad, 0,
+        "chunks with a NULL embedding, wrong model or unexpected index"
+    );
+    client
+        .query(
+            "SELECT source, source_key, tenant_id, content FROM tenant_knowledge",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+async fn outbox_len(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM kbsync.outbox", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Wait until the outbox is drained and the knowledge table is exactly as expected.
+async fn converged(client: &Client, daemon: &DaemonProcess) {
+    let mut last = (ChunkSet::new(), ChunkSet::new());
+    let done = tokio::time::timeout(CONVERGE, async {
+        loop {
+            if outbox_len(client).await == 0 {
+                let (want, got) = (expected(client).await, actual(client).await);
+                if want == got {
+                    return;
+                }
+                last = (want, got);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if done.is_err() {
+        let (want, got) = last;
+        let missing: Vec<_> = want.difference(&got).take(5).collect();
+        let extra: Vec<_> = got.difference(&want).take(5).collect();
+        panic!(
+            "not converged after {CONVERGE:?}; outbox {}; missing {missing:?}; extra {extra:?}\ndaemon log:\n{}",
+            outbox_len(client).await,
+            daemon.log()
+        );
+    }
+}
+
+struct Setup {
+    db: TestDb,
+    client: Client,
+    server: FakeOpenAi,
+    config: kbsync_testkit::TempConfig,
+}
+
+async fn setup(window: &str) -> Setup {
+    let server = FakeOpenAi::start(DIMS).await;
+    let config = sync_config(&server.base_url(), DIMS, window, "100ms");
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync_with_config(config.path(), &["install"])
+        .assert_success();
+    let client = db.client().await;
+    Setup {
+        db,
+        client,
+        server,
+        config,
+    }
+}
+
+impl Setup {
+    fn daemon(&self) -> DaemonProcess {
+        DaemonProcess::start(self.config.path(), self.db.url())
+    }
+
+    fn seed(&self) {
+        self.db
+            .kbsync_with_config(self.config.path(), &["demo", "data"])
+            .assert_success();
+    }
+
+    /// Inputs the server received whose text contains `needle`.
+    fn inputs_containing(&self, needle: &str) -> usize {
+        self.server
+            .requests()
+            .iter()
+            .flatten()
+            .filter(|i| i.contains(needle))
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn every_source_syncs_inserts_updates_and_all_kinds_of_deletes() {
+    let s = setup("100ms").await;
+    let daemon = s.daemon();
+    s.seed();
+    converged(&s.client, &daemon).await;
+    let counts: Vec<(String, i64)> = s
+        .client
+        .query(
+            "SELECT source, count(*) FROM tenant_knowledge GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            ("faq".into(), 63),
+            ("manual".into(), 3),
+            ("page".into(), 18),
+            ("product".into(), 120)
+        ]
+    );
+    // The stored vector is the provider's vector for exactly that content.
+    let row = s
+        .client
+        .query_one("SELECT content, embedding::text FROM tenant_knowledge WHERE source = 'manual' AND source_key = '2'", &[])
+        .await
+        .unwrap();
+    let content: String = row.get(0);
+    let stored: String = row.get(1);
+    let want = s.server.vector_for(&content);
+    let stored: Vec<f32> = stored
+        .trim_matches(['[', ']'])
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(
+        stored.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6),
+        "{stored:?} vs {want:?}"
+    );
+    let metadata: serde_json::Value = s
+        .client
+        .query_one(
+            "SELECT metadata FROM tenant_knowledge WHERE source = 'page' AND source_key = md5('page-1-shipping')::uuid::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        metadata["url"],
+        "https://alpine-outfitters.example/shipping"
+    );
+
+    s.client
+        .batch_execute(
+            "UPDATE web_knowledge_qapair SET answer = 'Delivery takes 2 days now.' WHERE id = md5('qa-1-shipping-1')::uuid;
+             UPDATE web_knowledge_product SET name = 'Renamed tent' WHERE id = md5('product-1-two-person tent-1')::uuid;
+             UPDATE ai_model_aiprompts SET manual_prompt = 'Be brief.' WHERE user_id = 1;
+             UPDATE web_knowledge_websitepage SET content = 'New opening hours: 8 to 8.' WHERE id = md5('page-3-visit-us')::uuid;
+             UPDATE web_knowledge_qapair SET generation_status = 'failed' WHERE id = md5('qa-2-payment-1')::uuid;
+             UPDATE web_knowledge_websitepage SET crawl_status = 'completed', content = 'We are a small team.' WHERE id = md5('page-1-about')::uuid;
+             DELETE FROM web_knowledge_product WHERE id = md5('product-2-baguette-1')::uuid;
+             DELETE FROM web_knowledge_websitepage WHERE id = md5('page-2-returns')::uuid;",
+        )
+        .await
+        .unwrap();
+    converged(&s.client, &daemon).await;
+    s.client
+        .batch_execute("TRUNCATE ai_model_aiprompts")
+        .await
+        .unwrap();
+    converged(&s.client, &daemon).await;
+    let manual: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM tenant_knowledge WHERE source = 'manual'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(manual, 0, "TRUNCATE removes the source's chunks");
+    assert!(
+        !daemon.log().contains(TEST_API_KEY),
+        "the API key leaked into the log"
+    );
+}
+
+#[tokio::test]
+async fn ten_edits_in_a_window_are_one_pass_and_unrelated_updates_cost_nothing() {
+    let s = setup("1500ms").await;
+    let daemon = s.daemon();
+    s.seed();
+    converged(&s.client, &daemon).await;
+    let before = s.server.inputs_total();
+    for i in 0..10 {
+        s.client
+            .execute(
+                "UPDATE web_knowledge_product SET description = $1 WHERE id = md5('product-1-headlamp-1')::uuid",
+                &[&format!("Edit number {i} of the headlamp.")],
+            )
+            .await
+            .unwrap();
+    }
+    converged(&s.client, &daemon).await;
+    assert_eq!(s.inputs_containing("Edit number 9 of the headlamp."), 1);
+    assert_eq!(
+        s.inputs_containing("Edit number"),
+        1,
+        "intermediate edits were embedded"
+    );
+    assert_eq!(s.server.inputs_total() - before, 1);
+
+    // 1,000 touches of columns that are not part of any text: no embedding input.
+    let before = s.server.inputs_total();
+    for _ in 0..10 {
+        s.client
+            .batch_execute("UPDATE web_knowledge_product SET updated_at = now(); UPDATE web_knowledge_qapair SET updated_at = now()")
+            .await
+            .unwrap();
+    }
+    assert_eq!(outbox_len(&s.client).await, 0, "touches reached the outbox");
+    converged(&s.client, &daemon).await;
+    assert_eq!(s.server.inputs_total(), before);
+}
+
+#[tokio::test]
+async fn editing_one_paragraph_of_a_long_page_re_embeds_only_that_paragraph() {
+    let s = setup("100ms").await;
+    let daemon = s.daemon();
+    // Paragraphs of ~400 tokens each: with 512-token chunks, one chunk per paragraph.
+    let paragraph = |n: usize, word: &str| {
+        (0..80)
+            .map(|i| format!("{word}{n}x{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let content: Vec<String> = (0..6).map(|n| paragraph(n, "alpha")).collect();
+    s.client
+        .execute(
+            "INSERT INTO accounts_user VALUES (5, 'long', 'Long Co', 'long.example');
+             ",
+            &[],
+        )
+        .await
+        .unwrap();
+    s.client
+        .execute(
+            "INSERT INTO web_knowledge_websitepage (id, user_id, url, title, content, crawl_status)
+             VALUES (md5('long')::uuid, 5, 'https://long.example/', 'Long', $1, 'completed')",
+            &[&content.join("\n\n")],
+        )
+        .await
+        .unwrap();
+    let chunks = wait_for(CONVERGE, "the long page's chunks", || async {
+        let n: i64 = s
+            .client
+            .query_one(
+                "SELECT count(*) FROM tenant_knowledge WHERE source = 'page'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0 && outbox_len(&s.client).await == 0).then_some(n)
+    })
+    .await;
+    assert!(
+        chunks >= 6,
+        "expected at least one chunk per paragraph, got {chunks}"
+    );
+    let before = s.server.inputs_total();
+    let mut edited = content.clone();
+    edited[3] = paragraph(3, "beta");
+    s.client
+        .execute(
+            "UPDATE web_knowledge_websitepage SET content = $1 WHERE id = md5('long')::uuid",
+            &[&edited.join("\n\n")],
+        )
+        .await
+        .unwrap();
+    wait_for(CONVERGE, "the edit to be written", || async {
+        let n: i64 = s
+            .client
+            .query_one(
+                "SELECT count(*) FROM tenant_knowledge WHERE content LIKE '%beta3x0%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0 && outbox_len(&s.client).await == 0).then_some(())
+    })
+    .await;
+    let new_inputs: Vec<String> = s
+        .server
+        .requests()
+        .into_iter()
+        .flatten()
+        .skip(before)
+        .collect();
+    assert_eq!(
+        new_inputs.len(),
+        1,
+        "only the edited paragraph's chunk: {} inputs",
+        new_inputs.len()
+    );
+    assert!(new_inputs[0].contains("beta3x0") && !new_inputs[0].contains("alpha2x"));
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn writes_made_while_the_daemon_is_stopped_are_all_processed_once() {
+    let s = setup("100ms").await;
+    s.seed();
+    s.client
+        .batch_execute(
+            "INSERT INTO web_knowledge_product (id, user_id, name, description)
+             SELECT md5('offline-' || i)::uuid, 1 + i % 3, 'Offline item ' || i, 'Added while kbsync was down'
+               FROM generate_series(1, 1000) i",
+        )
+        .await
+        .unwrap();
+    let daemon = s.daemon();
+    converged(&s.client, &daemon).await;
+    // Every distinct text embedded exactly once.
+    let inputs: Vec<String> = s.server.requests().into_iter().flatten().collect();
+    let distinct: BTreeSet<&String> = inputs.iter().collect();
+    assert_eq!(inputs.len(), distinct.len(), "some text was embedded twice");
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_batch_converges_after_restart() {
+    let s = setup("100ms").await;
+    s.server.set_latency(Duration::from_millis(700));
+    let mut daemon = s.daemon();
+    s.seed();
+    wait_for(CONVERGE, "the first embedding request", || async {
+        (s.server.request_count() > 0).then_some(())
+    })
+    .await;
+    daemon.kill();
+    s.server.set_latency(Duration::ZERO);
+    let daemon = s.daemon();
+    converged(&s.client, &daemon).await;
+}
+
+#[tokio::test]
+async fn a_rate_limit_with_retry_after_is_honoured_and_a_poisoned_input_is_dead_lettered() {
+    let s = setup("100ms").await;
+    s.server.push_faults([
+        Fault::Status(429, vec![("retry-after", "1".to_owned())]),
+        Fault::Status(500, vec![]),
+    ]);
+    s.server.poison("POISON");
+    let daemon = s.daemon();
+    s.seed();
+    s.client
+        .batch_execute(
+            "UPDATE web_knowledge_product SET description = 'POISON pill' WHERE id = md5('product-3-U-lock-2')::uuid",
+        )
+        .await
+        .unwrap();
+    let dead = wait_for(
+        CONVERGE,
+        "the poisoned key in the dead-letter table",
+        || async {
+            let rows = s
+                .client
+                .query(
+                    "SELECT source, source_key, error FROM kbsync.dead_letters",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (!rows.is_empty() && outbox_len(&s.client).await == 0).then(|| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r.get::<_, String>(0),
+                            r.get::<_, String>(1),
+                            r.get::<_, String>(2),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        },
+    )
+    .await;
+    let poisoned_key: String = s
+        .client
+        .query_one("SELECT md5('product-3-U-lock-2')::uuid::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].0.as_str(), dead[0].1.as_str()),
+        ("product", poisoned_key.as_str())
+    );
+    assert!(dead[0].2.contains("400"), "{}", dead[0].2);
+    // Every other product is written; the poisoned one keeps no chunk with the bad text.
+    let products: i64 = s
+        .client
+        .query_one("SELECT count(*) FROM tenant_knowledge WHERE source = 'product' AND content NOT LIKE '%POISON%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(products >= 119, "{products}");
+    assert!(
+        daemon.log().contains("retrying"),
+        "the 429 was not retried:\n{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn garbage_on_the_notify_channel_neither_crashes_nor_stalls_the_daemon() {
+    let s = setup("100ms").await;
+    let mut daemon = s.daemon();
+    s.seed();
+    converged(&s.client, &daemon).await;
+    let garbage = "\u{1F4A5}".repeat(1900);
+    for payload in ["", "not-a-source", "'; DROP TABLE x; --", garbage.as_str()] {
+        s.client
+            .execute("SELECT pg_notify('kbsync', $1)", &[&payload])
+            .await
+            .unwrap();
+    }
+    s.client
+        .batch_execute("UPDATE web_knowledge_product SET name = 'After the garbage' WHERE id = md5('product-1-headlamp-2')::uuid")
+        .await
+        .unwrap();
+    converged(&s.client, &daemon).await;
+    assert!(
+        daemon.exited().is_none(),
+        "the daemon exited:\n{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_daemon_cleanly_and_loses_nothing() {
+    let s = setup("100ms").await;
+    s.server.set_latency(Duration::from_millis(300));
+    let mut daemon = s.daemon();
+    s.seed();
+    wait_for(CONVERGE, "a first request", || async {
+        (s.server.request_count() > 0).then_some(())
+    })
+    .await;
+    let status = daemon.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status}:\n{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("batch done"),
+        "the in-flight batch was not finished before exit:\n{log}"
+    );
+    assert!(!log.contains("drain timeout reached"), "{log}");
+    s.server.set_latency(Duration::ZERO);
+    let daemon = s.daemon();
+    converged(&s.client, &daemon).await;
+}
