@@ -52,6 +52,17 @@ test:
       cargo test --workspace --no-fail-fast
     fi
 
+# Benchmarks against a real PostgreSQL; prints a table and writes BENCHMARKS.md.
+bench:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${DATABASE_URL:-}" ]; then
+      if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
+      export DATABASE_URL=$(scripts/pg.sh start)
+    fi
+    cargo build -p kbsync -p kbsync-bench
+    target/debug/kbsync-bench
+
 # Apply formatting and clippy's fixes.
 fmt:
     cargo fmt --all

@@ -519,3 +519,84 @@ async fn sigterm_stops_the_daemon_cleanly_and_loses_nothing() {
     let daemon = s.daemon();
     converged(&s.client, &daemon).await;
 }
+
+#[tokio::test]
+async fn two_daemons_share_2000_mixed_writes_without_duplicate_work() {
+    let s = setup("100ms").await;
+    s.seed();
+    let first = s.daemon();
+    let second = s.daemon();
+    converged(&s.client, &first).await;
+    for i in 0..2000u32 {
+        let n = i / 4;
+        let sql = match i % 4 {
+            0 => "INSERT INTO web_knowledge_product (id, user_id, name, description)
+                  VALUES (md5('race-' || $1::int)::uuid, 1 + $1::int % 3, 'Race item ' || $1::int, 'v0')",
+            1 => "UPDATE web_knowledge_product SET description = 'v1 of ' || $1::int WHERE id = md5('race-' || $1::int)::uuid",
+            2 => "UPDATE web_knowledge_qapair SET answer = 'Answer revision ' || $1::int
+                   WHERE id = (SELECT id FROM web_knowledge_qapair ORDER BY id OFFSET ($1::int % 60) LIMIT 1)",
+            _ => "DELETE FROM web_knowledge_product WHERE id = md5('race-' || ($1::int - 7))::uuid",
+        };
+        s.client.execute(sql, &[&(n as i32)]).await.unwrap();
+    }
+    converged(&s.client, &first).await;
+    // Every write has a unique text: a text embedded twice is work done twice.
+    let inputs: Vec<String> = s.server.requests().into_iter().flatten().collect();
+    let distinct: BTreeSet<&String> = inputs.iter().collect();
+    assert!(
+        inputs.len() as f64 <= 1.1 * distinct.len() as f64,
+        "{} inputs for {} distinct texts",
+        inputs.len(),
+        distinct.len()
+    );
+    let both_worked = first.log().contains("batch done") && second.log().contains("batch done");
+    assert!(
+        both_worked,
+        "one daemon did nothing:\n{}\n---\n{}",
+        first.log(),
+        second.log()
+    );
+}
+
+#[tokio::test]
+async fn the_daemon_reconnects_after_a_postgresql_restart_and_catches_up() {
+    let server = FakeOpenAi::start(DIMS).await;
+    let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
+    let cluster = kbsync_testkit::PrivateCluster::start();
+    let url = cluster.database_url("postgres");
+    let run = |args: &[&str]| {
+        kbsync_testkit::run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())])
+            .assert_success();
+    };
+    run(&["demo", "schema"]);
+    run(&["install"]);
+    run(&["demo", "data"]);
+    let daemon = DaemonProcess::start(config.path(), &url);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    converged(&client, &daemon).await;
+    drop(client);
+
+    cluster.stop();
+    cluster.restart();
+    // Written right after the restart, before the daemon's reconnect backoff ends.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "UPDATE web_knowledge_product SET name = 'Written after the restart' WHERE id = md5('product-1-headlamp-1')::uuid;
+             DELETE FROM web_knowledge_qapair WHERE id = md5('qa-2-warranty-1')::uuid;",
+        )
+        .await
+        .unwrap();
+    converged(&client, &daemon).await;
+    let log = daemon.log();
+    assert!(
+        log.matches("listening").count() >= 2,
+        "the listener did not reconnect:\n{log}"
+    );
+}

@@ -18,7 +18,10 @@ pub const ENV_DATABASE_URL_FALLBACK: &str = "DATABASE_URL";
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {file}: {error}")]
-    Read { file: PathBuf, error: std::io::Error },
+    Read {
+        file: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{file}: {field}: {problem}")]
     Invalid {
         file: PathBuf,

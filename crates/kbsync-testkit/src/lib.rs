@@ -2,7 +2,10 @@
 //! against it, and an OpenAI-compatible embeddings server. Tests need a real
 //! PostgreSQL with pgvector; `just test` starts one.
 
+mod cluster;
 mod daemon;
+
+pub use cluster::PrivateCluster;
 mod openai_server;
 
 pub use daemon::{DaemonProcess, TEST_API_KEY, sync_config, wait_for};
@@ -130,11 +133,11 @@ impl Drop for TestDb {
 /// Path of the built `kbsync` binary (built by `cargo test`/`nextest` for the workspace).
 pub fn kbsync_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/kbsync
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
+    // Tests live in target/<profile>/deps, binaries (the benchmarks) in target/<profile>.
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let bin = dir.join("kbsync");
     assert!(
         bin.exists(),

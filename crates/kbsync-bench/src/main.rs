@@ -1,0 +1,153 @@
+//! `just bench`: kbsync's benchmarks against a real PostgreSQL and the
+//! OpenAI-compatible test server (zero latency), printed as a table and written to
+//! BENCHMARKS.md with the machine and the command that reproduces them.
+//!
+//! sync latency: one commit at a time to a product's description, every debounce
+//! window set to 0, time from the commit's return until the new chunk is visible to
+//! another connection. Baseline, same run: the commit round trip of the same UPDATE.
+
+use std::time::{Duration, Instant};
+
+use kbsync_testkit::{DaemonProcess, FakeOpenAi, TestDb, sync_config};
+use tokio_postgres::NoTls;
+
+const WRITES: usize = 200;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let server = FakeOpenAi::start(8).await;
+    let config = sync_config(&server.base_url(), 8, "0s", "0s");
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync_with_config(config.path(), &["install"])
+        .assert_success();
+    db.kbsync_with_config(config.path(), &["demo", "data"])
+        .assert_success();
+    let daemon = DaemonProcess::start(config.path(), db.url());
+    let (writer, conn) = tokio_postgres::connect(db.url(), NoTls)
+        .await
+        .expect("writer");
+    tokio::spawn(conn);
+    let (reader, conn) = tokio_postgres::connect(db.url(), NoTls)
+        .await
+        .expect("reader");
+    tokio::spawn(conn);
+
+    // Let the demo backfill drain first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n: i64 = reader
+            .query_one("SELECT count(*) FROM kbsync.outbox", &[])
+            .await
+            .expect("outbox")
+            .get(0);
+        if n == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill did not drain:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let update = writer
+        .prepare("UPDATE web_knowledge_product SET description = $1 WHERE id = md5('product-1-headlamp-1')::uuid")
+        .await
+        .expect("prepare");
+    let probe = reader
+        .prepare("SELECT 1 FROM tenant_knowledge WHERE source = 'product' AND content LIKE '%' || $1 || '%'")
+        .await
+        .expect("prepare");
+    let mut latencies = Vec::with_capacity(WRITES);
+    let mut commits = Vec::with_capacity(WRITES);
+    for i in 0..WRITES {
+        let marker = format!("latency-probe-{i}");
+        let started = Instant::now();
+        writer
+            .execute(&update, &[&format!("Description {marker}.")])
+            .await
+            .expect("update");
+        let committed = Instant::now();
+        commits.push(committed - started);
+        let deadline = committed + Duration::from_secs(30);
+        loop {
+            if !reader
+                .query(&probe, &[&marker])
+                .await
+                .expect("probe")
+                .is_empty()
+            {
+                latencies.push(committed.elapsed());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "write {i} not visible after 30 s:\n{}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // About 100 commits/s at most.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    latencies.sort();
+    commits.sort();
+    let p50 = percentile(&latencies, 0.50);
+    let rows = [
+        ("commit → visible p50", ms(p50)),
+        ("commit → visible p95", ms(percentile(&latencies, 0.95))),
+        ("commit → visible p99", ms(percentile(&latencies, 0.99))),
+        (
+            "baseline: commit round trip p50",
+            ms(percentile(&commits, 0.50)),
+        ),
+        (
+            "ratio p50 latency / commit round trip",
+            format!(
+                "{:.1}x",
+                p50.as_secs_f64() / percentile(&commits, 0.50).as_secs_f64()
+            ),
+        ),
+    ];
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+        })
+        .unwrap_or_default();
+    let version: String = reader
+        .query_one("SELECT version()", &[])
+        .await
+        .expect("version")
+        .get(0);
+    let mut table = String::from("| measure | value |\n| --- | --- |\n");
+    for (name, value) in &rows {
+        table.push_str(&format!("| {name} | {value} |\n"));
+    }
+    let report = format!(
+        "# kbsync benchmarks\n\nRun {date} with `just bench` on {cores} cores, {mem} kB memory; {version}.\n\n\
+         ## Sync latency\n\n{WRITES} sequential single-row commits (~100/s at most), debounce windows 0, an \
+         OpenAI-compatible test server answering at once; latency is from the commit's return to the new \
+         chunk being visible on another connection (polled every 1 ms). Debug build of kbsync (what `just test` builds).\n\n{table}",
+        date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+    );
+    println!("{report}");
+    let out = kbsync_testkit::repo_root().join("BENCHMARKS.md");
+    std::fs::write(&out, &report).expect("writing BENCHMARKS.md");
+    eprintln!("written to {}", out.display());
+}

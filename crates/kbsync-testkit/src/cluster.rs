@@ -1,0 +1,100 @@
+//! A private PostgreSQL cluster for tests that stop and restart the server, so the
+//! shared test server is never disturbed. Uses scripts/pg.sh with its own state dir
+//! and port, and the binaries the shared server uses.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::repo_root;
+
+pub struct PrivateCluster {
+    state: PathBuf,
+    port: u16,
+    pub url: String,
+}
+
+fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::process::Output {
+    let mut cmd = Command::new(repo_root().join("scripts/pg.sh"));
+    cmd.arg(action)
+        .env("KBSYNC_STATE_DIR", state)
+        .env("KBSYNC_PG_PORT", port.to_string());
+    if let Some(bin) = bin {
+        cmd.env("KBSYNC_PG_BIN", bin);
+    }
+    cmd.output().expect("running scripts/pg.sh")
+}
+
+impl PrivateCluster {
+    pub fn start() -> Self {
+        let bindir = Command::new(repo_root().join("scripts/pg.sh"))
+            .arg("bindir")
+            .output()
+            .expect("scripts/pg.sh bindir");
+        assert!(
+            bindir.status.success(),
+            "scripts/pg.sh bindir failed: {}",
+            String::from_utf8_lossy(&bindir.stderr)
+        );
+        let bindir = String::from_utf8_lossy(&bindir.stdout).trim().to_owned();
+        // Under the repo's .kbsync (world-traversable), so that the unprivileged
+        // server user can reach it when the tests run as root.
+        let state = repo_root()
+            .join(".kbsync/test-clusters")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        std::fs::create_dir_all(&state).expect("cluster state dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let out = pg_sh(&state, port, Some(&bindir), "start");
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&state);
+            panic!(
+                "private cluster did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Self { state, port, url }
+    }
+
+    fn bindir(&self) -> String {
+        let out = Command::new(repo_root().join("scripts/pg.sh"))
+            .arg("bindir")
+            .output()
+            .expect("pg.sh bindir");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn stop(&self) {
+        let out = pg_sh(&self.state, self.port, Some(&self.bindir()), "stop");
+        assert!(
+            out.status.success(),
+            "stopping the private cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn restart(&self) {
+        let out = pg_sh(&self.state, self.port, Some(&self.bindir()), "start");
+        assert!(
+            out.status.success(),
+            "restarting the private cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// URL of database `name` on this cluster.
+    pub fn database_url(&self, name: &str) -> String {
+        let mut url = url::Url::parse(&self.url).expect("cluster URL");
+        url.set_path(&format!("/{name}"));
+        url.to_string()
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = pg_sh(&self.state, self.port, Some(&self.bindir()), "stop");
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

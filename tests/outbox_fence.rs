@@ -1,0 +1,149 @@
+//! The claim fence: a worker whose lease ran out and whose entry was claimed again
+//! by another worker can no longer write or acknowledge it.
+
+#![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
+
+use std::time::Duration;
+
+use kbsync_core::config::Config;
+use kbsync_core::outbox::{self, Scope};
+use kbsync_testkit::{TestDb, shipped_config, wait_for};
+
+#[tokio::test]
+async fn a_slower_worker_cannot_write_over_a_newer_claim() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO accounts_user VALUES (1, 'a', 'A', 'a.example');
+             INSERT INTO ai_model_aiprompts (user_id, manual_prompt) VALUES (1, 'Hello');",
+        )
+        .await
+        .unwrap();
+    let config = Config::load(&shipped_config()).unwrap();
+    let mut source = config
+        .sources()
+        .into_iter()
+        .find(|s| s.name == "manual")
+        .unwrap();
+    source.debounce = Duration::ZERO;
+    let slow = uuid::Uuid::new_v4();
+    let fast = uuid::Uuid::new_v4();
+    let claimed = outbox::claim(&client, &source, slow, Duration::from_millis(100), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        outbox::claim(&client, &source, fast, Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a live claim was taken"
+    );
+    // Once the slow worker's lease has run out, another worker takes the entry.
+    let taken = wait_for(Duration::from_secs(10), "the lease to run out", || async {
+        let c = outbox::claim(&client, &source, fast, Duration::from_secs(60), 10)
+            .await
+            .unwrap();
+        (!c.is_empty()).then_some(c)
+    })
+    .await;
+    let keys = vec!["1".to_owned()];
+    assert!(
+        outbox::fence(&client, "manual", slow, Scope::Row, &keys)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        outbox::fence(&client, "manual", fast, Scope::Row, &keys)
+            .await
+            .unwrap(),
+        keys
+    );
+    // The slow worker's acknowledgement removes nothing; the fast one's does.
+    outbox::acknowledge(
+        &client,
+        "manual",
+        slow,
+        Scope::Row,
+        &[("1".into(), taken[0].version)],
+    )
+    .await
+    .unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM kbsync.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+    outbox::acknowledge(
+        &client,
+        "manual",
+        fast,
+        Scope::Row,
+        &[("1".into(), taken[0].version)],
+    )
+    .await
+    .unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM kbsync.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn an_entry_changed_during_processing_stays_for_another_pass() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO accounts_user VALUES (1, 'a', 'A', 'a.example');
+             INSERT INTO ai_model_aiprompts (user_id, manual_prompt) VALUES (1, 'Hello');",
+        )
+        .await
+        .unwrap();
+    let config = Config::load(&shipped_config()).unwrap();
+    let mut source = config
+        .sources()
+        .into_iter()
+        .find(|s| s.name == "manual")
+        .unwrap();
+    source.debounce = Duration::ZERO;
+    let token = uuid::Uuid::new_v4();
+    let claimed = outbox::claim(&client, &source, token, Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    // The application edits the row while the worker is embedding the old text.
+    client
+        .batch_execute(
+            "UPDATE ai_model_aiprompts SET manual_prompt = 'Hello again' WHERE user_id = 1",
+        )
+        .await
+        .unwrap();
+    outbox::acknowledge(
+        &client,
+        "manual",
+        token,
+        Scope::Row,
+        &[("1".into(), claimed[0].version)],
+    )
+    .await
+    .unwrap();
+    let row = client
+        .query_one(
+            "SELECT version, claim_token IS NULL FROM kbsync.outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert!(
+        row.get::<_, bool>(1),
+        "the newer change was not released for processing"
+    );
+}
