@@ -95,7 +95,9 @@ impl Daemon {
 
         let (wake_tx, wake_rx) = watch::channel(0u64);
         let (connected_tx, _connected_rx) = watch::channel(false);
-        let work_cancel = cancel.child_token();
+        // Not a child of `cancel`: the tasks are told to stop only after we have
+        // decided why we stop, so a task ending on shutdown is not taken for a failure.
+        let work_cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(listener::run(
             shared.url.clone(),
@@ -113,6 +115,7 @@ impl Daemon {
         }
 
         let failure = tokio::select! {
+            biased;
             _ = cancel.cancelled() => None,
             joined = tasks.join_next() => match joined {
                 Some(Err(e)) => Some(e.to_string()),
