@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
-use kbsync_core::config::Config;
+use kbsync_core::config::{Config, Source};
 use kbsync_core::outbox::{self, Scope};
 use kbsync_testkit::{TestDb, shipped_config, wait_for};
 
-#[tokio::test]
-async fn a_slower_worker_cannot_write_over_a_newer_claim() {
+/// A database with one AIPrompts row captured in the outbox, and the `manual`
+/// source with no debounce.
+async fn one_prompt() -> (TestDb, tokio_postgres::Client, Source) {
     let db = TestDb::create().await.with_demo_schema().await;
     db.kbsync(&["install"]).assert_success();
     let client = db.client().await;
@@ -28,6 +29,12 @@ async fn a_slower_worker_cannot_write_over_a_newer_claim() {
         .find(|s| s.name == "manual")
         .unwrap();
     source.debounce = Duration::ZERO;
+    (db, client, source)
+}
+
+#[tokio::test]
+async fn a_slower_worker_cannot_write_over_a_newer_claim() {
+    let (_db, client, source) = one_prompt().await;
     let slow = uuid::Uuid::new_v4();
     let fast = uuid::Uuid::new_v4();
     let claimed = outbox::claim(&client, &source, slow, Duration::from_millis(100), 10)
@@ -97,23 +104,7 @@ async fn a_slower_worker_cannot_write_over_a_newer_claim() {
 
 #[tokio::test]
 async fn an_entry_changed_during_processing_stays_for_another_pass() {
-    let db = TestDb::create().await.with_demo_schema().await;
-    db.kbsync(&["install"]).assert_success();
-    let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO accounts_user VALUES (1, 'a', 'A', 'a.example');
-             INSERT INTO ai_model_aiprompts (user_id, manual_prompt) VALUES (1, 'Hello');",
-        )
-        .await
-        .unwrap();
-    let config = Config::load(&shipped_config()).unwrap();
-    let mut source = config
-        .sources()
-        .into_iter()
-        .find(|s| s.name == "manual")
-        .unwrap();
-    source.debounce = Duration::ZERO;
+    let (_db, client, source) = one_prompt().await;
     let token = uuid::Uuid::new_v4();
     let claimed = outbox::claim(&client, &source, token, Duration::from_secs(60), 10)
         .await

@@ -594,9 +594,16 @@ async fn the_daemon_reconnects_after_a_postgresql_restart_and_catches_up() {
         .await
         .unwrap();
     converged(&client, &daemon).await;
-    let log = daemon.log();
-    assert!(
-        log.matches("listening").count() >= 2,
-        "the listener did not reconnect:\n{log}"
-    );
+    wait_for(CONVERGE, "the listener to reconnect", || async {
+        (daemon.log().matches("listening").count() >= 2).then_some(())
+    })
+    .await;
+    // A change after the reconnect arrives through the new LISTEN.
+    client
+        .batch_execute(
+            "UPDATE web_knowledge_product SET name = 'After the reconnect' WHERE id = md5('product-2-sesame bagel-1')::uuid",
+        )
+        .await
+        .unwrap();
+    converged(&client, &daemon).await;
 }

@@ -92,6 +92,16 @@ impl InstallPlan {
     }
 }
 
+async fn has_migrations_table(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT to_regclass('kbsync.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 fn checksum(text: &str) -> String {
     Sha256::digest(text.as_bytes())
         .iter()
@@ -120,13 +130,7 @@ async fn plan_migrations(
     client: &impl GenericClient,
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
-    let has_table: bool = client
-        .query_one(
-            "SELECT to_regclass('kbsync.schema_migrations') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let has_table = has_migrations_table(client).await?;
     let mut applied = Vec::new();
     if has_table {
         for row in client
@@ -438,13 +442,7 @@ pub async fn apply(
 /// Whether every migration this binary knows is applied (the daemon refuses to start
 /// otherwise: it never runs DDL itself).
 pub async fn schema_is_current(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
-    let has_table: bool = client
-        .query_one(
-            "SELECT to_regclass('kbsync.schema_migrations') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let has_table = has_migrations_table(client).await?;
     if !has_table {
         return Ok(false);
     }

@@ -66,22 +66,21 @@ impl PrivateCluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    pub fn stop(&self) {
-        let out = pg_sh(&self.state, self.port, Some(&self.bindir()), "stop");
+    fn control(&self, action: &str) {
+        let out = pg_sh(&self.state, self.port, Some(&self.bindir()), action);
         assert!(
             out.status.success(),
-            "stopping the private cluster: {}",
+            "{action} of the private cluster: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
 
+    pub fn stop(&self) {
+        self.control("stop");
+    }
+
     pub fn restart(&self) {
-        let out = pg_sh(&self.state, self.port, Some(&self.bindir()), "start");
-        assert!(
-            out.status.success(),
-            "restarting the private cluster: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.control("start");
     }
 
     /// URL of database `name` on this cluster.
