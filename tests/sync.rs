@@ -385,6 +385,65 @@ async fn writes_made_while_the_daemon_is_stopped_are_all_processed_once() {
     let inputs: Vec<String> = s.server.requests().into_iter().flatten().collect();
     let distinct: BTreeSet<&String> = inputs.iter().collect();
     assert_eq!(inputs.len(), distinct.len(), "some text was embedded twice");
+    // Batched across keys, never above the configured cap (64 in the test config).
+    let sizes: Vec<usize> = s.server.requests().iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|&n| n <= 64), "{sizes:?}");
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "inputs were not batched: {sizes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_row_edited_without_pause_is_still_processed_within_max_wait() {
+    let server = FakeOpenAi::start(DIMS).await;
+    let config =
+        kbsync_testkit::sync_config_with_max_wait(&server.base_url(), DIMS, "2s", "100ms", "3s");
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync_with_config(config.path(), &["install"])
+        .assert_success();
+    db.kbsync_with_config(config.path(), &["demo", "data"])
+        .assert_success();
+    let client = db.client().await;
+    let daemon = DaemonProcess::start(config.path(), db.url());
+    converged(&client, &daemon).await;
+    // An edit every 300 ms for 9 s: the 2 s window never closes, max_wait (3 s) must.
+    let mut seen_while_editing = false;
+    for i in 0..30 {
+        client
+            .execute(
+                "UPDATE web_knowledge_product SET description = $1 WHERE id = md5('product-1-headlamp-3')::uuid",
+                &[&format!("Busy edit {i}")],
+            )
+            .await
+            .unwrap();
+        let visible: i64 = client
+            .query_one(
+                "SELECT count(*) FROM tenant_knowledge WHERE content LIKE '%Busy edit%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        seen_while_editing |= visible > 0;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        seen_while_editing,
+        "no version was processed while edits went on:\n{}",
+        daemon.log()
+    );
+    converged(&client, &daemon).await;
+    let passes = server
+        .requests()
+        .iter()
+        .flatten()
+        .filter(|t| t.contains("Busy edit"))
+        .count();
+    assert!(
+        passes < 30 / 3,
+        "{passes} passes for 30 edits: windows did not coalesce"
+    );
 }
 
 #[tokio::test]

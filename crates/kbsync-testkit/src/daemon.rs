@@ -15,6 +15,17 @@ pub const TEST_API_KEY: &str = "sk-test-0123456789abcdef";
 /// set to `window` and the delete windows to `delete_window`, a short claim lease and
 /// fallback poll so crash tests converge quickly.
 pub fn sync_config(base_url: &str, dims: usize, window: &str, delete_window: &str) -> TempConfig {
+    sync_config_with_max_wait(base_url, dims, window, delete_window, "30s")
+}
+
+/// `sync_config` with every source's max_wait set too.
+pub fn sync_config_with_max_wait(
+    base_url: &str,
+    dims: usize,
+    window: &str,
+    delete_window: &str,
+    max_wait: &str,
+) -> TempConfig {
     let shipped = std::fs::read_to_string(shipped_config()).expect("reading kbsync.toml");
     let mut out = String::new();
     let mut skipping_embedding = false;
@@ -33,7 +44,7 @@ pub fn sync_config(base_url: &str, dims: usize, window: &str, delete_window: &st
             continue;
         }
         let line = if trimmed.starts_with("debounce =") {
-            format!("debounce = \"{window}\"\nmax_wait = \"30s\"")
+            format!("debounce = \"{window}\"\nmax_wait = \"{max_wait}\"")
         } else if trimmed.starts_with("delete_debounce =") {
             format!("delete_debounce = \"{delete_window}\"")
         } else if trimmed.starts_with("claim_lease =") {

@@ -8,7 +8,7 @@ mod daemon;
 pub use cluster::PrivateCluster;
 mod openai_server;
 
-pub use daemon::{DaemonProcess, TEST_API_KEY, sync_config, wait_for};
+pub use daemon::{DaemonProcess, TEST_API_KEY, sync_config, sync_config_with_max_wait, wait_for};
 
 pub use openai_server::{FakeOpenAi, Fault, deterministic_vector};
 
