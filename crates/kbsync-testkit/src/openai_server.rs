@@ -47,10 +47,12 @@ struct Shared {
 pub struct FakeOpenAi {
     addr: SocketAddr,
     shared: Shared,
-    _server: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl FakeOpenAi {
+    /// Start the server on a runtime of its own, so that a test blocking its own
+    /// thread (running the kbsync binary, say) never stalls the server.
     pub async fn start(dims: usize) -> Self {
         let shared = Shared {
             dims,
@@ -59,17 +61,31 @@ impl FakeOpenAi {
         let app = Router::new()
             .route("/v1/embeddings", post(embeddings))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the fake OpenAI server");
-        let addr = listener.local_addr().expect("local address");
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("the fake OpenAI server's runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind the fake OpenAI server");
+                let _ = addr_tx.send(listener.local_addr().expect("local address"));
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
         });
+        let addr = addr_rx.await.expect("the fake OpenAI server started");
         Self {
             addr,
             shared,
-            _server: server,
+            stop: Some(stop_tx),
         }
     }
 
@@ -122,6 +138,14 @@ impl FakeOpenAi {
     /// The vector this server gives for `text`.
     pub fn vector_for(&self, text: &str) -> Vec<f32> {
         deterministic_vector(text, self.shared.dims)
+    }
+}
+
+impl Drop for FakeOpenAi {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 

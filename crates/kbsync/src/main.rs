@@ -2,6 +2,7 @@
 
 mod config_cmd;
 mod demo_cmd;
+mod embed_cmd;
 mod install_cmd;
 mod run_cmd;
 
@@ -55,6 +56,11 @@ enum Command {
     },
     /// Run the daemon: capture changes from the outbox and keep tenant_knowledge in sync.
     Run,
+    /// Embed one text with the configured provider: dimension, norm, first values, latency.
+    Embed {
+        /// The text to embed.
+        text: String,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -110,6 +116,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             reset_embeddings,
         } => install_cmd::install(&load(&cli.config)?, dry_run, reset_embeddings).await,
         Command::Run => run_cmd::run(load(&cli.config)?).await,
+        Command::Embed { text } => embed_cmd::embed(&load(&cli.config)?, &text).await,
         Command::Demo { command } => {
             let config = load(&cli.config)?;
             match command {

@@ -56,7 +56,10 @@ enum RequestError {
         retry_after: Option<Duration>,
     },
     Transport(String),
+    /// Not JSON, or not the expected shape: a glitch worth retrying.
     Malformed(String),
+    /// Well-formed but wrong (vector count, order or dimension): retrying will not help.
+    Mismatch(String),
 }
 
 impl RequestError {
@@ -64,6 +67,7 @@ impl RequestError {
         match self {
             Self::Status { status, .. } => matches!(status, 408 | 409 | 429) || *status >= 500,
             Self::Transport(_) | Self::Malformed(_) => true,
+            Self::Mismatch(_) => false,
         }
     }
 
@@ -94,6 +98,7 @@ impl std::fmt::Display for RequestError {
             } => write!(f, "HTTP {status}: {message}"),
             Self::Transport(e) => write!(f, "{e}"),
             Self::Malformed(e) => write!(f, "malformed response: {e}"),
+            Self::Mismatch(e) => write!(f, "{e}"),
         }
     }
 }
@@ -262,6 +267,7 @@ impl OpenAiClient {
                         ),
                     });
                 }
+                Err(RequestError::Mismatch(e)) => return Err(EmbedError::Protocol(e)),
                 Err(e) => return Err(EmbedError::Unavailable(e.to_string())),
             }
         }
@@ -329,7 +335,7 @@ impl OpenAiClient {
         let parsed: EmbeddingResponse =
             serde_json::from_slice(&bytes).map_err(|e| RequestError::Malformed(e.to_string()))?;
         self.check(parsed, texts.len())
-            .map_err(RequestError::Malformed)
+            .map_err(RequestError::Mismatch)
     }
 
     /// Count, order and dimension of the vectors must match the request.
