@@ -42,6 +42,7 @@ test:
       if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
       export DATABASE_URL=$(scripts/pg.sh start)
     fi
+    scripts/model.sh >/dev/null
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo build --workspace

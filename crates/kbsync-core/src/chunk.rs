@@ -9,10 +9,12 @@ use tiktoken_rs::CoreBPE;
 use crate::config::Source;
 
 /// Counts tokens the way the embedding model does.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum TokenCounter {
     /// OpenAI's cl100k_base BPE (bundled with tiktoken-rs; no download).
     Cl100k(&'static CoreBPE),
+    /// The local model's own WordPiece tokenizer (no padding, no truncation).
+    WordPiece(std::sync::Arc<tokenizers::Tokenizer>),
 }
 
 impl TokenCounter {
@@ -23,7 +25,21 @@ impl TokenCounter {
     pub fn count(&self, text: &str) -> usize {
         match self {
             Self::Cl100k(bpe) => bpe.encode_ordinary(text).len(),
+            // An input the tokenizer cannot read counts as too long, never as short.
+            Self::WordPiece(tok) => tok
+                .encode(text, false)
+                .map(|e| e.len())
+                .unwrap_or(usize::MAX),
         }
+    }
+}
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cl100k(_) => "TokenCounter(cl100k_base)",
+            Self::WordPiece(_) => "TokenCounter(WordPiece)",
+        })
     }
 }
 
@@ -76,7 +92,7 @@ impl Chunker {
         model_limit: usize,
     ) -> Result<Self, ChunkError> {
         let config = ChunkConfig::new(source.chunk_tokens)
-            .with_sizer(counter)
+            .with_sizer(counter.clone())
             .with_overlap(source.chunk_overlap)
             .map_err(|e| ChunkError::Config(e.to_string()))?;
         Ok(Self {
@@ -105,8 +121,8 @@ impl Chunker {
             .collect()
     }
 
-    pub fn counter(&self) -> TokenCounter {
-        self.counter
+    pub fn counter(&self) -> &TokenCounter {
+        &self.counter
     }
 }
 

@@ -285,7 +285,14 @@ impl Config {
             file: path.to_owned(),
             error,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        // A relative model_dir is relative to the config file, not to the cwd.
+        if let (Some(dir), Some(base)) = (&config.embedding.model_dir, path.parent())
+            && dir.is_relative()
+        {
+            config.embedding.model_dir = Some(base.join(dir));
+        }
+        Ok(config)
     }
 
     /// Parse and validate config text; `path` is used in error messages.

@@ -1,12 +1,15 @@
 //! Embedding providers. `embed` takes the texts of many keys at once and returns an
 //! outcome per input, so that one input the provider rejects fails only its own key.
 
+pub mod local;
 pub mod openai;
+
+use std::sync::Arc;
 
 use thiserror::Error;
 
 use crate::chunk::TokenCounter;
-use crate::config::{Config, ProviderKind};
+use crate::config::{Config, LOCAL_MODEL_TOKEN_LIMIT, ProviderKind};
 
 /// An input's vector, or why the provider refused that input.
 pub type InputOutcome = Result<Vec<f32>, String>;
@@ -27,27 +30,38 @@ pub enum EmbedError {
 
 pub enum Provider {
     OpenAi(openai::OpenAiClient),
+    Local(Arc<local::LocalModel>),
 }
 
 impl Provider {
     pub fn from_config(config: &Config) -> Result<Self, EmbedError> {
         match config.embedding.provider {
             ProviderKind::Openai => Ok(Self::OpenAi(openai::OpenAiClient::from_config(config)?)),
-            ProviderKind::Local => Err(EmbedError::Config(
-                "provider \"local\" (all-MiniLM-L6-v2 with candle) is not built yet; use provider = \"openai\" with any OpenAI-compatible server".into(),
-            )),
+            ProviderKind::Local => {
+                let dir = config.embedding.model_dir.as_deref().ok_or_else(|| {
+                    EmbedError::Config(
+                        "embedding.model_dir is required for provider \"local\"".into(),
+                    )
+                })?;
+                Ok(Self::Local(Arc::new(local::LocalModel::load(
+                    dir,
+                    &config.embedding.model,
+                )?)))
+            }
         }
     }
 
     pub fn model(&self) -> &str {
         match self {
             Self::OpenAi(c) => c.model(),
+            Self::Local(m) => m.model(),
         }
     }
 
     pub fn token_counter(&self) -> TokenCounter {
         match self {
             Self::OpenAi(_) => TokenCounter::cl100k(),
+            Self::Local(m) => TokenCounter::WordPiece(m.counter()),
         }
     }
 
@@ -55,12 +69,21 @@ impl Provider {
     pub fn token_limit(&self) -> usize {
         match self {
             Self::OpenAi(c) => c.token_limit(),
+            Self::Local(_) => LOCAL_MODEL_TOKEN_LIMIT,
         }
     }
 
     pub async fn embed(&self, inputs: &[String]) -> Result<Vec<InputOutcome>, EmbedError> {
         match self {
             Self::OpenAi(c) => c.embed(inputs).await,
+            Self::Local(m) => {
+                // CPU-bound: keep it off the async workers.
+                let model = m.clone();
+                let inputs = inputs.to_vec();
+                tokio::task::spawn_blocking(move || model.embed_blocking(&inputs))
+                    .await
+                    .map_err(|e| EmbedError::Protocol(format!("local model task: {e}")))?
+            }
         }
     }
 }

@@ -41,12 +41,6 @@ pub struct OpenAiClient {
     permits: Arc<Semaphore>,
 }
 
-impl std::fmt::Debug for TokenCounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TokenCounter")
-    }
-}
-
 /// One request's failure, before retries are decided.
 #[derive(Debug)]
 enum RequestError {

@@ -1,0 +1,130 @@
+//! all-MiniLM-L6-v2 on the CPU with candle: WordPiece tokens (up to 256, as
+//! sentence-transformers reads them, not the 128 the shipped tokenizer.json pads and
+//! truncates to), BERT forward pass, mean pooling over real tokens only (the
+//! attention mask), L2 normalisation. Loaded from a directory; no network.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use super::{EmbedError, InputOutcome};
+
+/// Word pieces the model reads, special tokens included (sentence_bert_config.json).
+const MAX_SEQ_LEN: usize = 256;
+/// Inputs per forward pass.
+const BATCH: usize = 32;
+
+pub struct LocalModel {
+    model: BertModel,
+    /// Pads to the longest input of a batch, truncates at 256.
+    tokenizer: Tokenizer,
+    /// No padding, no truncation: for counting tokens while chunking.
+    counter: Arc<Tokenizer>,
+    model_name: String,
+    device: Device,
+}
+
+fn config_error(dir: &Path, what: impl std::fmt::Display) -> EmbedError {
+    EmbedError::Config(format!(
+        "cannot load the local model from {}: {what} (`just model` fetches it)",
+        dir.display()
+    ))
+}
+
+impl LocalModel {
+    pub fn load(dir: &Path, model_name: &str) -> Result<Self, EmbedError> {
+        let read = |file: &str| {
+            std::fs::read(dir.join(file)).map_err(|e| config_error(dir, format!("{file}: {e}")))
+        };
+        let config: BertConfig = serde_json::from_slice(&read("config.json")?)
+            .map_err(|e| config_error(dir, format!("config.json: {e}")))?;
+        let device = Device::Cpu;
+        let weights =
+            VarBuilder::from_buffered_safetensors(read("model.safetensors")?, DType::F32, &device)
+                .map_err(|e| config_error(dir, format!("model.safetensors: {e}")))?;
+        let model = BertModel::load(weights, &config)
+            .map_err(|e| config_error(dir, format!("weights: {e}")))?;
+        let base = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| config_error(dir, format!("tokenizer.json: {e}")))?;
+        let mut tokenizer = base.clone();
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..PaddingParams::default()
+        }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_SEQ_LEN,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
+        let mut counter = base;
+        counter.with_padding(None);
+        counter
+            .with_truncation(None)
+            .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            counter: Arc::new(counter),
+            model_name: model_name.to_owned(),
+            device,
+        })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model_name
+    }
+
+    pub fn counter(&self) -> Arc<Tokenizer> {
+        self.counter.clone()
+    }
+
+    /// Embed on the calling thread (CPU-bound: call from a blocking task).
+    pub fn embed_blocking(&self, inputs: &[String]) -> Result<Vec<InputOutcome>, EmbedError> {
+        let mut out = Vec::with_capacity(inputs.len());
+        for batch in inputs.chunks(BATCH) {
+            for v in self.forward(batch)? {
+                out.push(Ok(v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            EmbedError::Protocol(format!("local model {what}: {e}"))
+        };
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| failed("tokenizer", &e))?;
+        let ids: Vec<Tensor> = encodings
+            .iter()
+            .map(|e| Tensor::new(e.get_ids(), &self.device))
+            .collect::<Result<_, _>>()
+            .map_err(|e| failed("input", &e))?;
+        let masks: Vec<Tensor> = encodings
+            .iter()
+            .map(|e| Tensor::new(e.get_attention_mask(), &self.device))
+            .collect::<Result<_, _>>()
+            .map_err(|e| failed("input", &e))?;
+        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let ids = Tensor::stack(&ids, 0)?;
+            let mask = Tensor::stack(&masks, 0)?;
+            let types = ids.zeros_like()?;
+            let hidden = self.model.forward(&ids, &types, Some(&mask))?; // [b, s, 384]
+            // Mean over real tokens only: padding must not dilute the average.
+            let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, s, 1]
+            let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // [b, 384]
+            let counts = mask.sum(1)?; // [b, 1]
+            let mean = summed.broadcast_div(&counts)?;
+            let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
+            mean.broadcast_div(&norms)?.to_vec2::<f32>()
+        };
+        run().map_err(|e| failed("forward pass", &e))
+    }
+}
