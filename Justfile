@@ -61,6 +61,7 @@ bench:
       if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
       export DATABASE_URL=$(scripts/pg.sh start)
     fi
+    scripts/model.sh >/dev/null
     cargo build -p kbsync -p kbsync-bench
     target/debug/kbsync-bench
 

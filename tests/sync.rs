@@ -485,7 +485,7 @@ async fn a_rate_limit_with_retry_after_is_honoured_and_a_poisoned_input_is_dead_
             let rows = s
                 .client
                 .query(
-                    "SELECT source, source_key, error FROM kbsync.dead_letters",
+                    "SELECT source, source_key, error, attempts FROM kbsync.dead_letters",
                     &[],
                 )
                 .await
@@ -497,6 +497,7 @@ async fn a_rate_limit_with_retry_after_is_honoured_and_a_poisoned_input_is_dead_
                             r.get::<_, String>(0),
                             r.get::<_, String>(1),
                             r.get::<_, String>(2),
+                            r.get::<_, i32>(3),
                         )
                     })
                     .collect::<Vec<_>>()
@@ -516,6 +517,10 @@ async fn a_rate_limit_with_retry_after_is_honoured_and_a_poisoned_input_is_dead_
         ("product", poisoned_key.as_str())
     );
     assert!(dead[0].2.contains("400"), "{}", dead[0].2);
+    assert_eq!(
+        dead[0].3, 2,
+        "parked after max_attempts (2 in the test config)"
+    );
     // Every other product is written; the poisoned one keeps no chunk with the bad text.
     let products: i64 = s
         .client

@@ -22,6 +22,58 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Local model throughput: chunks/s for short (~20 words) and long (~200 words) chunks,
+/// in batches as the daemon sends them. Baseline, same run: tokenizing the same chunks.
+fn local_model_rows() -> Vec<(String, String)> {
+    use kbsync_core::chunk::TokenCounter;
+    use kbsync_core::embed::local::LocalModel;
+    let dir = kbsync_testkit::repo_root().join(".kbsync/models/all-MiniLM-L6-v2");
+    let model = LocalModel::load(&dir, "all-MiniLM-L6-v2")
+        .expect("the local model (`just model` fetches it)");
+    let counter = TokenCounter::WordPiece(model.counter());
+    let words = |n: usize, seed: usize| -> String {
+        const VOCAB: [&str; 12] = [
+            "delivery", "order", "returns", "warranty", "bike", "bread", "tent", "payment", "shop",
+            "open", "price", "days",
+        ];
+        (0..n)
+            .map(|i| VOCAB[(i * 7 + seed) % VOCAB.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut rows = Vec::new();
+    for (label, n_words, count) in [
+        ("short (~20 words)", 20, 256),
+        ("long (~200 words)", 200, 64),
+    ] {
+        let chunks: Vec<String> = (0..count).map(|i| words(n_words, i)).collect();
+        let started = Instant::now();
+        let tokens: usize = chunks.iter().map(|c| counter.count(c)).sum();
+        let tokenize = started.elapsed();
+        let started = Instant::now();
+        model.embed_blocking(&chunks).expect("embedding");
+        let embed = started.elapsed();
+        rows.push((
+            format!("local model, {label}: chunks/s"),
+            format!(
+                "{:.0} ({} chunks, {} tokens, {:.2} s)",
+                count as f64 / embed.as_secs_f64(),
+                count,
+                tokens,
+                embed.as_secs_f64()
+            ),
+        ));
+        rows.push((
+            format!("local model, {label}: embedding time / tokenizing time"),
+            format!(
+                "{:.0}x",
+                embed.as_secs_f64() / tokenize.as_secs_f64().max(1e-9)
+            ),
+        ));
+    }
+    rows
+}
+
 #[tokio::main]
 async fn main() {
     let server = FakeOpenAi::start(8).await;
@@ -139,11 +191,20 @@ async fn main() {
     for (name, value) in &rows {
         table.push_str(&format!("| {name} | {value} |\n"));
     }
+    let model_rows = tokio::task::spawn_blocking(local_model_rows)
+        .await
+        .expect("local model bench");
+    let mut model_table = String::from("| measure | value |\n| --- | --- |\n");
+    for (name, value) in &model_rows {
+        model_table.push_str(&format!("| {name} | {value} |\n"));
+    }
     let report = format!(
         "# kbsync benchmarks\n\nRun {date} with `just bench` on {cores} cores, {mem} kB memory; {version}.\n\n\
          ## Sync latency\n\n{WRITES} sequential single-row commits (~100/s at most), debounce windows 0, an \
          OpenAI-compatible test server answering at once; latency is from the commit's return to the new \
-         chunk being visible on another connection (polled every 1 ms). Debug build of kbsync (what `just test` builds).\n\n{table}",
+         chunk being visible on another connection (polled every 1 ms). Debug build of kbsync (what `just test` builds).\n\n{table}\n\
+         ## Local model (all-MiniLM-L6-v2, candle, CPU)\n\nBatches of 32 as the daemon sends them; dependencies \
+         built with opt-level 3.\n\n{model_table}",
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
     println!("{report}");

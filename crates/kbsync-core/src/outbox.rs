@@ -187,13 +187,13 @@ pub fn retry_delay(attempts: i32) -> Duration {
     Duration::from_secs(2u64.saturating_pow(exp + 1).min(300))
 }
 
-/// A key that failed. `permanent` failures (the provider rejects the input) are
-/// parked at once; others are retried with backoff until `max_attempts`.
+/// A key that failed (for now: the provider refused one of its chunks). It is
+/// retried with backoff and parked in the dead-letter table after `max_attempts`:
+/// a refusal may be the provider's passing fault as well as the input's.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub key: String,
     pub error: String,
-    pub permanent: bool,
 }
 
 /// Record failures of claimed row entries; returns how many were dead-lettered.
@@ -216,7 +216,7 @@ pub async fn record_failures(
             .await?;
         let Some(row) = row else { continue };
         let attempts: i32 = row.get(0);
-        if failure.permanent || attempts as u32 >= max_attempts {
+        if attempts as u32 >= max_attempts {
             client
                 .execute(
                     "INSERT INTO kbsync.dead_letters (source, source_key, error, attempts)

@@ -180,7 +180,6 @@ pub async fn process(
             failures.push(Failure {
                 key: key.clone(),
                 error,
-                permanent: true,
             });
             continue;
         }

@@ -13,7 +13,7 @@ pub const TEST_API_KEY: &str = "sk-test-0123456789abcdef";
 
 /// The shipped config pointed at an OpenAI-compatible server, every debounce window
 /// set to `window` and the delete windows to `delete_window`, a short claim lease and
-/// fallback poll so crash tests converge quickly.
+/// fallback poll so crash tests converge quickly, and 2 attempts before a key is parked.
 pub fn sync_config(base_url: &str, dims: usize, window: &str, delete_window: &str) -> TempConfig {
     sync_config_with_max_wait(base_url, dims, window, delete_window, "30s")
 }
@@ -51,6 +51,8 @@ pub fn sync_config_with_max_wait(
             "claim_lease = \"10s\"".to_owned()
         } else if trimmed.starts_with("fallback_poll =") {
             "fallback_poll = \"1s\"".to_owned()
+        } else if trimmed.starts_with("max_attempts =") {
+            "max_attempts = 2".to_owned()
         } else if trimmed.starts_with("drain_timeout =") {
             "drain_timeout = \"20s\"".to_owned()
         } else {
