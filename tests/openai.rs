@@ -225,3 +225,34 @@ async fn requests_stay_within_the_input_and_token_caps() {
     }
     assert_eq!(requests.iter().map(Vec::len).sum::<usize>(), 60);
 }
+
+#[tokio::test]
+async fn a_used_up_rate_limit_pauses_the_next_request_without_a_429() {
+    let server = FakeOpenAi::start(DIMS).await;
+    let (p, _k) = provider(&server, "");
+    server.push_success_headers(vec![
+        ("x-ratelimit-remaining-requests", "0".to_owned()),
+        ("x-ratelimit-reset-requests", "1500ms".to_owned()),
+    ]);
+    assert!(p.embed(&texts(1)).await.unwrap()[0].is_ok());
+    let started = Instant::now();
+    assert!(p.embed(&texts(1)).await.unwrap()[0].is_ok());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server.request_count(),
+        2,
+        "the pause should have avoided any 429 retry"
+    );
+    // Budget left: no pause.
+    let started = Instant::now();
+    assert!(p.embed(&texts(1)).await.unwrap()[0].is_ok());
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -671,3 +671,32 @@ async fn the_daemon_reconnects_after_a_postgresql_restart_and_catches_up() {
         .unwrap();
     converged(&client, &daemon).await;
 }
+
+#[tokio::test]
+async fn vectors_of_the_wrong_dimension_are_never_written() {
+    let s = setup("100ms").await;
+    s.server
+        .push_faults((0..1000).map(|_| Fault::WrongDimension));
+    let daemon = s.daemon();
+    s.seed();
+    wait_for(CONVERGE, "the provider error in the log", || async {
+        daemon.log().contains("dimensions").then_some(())
+    })
+    .await;
+    let written: i64 = s
+        .client
+        .query_one("SELECT count(*) FROM tenant_knowledge", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        written, 0,
+        "chunks were written from wrong-dimension vectors"
+    );
+    assert!(
+        outbox_len(&s.client).await > 0,
+        "changes were dropped instead of kept for a retry"
+    );
+    s.server.clear_faults();
+    converged(&s.client, &daemon).await;
+}

@@ -36,6 +36,7 @@ struct Inner {
     poison: Vec<String>,
     latency: Duration,
     base64: bool,
+    success_headers: VecDeque<Vec<(&'static str, String)>>,
 }
 
 #[derive(Clone)]
@@ -101,6 +102,16 @@ impl FakeOpenAi {
     /// Queue faults for the next requests, in order.
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         self.inner().faults.extend(faults);
+    }
+
+    /// Drop every queued fault.
+    pub fn clear_faults(&self) {
+        self.inner().faults.clear();
+    }
+
+    /// Extra headers on the next successful answers, in order (e.g. `x-ratelimit-*`).
+    pub fn push_success_headers(&self, headers: Vec<(&'static str, String)>) {
+        self.inner().success_headers.push_back(headers);
     }
 
     /// Inputs containing `marker` are refused with a 400.
@@ -203,7 +214,7 @@ async fn embeddings(
             .collect(),
         _ => return error(400, "'input' must be a string or an array of strings", &[]),
     };
-    let (fault, latency, poisoned, base64) = {
+    let (fault, latency, poisoned, base64, extra_headers) = {
         let mut inner = shared.inner.lock().expect("fake server state");
         inner.requests.push(inputs.clone());
         if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
@@ -212,11 +223,18 @@ async fn embeddings(
         let poisoned = inputs
             .iter()
             .any(|i| inner.poison.iter().any(|p| i.contains(p.as_str())));
+        let fault = inner.faults.pop_front();
+        let extra = if fault.is_none() && !poisoned {
+            inner.success_headers.pop_front()
+        } else {
+            None
+        };
         (
-            inner.faults.pop_front(),
+            fault,
             inner.latency,
             poisoned,
             inner.base64,
+            extra.unwrap_or_default(),
         )
     };
     if !latency.is_zero() {
@@ -257,11 +275,17 @@ async fn embeddings(
             serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    Json(serde_json::json!({
+    let mut response = Json(serde_json::json!({
         "object": "list",
         "data": data,
         "model": body["model"],
         "usage": {"prompt_tokens": 0, "total_tokens": 0}
     }))
-    .into_response()
+    .into_response();
+    for (name, value) in extra_headers {
+        if let Ok(v) = value.parse() {
+            response.headers_mut().insert(name, v);
+        }
+    }
+    response
 }

@@ -39,6 +39,9 @@ pub struct OpenAiClient {
     max_tokens: usize,
     counter: TokenCounter,
     permits: Arc<Semaphore>,
+    /// Shared by every worker of the process: no request goes out before this instant,
+    /// set from the server's `x-ratelimit-*` headers when a budget is used up.
+    not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// One request's failure, before retries are decided.
@@ -165,6 +168,7 @@ impl OpenAiClient {
             max_tokens: e.max_tokens_per_request,
             counter: TokenCounter::cl100k(),
             permits: Arc::new(Semaphore::new(e.max_concurrency)),
+            not_before: std::sync::Mutex::new(None),
         })
     }
 
@@ -296,6 +300,11 @@ impl OpenAiClient {
             .acquire()
             .await
             .map_err(|e| RequestError::Transport(e.to_string()))?;
+        // Slow down before the server has to say 429.
+        let wait_until = *self.not_before.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = wait_until {
+            tokio::time::sleep_until(at).await;
+        }
         let mut body = serde_json::json!({
             "model": self.model,
             "input": texts,
@@ -313,6 +322,15 @@ impl OpenAiClient {
             .await
             .map_err(|e| RequestError::Transport(without_url(&e)))?;
         let status = response.status().as_u16();
+        if let Some(pause) = rate_limit_pause(response.headers()) {
+            tracing::info!(
+                ?pause,
+                "embedding provider's rate limit is used up; pausing requests"
+            );
+            let at = tokio::time::Instant::now() + pause.min(MAX_RETRY_AFTER);
+            let mut slot = self.not_before.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(slot.map_or(at, |old| old.max(at)));
+        }
         if !response.status().is_success() {
             let retry_after = retry_after(response.headers());
             let text = response.text().await.unwrap_or_default();
@@ -379,6 +397,50 @@ fn decode_base64(s: &str) -> Result<Vec<f32>, String> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect())
+}
+
+/// When the server reports a request or token budget used up
+/// (`x-ratelimit-remaining-requests|tokens: 0`), how long until it resets
+/// (`x-ratelimit-reset-requests|tokens`, e.g. `1s`, `6m0s`, `20ms`).
+fn rate_limit_pause(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    ["requests", "tokens"]
+        .iter()
+        .filter(|kind| {
+            text(&format!("x-ratelimit-remaining-{kind}")).and_then(|v| v.parse::<f64>().ok())
+                == Some(0.0)
+        })
+        .filter_map(|kind| text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_reset))
+        .max()
+}
+
+/// `1h2m3.5s`, `6m0s`, `20ms`, `1s`.
+fn parse_reset(text: &str) -> Option<Duration> {
+    let mut total = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * factor;
+        rest = &rest[unit_len..];
+    }
+    Some(Duration::from_secs_f64(total))
 }
 
 /// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date.
@@ -457,6 +519,30 @@ mod tests {
             wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
             "{wait:?}"
         );
+    }
+
+    #[test]
+    fn rate_limit_resets_parse_and_pause_only_when_used_up() {
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(
+            parse_reset("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(parse_reset("soon"), None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("3"),
+        );
+        h.insert("x-ratelimit-reset-requests", HeaderValue::from_static("2s"));
+        assert_eq!(rate_limit_pause(&h), None);
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("0"),
+        );
+        h.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("1.5s"));
+        assert_eq!(rate_limit_pause(&h), Some(Duration::from_millis(1500)));
     }
 
     #[test]
