@@ -57,6 +57,18 @@ pub fn classify(err: &tokio_postgres::Error) -> ErrorKind {
     }
 }
 
+/// Delays between attempts to reach the database again: 200 ms doubling to 10 s, with
+/// jitter, without end (the caller stops on cancellation). Used by every reconnect loop.
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Connect and drive the connection on a task. The task ends when the client is
 /// dropped or the connection fails; callers notice through the client's errors.
 pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -143,12 +142,7 @@ impl Daemon {
 
 /// Connect, retrying with backoff until it works or we are cancelled.
 async fn connect_with_retry(url: &str, cancel: &CancellationToken) -> Option<Client> {
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = db::reconnect_backoff();
     loop {
         match db::connect(url).await {
             Ok((client, _)) => return Some(client),

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -30,22 +29,14 @@ pub async fn run(
     connected: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
-    let policy = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(10))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut delays = policy();
+    let mut delays = kbsync_core::db::reconnect_backoff();
     loop {
         match listen_once(&url, &wake, &connected, &cancel).await {
             Ended::Cancelled => return,
             Ended::Lost { error, listened } => {
                 connected.send_replace(false);
                 if listened {
-                    delays = policy();
+                    delays = kbsync_core::db::reconnect_backoff();
                 }
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(%error, ?delay, "listener connection lost; reconnecting");

@@ -399,16 +399,19 @@ fn decode_base64(s: &str) -> Result<Vec<f32>, String> {
         .collect())
 }
 
+/// A header's value as trimmed text, if present and ASCII.
+fn header_text<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
 /// When the server reports a request or token budget used up
 /// (`x-ratelimit-remaining-requests|tokens: 0`), how long until it resets
 /// (`x-ratelimit-reset-requests|tokens`, e.g. `1s`, `6m0s`, `20ms`).
 fn rate_limit_pause(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
+    let text = |name: &str| header_text(headers, name);
     ["requests", "tokens"]
         .iter()
         .filter(|kind| {
@@ -445,12 +448,7 @@ fn parse_reset(text: &str) -> Option<Duration> {
 
 /// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
+    let text = |name: &str| header_text(headers, name);
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
     }
