@@ -34,6 +34,14 @@ run:
     {{kbsync}} demo data
     exec {{kbsync}} run
 
+# One reconciliation sweep (options: --dry-run, --source NAME, --tenant ID, --json, --force).
+reconcile *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${DATABASE_URL:-}" ]; then export DATABASE_URL=$(scripts/pg.sh start); fi
+    cargo build -p kbsync
+    exec {{kbsync}} reconcile {{ARGS}}
+
 # Format check, clippy, and every test against a real PostgreSQL with pgvector.
 test:
     #!/usr/bin/env bash

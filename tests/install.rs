@@ -108,7 +108,7 @@ async fn install_creates_everything_and_a_second_run_changes_nothing() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(migrations, 1);
+    assert_eq!(migrations as usize, kbsync_core::install::MIGRATIONS.len());
 }
 
 #[tokio::test]
@@ -293,6 +293,60 @@ async fn missing_tables_and_columns_are_named() {
         "{}",
         out.stderr
     );
+}
+
+#[tokio::test]
+async fn a_database_at_an_older_migration_gets_only_the_newer_ones() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let client = db.client().await;
+    // The state the first release left: migration 1 applied and recorded, one chunk.
+    let first = &kbsync_core::install::MIGRATIONS[0];
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA kbsync;
+             CREATE TABLE kbsync.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                 checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
+             {}",
+            first.sql
+        ))
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO kbsync.schema_migrations (version, name, checksum)
+             VALUES (1, $1, encode(sha256(convert_to($2, 'UTF8')), 'hex'))",
+            &[&first.name, &first.sql],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash)
+             VALUES ('1', 'faq', 'k', 0, 'kept', sha256('kept'))",
+        )
+        .await
+        .unwrap();
+    let plan = db.kbsync(&["install", "--dry-run"]);
+    plan.assert_success();
+    assert!(
+        plan.stdout.contains("migration 0002") && !plan.stdout.contains("migration 0001"),
+        "{}",
+        plan.stdout
+    );
+    db.kbsync(&["install"]).assert_success();
+    let (kept, versions): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM tenant_knowledge WHERE content = 'kept' AND source_text_hash IS NULL),
+                        (SELECT count(*) FROM kbsync.schema_migrations)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(kept, 1, "the upgrade lost or rewrote a chunk");
+    assert_eq!(versions as usize, kbsync_core::install::MIGRATIONS.len());
 }
 
 #[tokio::test]

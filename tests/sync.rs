@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{
     DaemonProcess, FakeOpenAi, Fault, TEST_API_KEY, TestDb, sync_config, wait_for,
 };
@@ -13,99 +14,6 @@ use tokio_postgres::Client;
 
 const DIMS: usize = 8;
 const CONVERGE: Duration = Duration::from_secs(60);
-
-type ChunkSet = BTreeSet<(String, String, String, String)>;
-
-/// What tenant_knowledge must hold, computed from the source tables with plain SQL
-/// (the demo texts are short: one chunk per row).
-async fn expected(client: &Client) -> ChunkSet {
-    let sql = r"
-        SELECT 'faq', q.id::text, p.user_id::text, btrim('Question: ' || q.question || E'\nAnswer: ' || q.answer, E' \n\t')
-          FROM web_knowledge_qapair q JOIN web_knowledge_websitepage p ON p.id = q.page_id
-         WHERE q.generation_status = 'completed'
-        UNION ALL
-        SELECT 'product', id::text, user_id::text,
-               btrim(name || E'\n' || description || E'\nCategory: ' || category || E'\nPrice: ' || coalesce(price::text, '') || ' ' || currency, E' \n\t')
-          FROM web_knowledge_product
-        UNION ALL
-        SELECT 'page', id::text, user_id::text, btrim(title || E'\n\n' || content, E' \n\t')
-          FROM web_knowledge_websitepage WHERE crawl_status = 'completed'
-        UNION ALL
-        SELECT 'manual', user_id::text, user_id::text, btrim(manual_prompt, E' \n\t')
-          FROM ai_model_aiprompts";
-    client
-        .query(sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .filter(|(_, _, _, content): &(String, String, String, String)| !content.is_empty())
-        .collect()
-}
-
-/// tenant_knowledge as (source, key, tenant, content); panics on anything a correct
-/// sync never leaves: a second chunk of a short text, a NULL embedding, a wrong model.
-async fn actual(client: &Client) -> ChunkSet {
-    let bad: i64 = client
-        .query_one(
-            "SELECT count(*) FROM tenant_knowledge
-              WHERE chunk_index <> 0 OR embedding IS NULL OR embedding_model IS DISTINCT FROM 'test-embedding'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        bad, 0,
-        "chunks with a NULL embedding, wrong model or unexpected index"
-    );
-    client
-        .query(
-            "SELECT source, source_key, tenant_id, content FROM tenant_knowledge",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-}
-
-async fn outbox_len(client: &Client) -> i64 {
-    client
-        .query_one("SELECT count(*) FROM kbsync.outbox", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Wait until the outbox is drained and the knowledge table is exactly as expected.
-async fn converged(client: &Client, daemon: &DaemonProcess) {
-    let mut last = (ChunkSet::new(), ChunkSet::new());
-    let done = tokio::time::timeout(CONVERGE, async {
-        loop {
-            if outbox_len(client).await == 0 {
-                let (want, got) = (expected(client).await, actual(client).await);
-                if want == got {
-                    return;
-                }
-                last = (want, got);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    if done.is_err() {
-        let (want, got) = last;
-        let missing: Vec<_> = want.difference(&got).take(5).collect();
-        let extra: Vec<_> = got.difference(&want).take(5).collect();
-        panic!(
-            "not converged after {CONVERGE:?}; outbox {}; missing {missing:?}; extra {extra:?}\ndaemon log:\n{}",
-            outbox_len(client).await,
-            daemon.log()
-        );
-    }
-}
 
 struct Setup {
     db: TestDb,

@@ -6,7 +6,7 @@ use text_splitter::{ChunkConfig, ChunkSizer, TextSplitter};
 use thiserror::Error;
 use tiktoken_rs::CoreBPE;
 
-use crate::config::Source;
+use crate::config::{Config, ProviderKind, Source};
 
 /// Counts tokens the way the embedding model does.
 #[derive(Clone)]
@@ -30,6 +30,24 @@ impl TokenCounter {
                 .encode(text, false)
                 .map(|e| e.len())
                 .unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl TokenCounter {
+    /// The tokenizer's name, as recorded in the chunking fingerprint.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Cl100k(_) => Self::name_for(ProviderKind::Openai),
+            Self::WordPiece(_) => Self::name_for(ProviderKind::Local),
+        }
+    }
+
+    /// The tokenizer a provider's chunks are counted with.
+    pub fn name_for(provider: ProviderKind) -> &'static str {
+        match provider {
+            ProviderKind::Openai => "cl100k_base",
+            ProviderKind::Local => "wordpiece",
         }
     }
 }
@@ -77,12 +95,32 @@ pub fn content_hash(content: &str) -> [u8; 32] {
     Sha256::digest(content.as_bytes()).into()
 }
 
+/// Everything besides the text that decides how a source's text is cut. Stored with
+/// every chunk; when today's differs, the reconcile sweep has the key re-chunked.
+/// The splitter's version is part of it: a new version may cut differently.
+pub fn fingerprint(source: &Source, tokenizer: &str, model_limit: usize) -> String {
+    format!(
+        "text-splitter-0.33 tokenizer={tokenizer} tokens={} overlap={} single={} limit={model_limit}",
+        source.chunk_tokens, source.chunk_overlap, source.single_chunk
+    )
+}
+
+/// `fingerprint` from the config alone, for the sweep (which loads no model).
+pub fn fingerprint_for(source: &Source, config: &Config) -> String {
+    fingerprint(
+        source,
+        TokenCounter::name_for(config.embedding.provider),
+        config.model_token_limit(),
+    )
+}
+
 /// Splits texts for one source.
 pub struct Chunker {
     splitter: TextSplitter<TokenCounter>,
     counter: TokenCounter,
     single_chunk: bool,
     model_limit: usize,
+    fingerprint: String,
 }
 
 impl Chunker {
@@ -97,6 +135,7 @@ impl Chunker {
             .map_err(|e| ChunkError::Config(e.to_string()))?;
         Ok(Self {
             splitter: TextSplitter::new(config),
+            fingerprint: fingerprint(source, counter.name(), model_limit),
             counter,
             single_chunk: source.single_chunk,
             model_limit,
@@ -124,15 +163,22 @@ impl Chunker {
     pub fn counter(&self) -> &TokenCounter {
         &self.counter
     }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use std::path::Path;
 
     fn source(single: bool, tokens: usize, overlap: usize) -> Source {
+        config(single, tokens, overlap).sources().remove(0)
+    }
+
+    fn config(single: bool, tokens: usize, overlap: usize) -> Config {
         let text = format!(
             r#"
 [embedding]
@@ -150,10 +196,7 @@ chunk_tokens = {tokens}
 chunk_overlap = {overlap}
 "#
         );
-        Config::parse(&text, Path::new("test.toml"))
-            .unwrap()
-            .sources()
-            .remove(0)
+        Config::parse(&text, Path::new("test.toml")).unwrap()
     }
 
     #[test]
@@ -194,6 +237,21 @@ chunk_overlap = {overlap}
         assert_eq!(chunker.chunk(short).len(), 1);
         let long = short.repeat(10);
         assert!(chunker.chunk(&long).len() > 1);
+    }
+
+    #[test]
+    fn the_sweep_and_the_daemon_compute_the_same_chunking_fingerprint() {
+        let config = config(false, 100, 10);
+        let source = config.sources().remove(0);
+        let chunker =
+            Chunker::new(&source, TokenCounter::cl100k(), config.model_token_limit()).unwrap();
+        assert_eq!(chunker.fingerprint(), fingerprint_for(&source, &config));
+        let mut other = source.clone();
+        other.chunk_tokens -= 1;
+        assert_ne!(
+            fingerprint_for(&other, &config),
+            fingerprint_for(&source, &config)
+        );
     }
 
     #[test]

@@ -145,6 +145,21 @@ pub struct ReconcileConfig {
     /// asks for `--force`. Default 0.5.
     #[serde(default = "defaults::max_delete_fraction")]
     pub max_delete_fraction: f64,
+    /// Source rows (and chunks) examined per query; each range is one short
+    /// statement, so the sweep never holds the table in memory. Default 5000.
+    #[serde(default = "defaults::reconcile_range_size")]
+    pub range_size: usize,
+    /// A parked key becomes due for a retry by the sweep this long after it was
+    /// parked. Default 6h.
+    #[serde(
+        default = "defaults::dead_letter_retry_after",
+        with = "humantime_serde"
+    )]
+    pub dead_letter_retry_after: Duration,
+    /// How many times the sweep retries a parked key before it is reported as
+    /// permanently failing (`kbsync errors retry` still replays it). Default 3.
+    #[serde(default = "defaults::dead_letter_retries")]
+    pub dead_letter_retries: u32,
 }
 
 impl Default for ReconcileConfig {
@@ -153,6 +168,9 @@ impl Default for ReconcileConfig {
             enabled: true,
             schedule: defaults::reconcile_schedule(),
             max_delete_fraction: defaults::max_delete_fraction(),
+            range_size: defaults::reconcile_range_size(),
+            dead_letter_retry_after: defaults::dead_letter_retry_after(),
+            dead_letter_retries: defaults::dead_letter_retries(),
         }
     }
 }
@@ -256,6 +274,15 @@ mod defaults {
     }
     pub fn reconcile_schedule() -> String {
         "0 0 3 * * *".to_owned()
+    }
+    pub fn reconcile_range_size() -> usize {
+        5000
+    }
+    pub fn dead_letter_retry_after() -> Duration {
+        Duration::from_secs(6 * 3600)
+    }
+    pub fn dead_letter_retries() -> u32 {
+        3
     }
     pub fn max_delete_fraction() -> f64 {
         0.5
@@ -483,6 +510,9 @@ impl Config {
                 "reconcile.max_delete_fraction".into(),
                 format!("{fraction} is out of range: 0.0..=1.0"),
             ));
+        }
+        if self.reconcile.range_size == 0 {
+            return Err(("reconcile.range_size".into(), "must be at least 1".into()));
         }
         if self.sources.is_empty() {
             return Err((
@@ -734,6 +764,12 @@ impl Source {
             filters.push(Filter { column, condition });
         }
         let text = parse_text_template(&cfg.text).map_err(|e| (field("text"), e))?;
+        // The text is also built in SQL (by the reconcile sweep): literals must quote.
+        for part in &text {
+            if let TextPart::Literal(l) = part {
+                quote_literal(l).map_err(|e| (field("text"), e.to_string()))?;
+            }
+        }
         let metadata = cfg
             .metadata
             .iter()

@@ -18,11 +18,18 @@ pub struct Migration {
 
 /// Every migration, in order. Released files are never edited: the checksum of each
 /// applied migration is checked on every install.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "kbsync_schema",
-    sql: include_str!("../../../sql/migrations/0001_kbsync_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "kbsync_schema",
+        sql: include_str!("../../../sql/migrations/0001_kbsync_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "reconcile",
+        sql: include_str!("../../../sql/migrations/0002_reconcile.sql"),
+    },
+];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
 const INSTALL_LOCK: i64 = 0x6b62_7379_6e63_0001;

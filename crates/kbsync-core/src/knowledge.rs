@@ -15,6 +15,12 @@ pub struct StoredChunk {
     pub model: Option<String>,
     pub tenant: String,
     pub metadata: serde_json::Value,
+    pub source_text_hash: Option<Vec<u8>>,
+    pub chunking: Option<String>,
+    pub chunk_count: Option<i32>,
+    /// The content still hashes to `hash`. A chunk altered behind kbsync's back is
+    /// neither reused nor left as it is.
+    pub intact: bool,
 }
 
 /// Stored chunks of `keys`, by key.
@@ -25,7 +31,9 @@ pub async fn stored_chunks(
 ) -> Result<HashMap<String, Vec<StoredChunk>>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT source_key, chunk_index, content_hash, embedding, embedding_model, tenant_id, metadata
+            "SELECT source_key, chunk_index, content_hash, embedding, embedding_model, tenant_id, metadata,
+                    source_text_hash, chunking, chunk_count,
+                    content_hash = sha256(convert_to(content, 'UTF8'))
                FROM public.tenant_knowledge WHERE source = $1 AND source_key = ANY($2)
               ORDER BY source_key, chunk_index",
             &[&source, &keys],
@@ -40,6 +48,10 @@ pub async fn stored_chunks(
             model: r.get(4),
             tenant: r.get(5),
             metadata: r.get(6),
+            source_text_hash: r.get(7),
+            chunking: r.get(8),
+            chunk_count: r.get(9),
+            intact: r.get(10),
         });
     }
     Ok(by_key)
@@ -56,6 +68,10 @@ pub struct ChunkWrite {
     pub embedding: Vector,
     pub model: String,
     pub metadata: serde_json::Value,
+    /// What the key's chunks were cut from and how (see the 0002 migration).
+    pub source_text_hash: Vec<u8>,
+    pub chunking: String,
+    pub chunk_count: i32,
 }
 
 /// Upsert `writes`, then cut every key in `lengths` down to its new number of chunks
@@ -76,17 +92,27 @@ pub async fn write_batch(
         let embeddings: Vec<&Vector> = writes.iter().map(|w| &w.embedding).collect();
         let models: Vec<&str> = writes.iter().map(|w| w.model.as_str()).collect();
         let metadata: Vec<&serde_json::Value> = writes.iter().map(|w| &w.metadata).collect();
+        let text_hashes: Vec<&[u8]> = writes
+            .iter()
+            .map(|w| w.source_text_hash.as_slice())
+            .collect();
+        let chunkings: Vec<&str> = writes.iter().map(|w| w.chunking.as_str()).collect();
+        let counts: Vec<i32> = writes.iter().map(|w| w.chunk_count).collect();
         written = client
             .execute(
                 "INSERT INTO public.tenant_knowledge AS k
-                        (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata)
-                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[])
+                        (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
+                         source_text_hash, chunking, chunk_count)
+                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[],
+                                          $10::bytea[], $11::text[], $12::int[])
                  ON CONFLICT (source, source_key, chunk_index) DO UPDATE
                     SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content,
                         content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
                         embedding_model = EXCLUDED.embedding_model, metadata = EXCLUDED.metadata,
-                        updated_at = now()",
-                &[&source, &tenants, &keys, &indexes, &contents, &hashes, &embeddings, &models, &metadata],
+                        source_text_hash = EXCLUDED.source_text_hash, chunking = EXCLUDED.chunking,
+                        chunk_count = EXCLUDED.chunk_count, updated_at = now()",
+                &[&source, &tenants, &keys, &indexes, &contents, &hashes, &embeddings, &models, &metadata,
+                  &text_hashes, &chunkings, &counts],
             )
             .await?;
     }

@@ -161,12 +161,17 @@ pub async fn acknowledge(
 ) -> Result<(), tokio_postgres::Error> {
     let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
     let versions: Vec<i64> = entries.iter().map(|(_, v)| *v).collect();
+    // A key written successfully is no longer a dead letter (if it was one).
     client
         .execute(
-            "DELETE FROM kbsync.outbox o
-              USING unnest($4::text[], $5::bigint[]) AS done(source_key, version)
-              WHERE o.source = $1 AND o.scope = $2 AND o.claim_token = $3
-                AND o.source_key = done.source_key AND o.version = done.version",
+            "WITH done AS (
+                DELETE FROM kbsync.outbox o
+                 USING unnest($4::text[], $5::bigint[]) AS done(source_key, version)
+                 WHERE o.source = $1 AND o.scope = $2 AND o.claim_token = $3
+                   AND o.source_key = done.source_key AND o.version = done.version
+             RETURNING o.scope, o.source_key)
+             DELETE FROM kbsync.dead_letters d USING done
+              WHERE done.scope = 'row' AND d.source = $1 AND d.source_key = done.source_key",
             &[&source, &scope.as_str(), &token, &keys, &versions],
         )
         .await?;
@@ -187,9 +192,28 @@ pub fn retry_delay(attempts: i32) -> Duration {
     Duration::from_secs(2u64.saturating_pow(exp + 1).min(300))
 }
 
-/// A key that failed (for now: the provider refused one of its chunks). It is
-/// retried with backoff and parked in the dead-letter table after `max_attempts`:
-/// a refusal may be the provider's passing fault as well as the input's.
+/// What happens to a key that keeps failing: retried with backoff, parked in the
+/// dead-letter table after `max_attempts`, and replayed by the reconcile sweep
+/// `retry_after` later, `sweep_retries` times, before it is reported as permanent.
+#[derive(Debug, Clone, Copy)]
+pub struct FailurePolicy {
+    pub max_attempts: u32,
+    pub retry_after: Duration,
+    pub sweep_retries: u32,
+}
+
+impl FailurePolicy {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_attempts: config.daemon.max_attempts,
+            retry_after: config.reconcile.dead_letter_retry_after,
+            sweep_retries: config.reconcile.dead_letter_retries,
+        }
+    }
+}
+
+/// A key that failed (for now: the provider refused one of its chunks). A refusal
+/// may be the provider's passing fault as well as the input's, hence the retries.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub key: String,
@@ -202,8 +226,9 @@ pub async fn record_failures(
     source: &str,
     token: Uuid,
     failures: &[Failure],
-    max_attempts: u32,
+    policy: &FailurePolicy,
 ) -> Result<u64, tokio_postgres::Error> {
+    let sweep_retries = policy.sweep_retries as i32;
     let mut parked = 0;
     for failure in failures {
         let row = client
@@ -216,15 +241,17 @@ pub async fn record_failures(
             .await?;
         let Some(row) = row else { continue };
         let attempts: i32 = row.get(0);
-        if attempts as u32 >= max_attempts {
+        if attempts as u32 >= policy.max_attempts {
             client
                 .execute(
-                    "INSERT INTO kbsync.dead_letters (source, source_key, error, attempts)
-                     VALUES ($1, $2, $3, $4)
+                    "INSERT INTO kbsync.dead_letters (source, source_key, error, attempts, next_retry_at)
+                     VALUES ($1, $2, $3, $4, CASE WHEN $6 > 0 THEN now() + make_interval(secs => $5::float8) END)
                      ON CONFLICT (source, source_key) DO UPDATE
                         SET error = EXCLUDED.error, attempts = kbsync.dead_letters.attempts + EXCLUDED.attempts,
-                            last_failed_at = now()",
-                    &[&source, &failure.key, &failure.error, &attempts],
+                            last_failed_at = now(),
+                            next_retry_at = CASE WHEN kbsync.dead_letters.retries < $6
+                                                 THEN now() + make_interval(secs => $5::float8) END",
+                    &[&source, &failure.key, &failure.error, &attempts, &secs(policy.retry_after), &sweep_retries],
                 )
                 .await?;
             client

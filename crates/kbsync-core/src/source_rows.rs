@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::GenericClient;
 
 use crate::config::{Source, TextPart};
-use crate::sql_ident::Ident;
+use crate::sql_ident::{Ident, quote_literal};
 
 /// A source row as kbsync needs it.
 #[derive(Debug, Clone)]
@@ -21,14 +21,38 @@ pub struct SourceRow {
 /// The prepared SELECT for one source.
 #[derive(Debug, Clone)]
 pub struct SourceQuery {
+    /// The source's SQL pieces the query was built from.
+    pub rows: RowSql,
     load_sql: String,
     text_columns: Vec<Ident>,
     text: Vec<TextPart>,
 }
 
-impl SourceQuery {
-    /// Build the query; the key column's type comes from the catalog so that the
-    /// lookup by key uses the table's index.
+/// The SQL pieces that say which rows of a source are eligible (exist, pass the
+/// filter, have a tenant) and what their tenant, metadata and text are. Defined once,
+/// used by the daemon's reads, the TRUNCATE clean-up and the reconcile sweep, so the
+/// three can never disagree about what belongs in the knowledge base.
+#[derive(Debug, Clone)]
+pub struct RowSql {
+    /// The source table, quoted (alias `t` in the other pieces).
+    pub table: String,
+    /// `table t [JOIN tenant_table v ON ...]`.
+    pub from: String,
+    /// The tenant expression (not cast).
+    pub tenant: String,
+    /// True for eligible rows of `from`.
+    pub eligible: String,
+    /// The row's metadata as jsonb.
+    pub metadata: String,
+    /// The row's text exactly as `SourceQuery::load` builds it (NULL columns empty).
+    pub text: String,
+    /// `t.key`.
+    pub key: String,
+    /// The key column's type as the catalog names it (None: table not found).
+    pub key_type: Option<String>,
+}
+
+impl RowSql {
     pub async fn prepare(
         client: &impl GenericClient,
         source: &Source,
@@ -41,23 +65,6 @@ impl SourceQuery {
             )
             .await?
             .map(|r| r.get(0));
-        // The catalog's own type name (e.g. `uuid`, `integer`); falls back to text
-        // comparison when the table is not there (install reports that clearly).
-        let key_match = match key_type {
-            Some(t) => format!("t.{} = ANY($1::text[]::{t}[])", source.key),
-            None => format!("t.{}::text = ANY($1::text[])", source.key),
-        };
-        let text_columns: Vec<Ident> = {
-            let mut seen = BTreeSet::new();
-            source
-                .text
-                .iter()
-                .filter_map(|p| match p {
-                    TextPart::Column(c) if seen.insert(c.clone()) => Some(c.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
         let (tenant, join) = match &source.tenant_via {
             Some((table, fk, references)) => (
                 format!("v.{}", source.tenant_column),
@@ -75,21 +82,76 @@ impl SourceQuery {
                 .collect();
             format!("jsonb_build_object({})", pairs.join(", "))
         };
+        let parts: Vec<String> = source
+            .text
+            .iter()
+            .map(|p| match p {
+                // Template literals were validated when the config was read.
+                TextPart::Literal(l) => quote_literal(l).unwrap_or_else(|_| "''".to_owned()),
+                TextPart::Column(c) => format!("t.{c}::text"),
+            })
+            .collect();
+        Ok(Self {
+            table: source.table.to_string(),
+            from: format!("{} t{join}", source.table),
+            eligible: format!("{} AND {tenant} IS NOT NULL", source.filter_sql("t.")),
+            tenant,
+            metadata,
+            text: format!("concat({})", parts.join(", ")),
+            key: format!("t.{}", source.key),
+            key_type,
+        })
+    }
+
+    /// `t.key OP param`, with the text value (or text array) `param` cast to the key's
+    /// own type so that the table's index on the key is used.
+    pub fn key_compare(&self, op: &str, param: &str, array: bool) -> String {
+        let suffix = if array { "[]" } else { "" };
+        match &self.key_type {
+            Some(t) => format!("{} {op} ({param}::text{suffix}::{t}{suffix})", self.key),
+            None => format!("{}::text {op} ({param}::text{suffix})", self.key),
+        }
+    }
+}
+
+impl SourceQuery {
+    /// Build the query; the key column's type comes from the catalog so that the
+    /// lookup by key uses the table's index.
+    pub async fn prepare(
+        client: &impl GenericClient,
+        source: &Source,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let sql = RowSql::prepare(client, source).await?;
+        let text_columns: Vec<Ident> = {
+            let mut seen = BTreeSet::new();
+            source
+                .text
+                .iter()
+                .filter_map(|p| match p {
+                    TextPart::Column(c) if seen.insert(c.clone()) => Some(c.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
         let columns: Vec<String> = text_columns
             .iter()
             .map(|c| format!("t.{c}::text"))
             .collect();
         let load_sql = format!(
-            "SELECT t.{key}::text, {tenant}::text, {metadata}{sep}{columns}
-               FROM {table} t{join}
-              WHERE {key_match} AND {filter} AND {tenant} IS NOT NULL",
-            key = source.key,
-            table = source.table,
+            "SELECT {key}::text, {tenant}::text, {metadata}{sep}{columns}
+               FROM {from}
+              WHERE {key_match} AND {eligible}",
+            key = sql.key,
+            tenant = sql.tenant,
+            metadata = sql.metadata,
             sep = if columns.is_empty() { "" } else { ", " },
             columns = columns.join(", "),
-            filter = source.filter_sql("t."),
+            from = sql.from,
+            key_match = sql.key_compare("= ANY", "$1", true),
+            eligible = sql.eligible,
         );
         Ok(Self {
+            rows: sql,
             load_sql,
             text_columns,
             text: source.text.clone(),
@@ -133,16 +195,16 @@ impl SourceQuery {
         text
     }
 
-    /// Delete chunks of this source whose row is gone or fails the filter (after a
+    /// Delete chunks of this source whose row is gone or not eligible (after a
     /// TRUNCATE, where the keys are unknown).
-    pub fn orphan_delete_sql(source: &Source) -> String {
+    pub fn orphan_delete_sql(rows: &RowSql) -> String {
         format!(
             "DELETE FROM public.tenant_knowledge k
               WHERE k.source = $1
-                AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.{key}::text = k.source_key AND {filter})",
-            table = source.table,
-            key = source.key,
-            filter = source.filter_sql("t."),
+                AND NOT EXISTS (SELECT 1 FROM {from} WHERE {key}::text = k.source_key AND {eligible})",
+            from = rows.from,
+            key = rows.key,
+            eligible = rows.eligible,
         )
     }
 }

@@ -10,11 +10,11 @@ use thiserror::Error;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use kbsync_core::chunk::{Chunk, Chunker};
+use kbsync_core::chunk::{Chunk, Chunker, content_hash};
 use kbsync_core::config::{Config, Source};
 use kbsync_core::embed::{EmbedError, Provider};
 use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
-use kbsync_core::outbox::{self, Claimed, Failure, Scope};
+use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
 use kbsync_core::source_rows::{SourceQuery, SourceRow};
 
 #[derive(Debug, Error)]
@@ -43,10 +43,15 @@ impl SourcePipeline {
         let query = SourceQuery::prepare(client, &source)
             .await
             .map_err(|e| format!("source {}: {e}", source.name))?;
-        let limit = provider.token_limit().min(config.model_token_limit());
-        let chunker = Chunker::new(&source, provider.token_counter(), limit)
-            .map_err(|e| format!("source {}: {e}", source.name))?;
-        let orphan_sql = SourceQuery::orphan_delete_sql(&source);
+        // The config's limit, not the provider's: the sweep computes the same chunking
+        // fingerprint from the config alone.
+        let chunker = Chunker::new(
+            &source,
+            provider.token_counter(),
+            config.model_token_limit(),
+        )
+        .map_err(|e| format!("source {}: {e}", source.name))?;
+        let orphan_sql = SourceQuery::orphan_delete_sql(&query.rows);
         Ok(Self {
             source,
             query,
@@ -68,6 +73,7 @@ pub struct BatchReport {
 /// What a key's chunks need.
 struct KeyPlan {
     tenant: String,
+    text_hash: [u8; 32],
     metadata: serde_json::Value,
     chunks: Vec<Chunk>,
     /// Per chunk: a stored embedding that can be reused, or the index into the
@@ -86,7 +92,7 @@ pub async fn process(
     client: &mut Client,
     pipeline: &SourcePipeline,
     provider: &Provider,
-    max_attempts: u32,
+    policy: &FailurePolicy,
     token: Uuid,
     claimed: &[Claimed],
 ) -> Result<BatchReport, BatchError> {
@@ -112,21 +118,26 @@ pub async fn process(
     for key in &keys {
         let Some(row) = rows.get(key) else { continue };
         let chunks = pipeline.chunker.chunk(&row.text);
+        let text_hash = content_hash(&row.text);
+        let chunk_count = chunks.len() as i32;
         let existing: &[StoredChunk] = stored.get(key).map(Vec::as_slice).unwrap_or(&[]);
         let mut sources = Vec::with_capacity(chunks.len());
         let mut unchanged = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
             let reusable = |s: &&StoredChunk| {
                 s.hash == chunk.hash
+                    && s.intact
                     && s.embedding.is_some()
                     && s.model.as_deref() == Some(model.as_str())
             };
             let at_index = existing.iter().find(|s| s.index == i as i32);
-            unchanged.push(
-                at_index
-                    .filter(reusable)
-                    .is_some_and(|s| s.tenant == row.tenant && s.metadata == row.metadata),
-            );
+            unchanged.push(at_index.filter(reusable).is_some_and(|s| {
+                s.tenant == row.tenant
+                    && s.metadata == row.metadata
+                    && s.source_text_hash.as_deref() == Some(text_hash.as_slice())
+                    && s.chunking.as_deref() == Some(pipeline.chunker.fingerprint())
+                    && s.chunk_count == Some(chunk_count)
+            }));
             // Same text anywhere in the key's old chunks (e.g. shifted by an insert).
             match existing
                 .iter()
@@ -148,6 +159,7 @@ pub async fn process(
             key.clone(),
             KeyPlan {
                 tenant: row.tenant.clone(),
+                text_hash,
                 metadata: row.metadata.clone(),
                 chunks,
                 sources,
@@ -210,6 +222,9 @@ pub async fn process(
                 embedding,
                 model: model.clone(),
                 metadata: plan.metadata.clone(),
+                source_text_hash: plan.text_hash.to_vec(),
+                chunking: pipeline.chunker.fingerprint().to_owned(),
+                chunk_count: count as i32,
             });
         }
         lengths.push((key.clone(), count as i32));
@@ -225,7 +240,7 @@ pub async fn process(
     let (chunks_written, mut chunks_deleted) =
         knowledge::write_batch(&tx, &source.name, &writes, &lengths).await?;
     let dead_lettered =
-        outbox::record_failures(&tx, &source.name, token, &failures, max_attempts).await?;
+        outbox::record_failures(&tx, &source.name, token, &failures, policy).await?;
     let done: Vec<(String, i64)> = row_claims
         .iter()
         .filter(|c| is_ours(&c.key) && !failures.iter().any(|f| f.key == c.key))

@@ -21,6 +21,8 @@ use kbsync_core::embed::{EmbedError, Provider};
 use kbsync_core::install::schema_is_current;
 use kbsync_core::outbox;
 
+use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
+
 use crate::batch::{self, BatchError, SourcePipeline};
 use crate::listener;
 
@@ -52,6 +54,7 @@ struct Shared {
     url: String,
     provider: Provider,
     pipelines: Vec<SourcePipeline>,
+    failure_policy: outbox::FailurePolicy,
 }
 
 impl Daemon {
@@ -86,6 +89,7 @@ impl Daemon {
         let workers = self.config.embedding.max_concurrency;
         tracing::info!(workers, model = provider.model(), "kbsync daemon started");
         let shared = Arc::new(Shared {
+            failure_policy: outbox::FailurePolicy::from_config(&self.config),
             config: self.config,
             url: self.url,
             provider,
@@ -104,6 +108,17 @@ impl Daemon {
             connected_tx,
             work_cancel.clone(),
         ));
+        if shared.config.reconcile.enabled {
+            let schedule = shared
+                .config
+                .reconcile_schedule()
+                .map_err(DaemonError::Source)?;
+            tasks.spawn(scheduled_sweeps(
+                schedule,
+                shared.clone(),
+                work_cancel.clone(),
+            ));
+        }
         for n in 0..workers {
             tasks.spawn(worker(
                 n,
@@ -219,7 +234,7 @@ async fn worker(
                     &mut client,
                     pipeline,
                     &shared.provider,
-                    daemon.max_attempts,
+                    &shared.failure_policy,
                     token,
                     &claimed,
                 );
@@ -282,6 +297,72 @@ async fn worker(
                 _ = wake.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+}
+
+/// The reconcile sweep on `reconcile.schedule`. A sweep another daemon is running is
+/// skipped (the lock makes them exclusive); a failed sweep is logged and recorded in
+/// kbsync.reconcile_runs, and the next one runs on schedule.
+async fn scheduled_sweeps(
+    schedule: cron::Schedule,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let options = Options {
+        dry_run: false,
+        force: false,
+        sources: Vec::new(),
+        tenant: None,
+        origin: Origin::Schedule,
+    };
+    loop {
+        // Recomputed after each sweep: a sweep longer than the interval skips the
+        // times it overran instead of running back to back.
+        let Some(next) = schedule.upcoming(chrono::Utc).next() else {
+            tracing::warn!("reconcile.schedule has no future time; no scheduled sweeps");
+            cancel.cancelled().await;
+            return;
+        };
+        let wait = (next - chrono::Utc::now()).to_std().unwrap_or_default();
+        tracing::debug!(%next, "next scheduled reconcile sweep");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let Some(mut client) = connect_with_retry(&shared.url, &cancel).await else {
+            return;
+        };
+        match kbsync_reconcile::sweep(&mut client, &shared.config, &options, &Quiet, &cancel).await
+        {
+            Ok(report) => {
+                let total = |f: fn(&SourceReport) -> u64| report.sources.iter().map(f).sum::<u64>();
+                tracing::info!(
+                    run = report.run_id,
+                    duration_ms = report.duration_ms,
+                    missing = total(|s| s.missing),
+                    stale = total(|s| s.stale.total()),
+                    missing_embeddings = total(|s| s.missing_embeddings),
+                    queued = total(|s| s.queued),
+                    deleted = total(|s| s.deleted_chunks),
+                    dead_letters_retried = total(|s| s.dead_letters_retried),
+                    dead_letters_permanent = total(|s| s.dead_letters_permanent),
+                    "scheduled reconcile sweep done"
+                );
+                for (source, stop) in report.safety_stops() {
+                    tracing::error!(
+                        source,
+                        share = stop.share,
+                        limit = stop.limit,
+                        "reconcile safety stop: orphans not deleted; check the source's filter, then run `kbsync reconcile --force` if it is right"
+                    );
+                }
+            }
+            Err(ReconcileError::Busy) => {
+                tracing::info!("scheduled reconcile sweep skipped: another sweep is running");
+            }
+            Err(ReconcileError::Cancelled) => return,
+            Err(e) => tracing::error!(error = %e, "scheduled reconcile sweep failed"),
         }
     }
 }

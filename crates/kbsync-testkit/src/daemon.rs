@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::demo_state::TEST_MODEL;
 use crate::{TempConfig, kbsync_bin, shipped_config};
 
 /// The API key the daemon is given in tests; asserted never to appear in logs.
@@ -35,7 +36,7 @@ pub fn sync_config_with_max_wait(
             skipping_embedding = trimmed == "[embedding]";
             if skipping_embedding {
                 out.push_str(&format!(
-                    "[embedding]\nprovider = \"openai\"\nmodel = \"test-embedding\"\ndimensions = {dims}\nbase_url = \"{base_url}\"\nmax_inputs_per_request = 64\nrequest_timeout = \"10s\"\nmax_concurrency = 2\n\n"
+                    "[embedding]\nprovider = \"openai\"\nmodel = \"{TEST_MODEL}\"\ndimensions = {dims}\nbase_url = \"{base_url}\"\nmax_inputs_per_request = 64\nrequest_timeout = \"10s\"\nmax_concurrency = 2\n\n"
                 ));
                 continue;
             }
@@ -53,6 +54,9 @@ pub fn sync_config_with_max_wait(
             "fallback_poll = \"1s\"".to_owned()
         } else if trimmed.starts_with("max_attempts =") {
             "max_attempts = 2".to_owned()
+        } else if trimmed.starts_with("enabled =") {
+            // No scheduled sweeps unless a test asks for them (`TempConfig::edited`).
+            "enabled = false".to_owned()
         } else if trimmed.starts_with("drain_timeout =") {
             "drain_timeout = \"20s\"".to_owned()
         } else {

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod daemon;
+pub mod demo_state;
 
 pub use cluster::PrivateCluster;
 mod openai_server;
@@ -231,6 +232,16 @@ impl TempConfig {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A copy of this config with `from` replaced by `to` (each must occur).
+    pub fn edited(&self, edits: &[(&str, &str)]) -> Self {
+        let mut text = std::fs::read_to_string(&self.path).expect("reading the test config");
+        for (from, to) in edits {
+            assert!(text.contains(from), "the test config has no {from:?}");
+            text = text.replacen(from, to, 1);
+        }
+        Self::new(&text)
     }
 }
 

@@ -4,7 +4,9 @@ mod config_cmd;
 mod demo_cmd;
 mod embed_cmd;
 mod install_cmd;
+mod reconcile_cmd;
 mod run_cmd;
+mod status_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +58,30 @@ enum Command {
     },
     /// Run the daemon: capture changes from the outbox and keep tenant_knowledge in sync.
     Run,
+    /// One reconciliation sweep: delete orphaned chunks; queue missing and stale ones
+    /// (and chunks without an embedding) for the daemon; retry parked keys that are due.
+    #[command(
+        after_help = "Exit status: 0 done; 1 error; 3 safety stop (some orphans not deleted, see the summary; everything else was done); 4 another sweep is running (nothing done)."
+    )]
+    Reconcile {
+        /// Report what would be done and change nothing (the run is still recorded).
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete orphans even when they exceed reconcile.max_delete_fraction of a source.
+        #[arg(long)]
+        force: bool,
+        /// Only this source (repeatable).
+        #[arg(long = "source", value_name = "NAME")]
+        sources: Vec<String>,
+        /// Only this tenant's rows and chunks.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What is behind and why: outbox backlog, parked keys, latest reconcile sweeps.
+    Status,
     /// Embed one text with the configured provider: dimension, norm, first values, latency.
     Embed {
         /// The text to embed.
@@ -98,7 +124,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -106,23 +132,42 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = &cli.config;
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check,
-        } => config_cmd::check(&cli.config),
+        } => done(config_cmd::check(config)),
         Command::Install {
             dry_run,
             reset_embeddings,
-        } => install_cmd::install(&load(&cli.config)?, dry_run, reset_embeddings).await,
-        Command::Run => run_cmd::run(load(&cli.config)?).await,
-        Command::Embed { text } => embed_cmd::embed(&load(&cli.config)?, &text).await,
+        } => done(install_cmd::install(&load(config)?, dry_run, reset_embeddings).await),
+        Command::Run => done(run_cmd::run(load(config)?).await),
+        Command::Reconcile {
+            dry_run,
+            force,
+            sources,
+            tenant,
+            json,
+        } => {
+            let options = kbsync_reconcile::Options {
+                dry_run,
+                force,
+                sources,
+                tenant,
+                origin: kbsync_reconcile::Origin::Cli,
+            };
+            reconcile_cmd::reconcile(&load(config)?, options, json).await
+        }
+        Command::Status => done(status_cmd::status(&load(config)?).await),
+        Command::Embed { text } => done(embed_cmd::embed(&load(config)?, &text).await),
         Command::Demo { command } => {
-            let config = load(&cli.config)?;
-            match command {
+            let config = load(config)?;
+            done(match command {
                 DemoCommand::Schema => demo_cmd::schema(&config).await,
                 DemoCommand::Data => demo_cmd::data(&config).await,
-            }
+            })
         }
     }
 }

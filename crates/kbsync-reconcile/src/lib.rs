@@ -1,0 +1,284 @@
+//! The reconciliation sweep: kbsync's safety net, usable without the daemon.
+//!
+//! Per source, in key ranges (one short statement per range; never one query per
+//! row, never a table in memory):
+//! 1. rows → chunks: eligible rows with missing or stale chunks, or chunks without an
+//!    embedding, are queued in the outbox the triggers write, for the daemon
+//!    ([`missing_and_stale`]);
+//! 2. chunks → rows: chunks whose row is gone or no longer eligible are counted, then
+//!    deleted unless they are too large a share of the source ([`orphans`]);
+//! 3. parked keys whose retry time has come are queued again ([`dead_letters`]).
+//!
+//! One sweep at a time across all daemons (a session advisory lock); every sweep is
+//! recorded in `kbsync.reconcile_runs` ([`runs`]).
+
+mod dead_letters;
+mod missing_and_stale;
+mod orphans;
+pub mod report;
+pub mod runs;
+
+use std::time::Instant;
+
+use thiserror::Error;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use kbsync_core::capture::CHANNEL;
+use kbsync_core::chunk;
+use kbsync_core::config::Config;
+use kbsync_core::install::schema_is_current;
+use kbsync_core::source_rows::RowSql;
+
+pub use report::{Report, SafetyStop, SourceReport, StaleKeys};
+pub use runs::{RunRecord, recent_runs};
+
+/// The advisory lock that makes sweeps exclusive ("kbsync" + 2; install uses + 1).
+pub const SWEEP_LOCK: i64 = 0x6b62_7379_6e63_0002;
+
+#[derive(Debug, Error)]
+pub enum ReconcileError {
+    #[error(
+        "another reconcile sweep is running (one at a time across all daemons and hosts); this one did nothing. Try again when it has finished; `kbsync status` shows it"
+    )]
+    Busy,
+    #[error(
+        "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
+    )]
+    SchemaNotInstalled,
+    #[error("unknown source {name:?}: the config declares {known}")]
+    UnknownSource { name: String, known: String },
+    #[error(
+        "sources.{source_name}: table {table} does not exist (check the config, or create the table)"
+    )]
+    MissingTable { source_name: String, table: String },
+    #[error(
+        "sources.{source_name}: tenant_knowledge holds chunks whose source_key is not a valid key of the source table, so kbsync did not write them ({detail}); inspect and delete them by hand"
+    )]
+    ForeignChunks { source_name: String, detail: String },
+    #[error("the sweep was cancelled before it finished; what it did so far stays done")]
+    Cancelled,
+    #[error("database error: {}", kbsync_core::db::describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Who started the sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `kbsync reconcile` (by hand, `just reconcile`, or the systemd timer).
+    Cli,
+    /// The schedule inside `kbsync run`.
+    Schedule,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Cli => "cli",
+            Origin::Schedule => "schedule",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Report what would be done; change nothing (the run is still recorded).
+    pub dry_run: bool,
+    /// Delete orphans even past `reconcile.max_delete_fraction`.
+    pub force: bool,
+    /// Only these sources (empty: all).
+    pub sources: Vec<String>,
+    /// Only this tenant's rows and chunks.
+    pub tenant: Option<String>,
+    pub origin: Origin,
+}
+
+/// Where a long sweep reports how far it is (a progress bar on a terminal).
+pub trait Progress: Sync {
+    /// A new step: `what` of `source`, of about `estimate` items when known.
+    fn step(&self, source: &str, what: &str, estimate: Option<u64>);
+    fn advance(&self, items: u64);
+    fn finish(&self);
+}
+
+/// No progress output.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn step(&self, _: &str, _: &str, _: Option<u64>) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+/// What every step of one sweep shares.
+pub(crate) struct Scope<'a> {
+    pub dry_run: bool,
+    pub force: bool,
+    pub tenant: Option<&'a str>,
+    pub range_size: usize,
+    pub max_delete_fraction: f64,
+    pub cancel: &'a CancellationToken,
+}
+
+/// Run one sweep on `client`'s session. Returns `Busy` at once when another sweep
+/// holds the lock. The report says per source what was found and done; a safety
+/// stop is in the report, not an error (everything else was still repaired).
+pub async fn sweep(
+    client: &mut Client,
+    config: &Config,
+    options: &Options,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<Report, ReconcileError> {
+    if !schema_is_current(&*client).await? {
+        return Err(ReconcileError::SchemaNotInstalled);
+    }
+    let all = config.sources();
+    for name in &options.sources {
+        if !all.iter().any(|s| &s.name == name) {
+            let known: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+            return Err(ReconcileError::UnknownSource {
+                name: name.clone(),
+                known: known.join(", "),
+            });
+        }
+    }
+    let locked: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Err(ReconcileError::Busy);
+    }
+    let started = Instant::now();
+    let recorded_options = serde_json::json!({
+        "sources": options.sources, "tenant": options.tenant, "force": options.force,
+    });
+    let run_id = runs::start(&*client, options.dry_run, options.origin, &recorded_options).await?;
+    let mut report = Report {
+        run_id,
+        dry_run: options.dry_run,
+        ..Report::default()
+    };
+    let outcome = sweep_sources(client, config, options, progress, cancel, &mut report).await;
+    progress.finish();
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    let error = outcome.as_ref().err().map(ToString::to_string);
+    let counts = serde_json::to_value(&report).unwrap_or_default();
+    let recorded = runs::finish(&*client, run_id, &counts, error.as_deref()).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK])
+        .await?;
+    outcome?;
+    recorded?;
+    Ok(report)
+}
+
+async fn sweep_sources(
+    client: &mut Client,
+    config: &Config,
+    options: &Options,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+    report: &mut Report,
+) -> Result<(), ReconcileError> {
+    let scope = Scope {
+        dry_run: options.dry_run,
+        force: options.force,
+        tenant: options.tenant.as_deref(),
+        range_size: config.reconcile.range_size,
+        max_delete_fraction: config.reconcile.max_delete_fraction,
+        cancel,
+    };
+    let sources: Vec<_> = config
+        .sources()
+        .into_iter()
+        .filter(|s| options.sources.is_empty() || options.sources.contains(&s.name))
+        .collect();
+    for source in &sources {
+        let rows = RowSql::prepare(&*client, source).await?;
+        if rows.key_type.is_none() {
+            return Err(ReconcileError::MissingTable {
+                source_name: source.name.clone(),
+                table: source.table.to_string(),
+            });
+        }
+        let mut found = SourceReport::new(&source.name);
+        let fingerprint = chunk::fingerprint_for(source, config);
+
+        progress.step(
+            &source.name,
+            "rows",
+            estimated_rows(&*client, &rows.table).await?,
+        );
+        let scan = missing_and_stale::RowScan::new(&rows);
+        missing_and_stale::sweep(
+            &*client,
+            source,
+            &scan,
+            &scope,
+            &fingerprint,
+            &config.embedding.model,
+            &mut found,
+            progress,
+        )
+        .await?;
+
+        progress.step(&source.name, "chunks", None);
+        let scan = orphans::OrphanScan::new(&rows);
+        orphans::sweep(client, source, &scan, &scope, &mut found, progress).await?;
+
+        let scan = dead_letters::DeadLetterScan::new(&rows);
+        dead_letters::sweep(&*client, source, &scan, &scope, &mut found).await?;
+
+        if !scope.dry_run && found.queued + found.dead_letters_retried > 0 {
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &source.name])
+                .await?;
+        }
+        tracing::debug!(
+            source = %source.name, dry_run = scope.dry_run,
+            rows = found.rows, chunks = found.chunks, missing = found.missing,
+            stale = found.stale.total(), missing_embeddings = found.missing_embeddings,
+            queued = found.queued, orphan_chunks = found.orphan_chunks, deleted = found.deleted_chunks,
+            dead_letters_retried = found.dead_letters_retried,
+            dead_letters_permanent = found.dead_letters_permanent,
+            safety_stop = found.safety_stop.is_some(),
+            "reconciled"
+        );
+        report.sources.push(found);
+    }
+    if options.sources.is_empty() {
+        let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+        report.unknown_sources = client
+            .query(
+                "SELECT source, count(*) FROM public.tenant_knowledge
+                  WHERE NOT (source = ANY($1)) AND ($2::text IS NULL OR tenant_id = $2)
+                  GROUP BY source ORDER BY source",
+                &[&names, &scope.tenant],
+            )
+            .await?
+            .iter()
+            .map(|r| report::UnknownSource {
+                source: r.get(0),
+                chunks: r.get(1),
+            })
+            .collect();
+    }
+    Ok(())
+}
+
+/// The planner's row estimate (free; -1 before the first ANALYZE).
+async fn estimated_rows(
+    client: &impl tokio_postgres::GenericClient,
+    table: &str,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    let estimate: Option<f32> = client
+        .query_opt(
+            "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table],
+        )
+        .await?
+        .map(|r| r.get(0));
+    Ok(estimate.filter(|n| *n >= 0.0).map(|n| n as u64))
+}

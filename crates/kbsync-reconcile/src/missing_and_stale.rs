@@ -1,0 +1,176 @@
+//! Source rows → chunks: walk a source's rows in key ranges and, per range, find in
+//! one statement the eligible rows whose chunks are missing, stale or lack an
+//! embedding. Those keys go into the outbox the triggers write, so the daemon's one
+//! processing path repairs them (re-reading the row, reusing unchanged embeddings).
+
+use kbsync_core::config::Source;
+use kbsync_core::source_rows::RowSql;
+use tokio_postgres::GenericClient;
+
+use crate::report::SourceReport;
+use crate::{Progress, ReconcileError, Scope};
+
+/// Characters Rust's `str::trim` removes (Unicode White_Space): a text made only of
+/// them has no chunks, so a row with such a text is not "missing" its chunks.
+const NON_BLANK: &str =
+    r"'[^\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]'";
+
+/// The statements for one source.
+pub(crate) struct RowScan {
+    /// $1 lower bound (exclusive, NULL: start) → the upper bound of a range of
+    /// `$2 + 1` keys, NULL when fewer remain.
+    range_end: String,
+    /// $1 lower bound (exclusive), $2 upper bound (inclusive, NULL: end), $3 tenant,
+    /// $4 source name, $5 chunking fingerprint, $6 model → eligible row count and the
+    /// drifting keys with their reason.
+    detect: String,
+}
+
+impl RowScan {
+    pub(crate) fn new(rows: &RowSql) -> Self {
+        let range_end = format!(
+            "SELECT {key}::text FROM {table} t WHERE ($1::text IS NULL OR {after}) ORDER BY {key} OFFSET $2 LIMIT 1",
+            key = rows.key,
+            table = rows.table,
+            after = rows.key_compare(">", "$1", false),
+        );
+        let detect = format!(
+            "WITH cur AS (
+                SELECT {key}::text AS key, {tenant}::text AS tenant, {metadata} AS metadata,
+                       sha256(convert_to({text}, 'UTF8')) AS text_hash,
+                       {text} ~ {NON_BLANK} AS has_text
+                  FROM {from}
+                 WHERE ($1::text IS NULL OR {after}) AND ($2::text IS NULL OR {upto})
+                   AND {eligible} AND ($3::text IS NULL OR {tenant}::text = $3)),
+             judged AS (
+                SELECT cur.key,
+                       CASE
+                         WHEN k.n IS NULL THEN CASE WHEN cur.has_text THEN 'missing' END
+                         WHEN NOT cur.has_text OR k.bad_text THEN 'text'
+                         WHEN k.bad_chunking THEN 'chunking'
+                         WHEN k.bad_model THEN 'model'
+                         WHEN k.bad_tenant THEN 'tenant'
+                         WHEN k.bad_metadata THEN 'metadata'
+                         WHEN k.bad_set THEN 'chunk_set'
+                         WHEN k.null_embedding THEN 'embedding'
+                       END AS reason
+                  FROM cur
+                  LEFT JOIN LATERAL (
+                       SELECT count(*) AS n,
+                              bool_or(k.source_text_hash IS DISTINCT FROM cur.text_hash
+                                      OR k.content_hash <> sha256(convert_to(k.content, 'UTF8'))) AS bad_text,
+                              bool_or(k.chunking IS DISTINCT FROM $5) AS bad_chunking,
+                              bool_or(k.embedding_model IS DISTINCT FROM $6) AS bad_model,
+                              bool_or(k.tenant_id <> cur.tenant) AS bad_tenant,
+                              bool_or(k.metadata <> cur.metadata) AS bad_metadata,
+                              COALESCE(min(k.chunk_count) <> max(k.chunk_count)
+                                       OR count(*) <> max(k.chunk_count)
+                                       OR max(k.chunk_index) <> count(*) - 1, true) AS bad_set,
+                              bool_or(k.embedding IS NULL) AS null_embedding
+                         FROM public.tenant_knowledge k
+                        WHERE k.source = $4 AND k.source_key = cur.key
+                       HAVING count(*) > 0) k ON true)
+             SELECT count(*),
+                    COALESCE(array_agg(key) FILTER (WHERE reason IS NOT NULL), '{{}}'),
+                    COALESCE(array_agg(reason) FILTER (WHERE reason IS NOT NULL), '{{}}')
+               FROM judged",
+            key = rows.key,
+            tenant = rows.tenant,
+            metadata = rows.metadata,
+            text = rows.text,
+            from = rows.from,
+            after = rows.key_compare(">", "$1", false),
+            upto = rows.key_compare("<=", "$2", false),
+            eligible = rows.eligible,
+        );
+        Self { range_end, detect }
+    }
+}
+
+/// Outbox entries made by the sweep are ready at once (their first change is a
+/// max_wait ago) but sort after the live edits already waiting.
+const QUEUE: &str =
+    "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
+     SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM unnest($2::text[]) k
+     ON CONFLICT (source, scope, source_key) DO NOTHING
+     RETURNING o.source_key";
+
+const PENDING: &str = "SELECT count(*) FROM kbsync.outbox
+     WHERE source = $1 AND scope = 'row' AND source_key = ANY($2)";
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn sweep(
+    client: &impl GenericClient,
+    source: &Source,
+    scan: &RowScan,
+    scope: &Scope<'_>,
+    chunking: &str,
+    model: &str,
+    report: &mut SourceReport,
+    progress: &dyn Progress,
+) -> Result<(), ReconcileError> {
+    let range = scope.range_size as i64;
+    let mut lower: Option<String> = None;
+    loop {
+        if scope.cancel.is_cancelled() {
+            return Err(ReconcileError::Cancelled);
+        }
+        let upper: Option<String> = client
+            .query_opt(&scan.range_end, &[&lower, &(range - 1)])
+            .await?
+            .map(|r| r.get(0));
+        let row = client
+            .query_one(
+                &scan.detect,
+                &[
+                    &lower,
+                    &upper,
+                    &scope.tenant,
+                    &source.name,
+                    &chunking,
+                    &model,
+                ],
+            )
+            .await?;
+        let eligible: i64 = row.get(0);
+        let keys: Vec<String> = row.get(1);
+        let reasons: Vec<String> = row.get(2);
+        report.rows += eligible as u64;
+        for reason in &reasons {
+            match reason.as_str() {
+                "missing" => report.missing += 1,
+                "text" => report.stale.text += 1,
+                "chunking" => report.stale.chunking += 1,
+                "model" => report.stale.model += 1,
+                "tenant" => report.stale.tenant += 1,
+                "metadata" => report.stale.metadata += 1,
+                "chunk_set" => report.stale.chunk_set += 1,
+                _ => report.missing_embeddings += 1,
+            }
+        }
+        if !keys.is_empty() {
+            let queued = if scope.dry_run {
+                let pending: i64 = client
+                    .query_one(PENDING, &[&source.name, &keys])
+                    .await?
+                    .get(0);
+                keys.len() as u64 - pending as u64
+            } else {
+                client
+                    .query(
+                        QUEUE,
+                        &[&source.name, &keys, &source.max_wait.as_secs_f64()],
+                    )
+                    .await?
+                    .len() as u64
+            };
+            report.queued += queued;
+            report.already_queued += keys.len() as u64 - queued;
+        }
+        progress.advance(range as u64);
+        match upper {
+            Some(u) => lower = Some(u),
+            None => return Ok(()),
+        }
+    }
+}
