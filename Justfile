@@ -61,8 +61,9 @@ test:
       cargo test --workspace --no-fail-fast
     fi
 
-# Benchmarks against a real PostgreSQL; prints a table and writes BENCHMARKS.md.
-bench:
+# Benchmarks against a real PostgreSQL; prints a table and writes BENCHMARKS.md
+# (sections: latency, model, reconcile; all by default, and only then is the file written).
+bench *SECTIONS:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ -z "${DATABASE_URL:-}" ]; then
@@ -71,7 +72,7 @@ bench:
     fi
     scripts/model.sh >/dev/null
     cargo build -p kbsync -p kbsync-bench
-    target/debug/kbsync-bench
+    target/debug/kbsync-bench {{SECTIONS}}
 
 # Apply formatting and clippy's fixes.
 fmt:

@@ -6,6 +6,8 @@
 //! window set to 0, time from the commit's return until the new chunk is visible to
 //! another connection. Baseline, same run: the commit round trip of the same UPDATE.
 
+mod reconcile_sweep;
+
 use std::time::{Duration, Instant};
 
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, TestDb, sync_config};
@@ -74,8 +76,8 @@ fn local_model_rows() -> Vec<(String, String)> {
     rows
 }
 
-#[tokio::main]
-async fn main() {
+/// Sync latency rows (see the module doc).
+async fn latency_rows() -> Vec<(String, String)> {
     let server = FakeOpenAi::start(8).await;
     let config = sync_config(&server.base_url(), 8, "0s", "0s");
     let db = TestDb::create().await.with_demo_schema().await;
@@ -171,6 +173,28 @@ async fn main() {
             ),
         ),
     ];
+    rows.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+fn table(rows: &[(String, String)]) -> String {
+    let mut table = String::from("| measure | value |\n| --- | --- |\n");
+    for (name, value) in rows {
+        table.push_str(&format!("| {name} | {value} |\n"));
+    }
+    table
+}
+
+const SECTIONS: [&str; 3] = ["latency", "model", "reconcile"];
+
+/// `kbsync-bench [SECTION...]`: all sections (and BENCHMARKS.md written) by default.
+#[tokio::main]
+async fn main() {
+    let asked: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(bad) = asked.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
+        eprintln!("unknown section {bad:?}; sections: {}", SECTIONS.join(", "));
+        std::process::exit(2);
+    }
+    let run = |name: &str| asked.is_empty() || asked.iter().any(|a| a == name);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -182,32 +206,51 @@ async fn main() {
                 .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
         })
         .unwrap_or_default();
-    let version: String = reader
+    let (client, conn) = tokio_postgres::connect(&kbsync_testkit::admin_url(), NoTls)
+        .await
+        .expect("connecting to DATABASE_URL");
+    tokio::spawn(conn);
+    let version: String = client
         .query_one("SELECT version()", &[])
         .await
         .expect("version")
         .get(0);
-    let mut table = String::from("| measure | value |\n| --- | --- |\n");
-    for (name, value) in &rows {
-        table.push_str(&format!("| {name} | {value} |\n"));
-    }
-    let model_rows = tokio::task::spawn_blocking(local_model_rows)
-        .await
-        .expect("local model bench");
-    let mut model_table = String::from("| measure | value |\n| --- | --- |\n");
-    for (name, value) in &model_rows {
-        model_table.push_str(&format!("| {name} | {value} |\n"));
-    }
-    let report = format!(
-        "# kbsync benchmarks\n\nRun {date} with `just bench` on {cores} cores, {mem} kB memory; {version}.\n\n\
-         ## Sync latency\n\n{WRITES} sequential single-row commits (~100/s at most), debounce windows 0, an \
-         OpenAI-compatible test server answering at once; latency is from the commit's return to the new \
-         chunk being visible on another connection (polled every 1 ms). Debug build of kbsync (what `just test` builds).\n\n{table}\n\
-         ## Local model (all-MiniLM-L6-v2, candle, CPU)\n\nBatches of 32 as the daemon sends them; dependencies \
-         built with opt-level 3.\n\n{model_table}",
+    let mut report = format!(
+        "# kbsync benchmarks\n\nRun {date} with `just bench` on {cores} cores, {mem} kB memory; {version}.\n\n",
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
+    if run("latency") {
+        report.push_str(&format!(
+            "## Sync latency\n\n{WRITES} sequential single-row commits (~100/s at most), debounce windows 0, an \
+             OpenAI-compatible test server answering at once; latency is from the commit's return to the new \
+             chunk being visible on another connection (polled every 1 ms). Debug build of kbsync (what `just test` builds).\n\n{}\n",
+            table(&latency_rows().await)
+        ));
+    }
+    if run("model") {
+        let model_rows = tokio::task::spawn_blocking(local_model_rows)
+            .await
+            .expect("local model bench");
+        report.push_str(&format!(
+            "## Local model (all-MiniLM-L6-v2, candle, CPU)\n\nBatches of 32 as the daemon sends them; dependencies \
+             built with opt-level 3.\n\n{}\n",
+            table(&model_rows)
+        ));
+    }
+    if run("reconcile") {
+        report.push_str(&format!(
+            "## Reconcile sweep\n\nOne source (`bench_docs`, bigint key, one chunk per row; 1,000,000 rows unless KBSYNC_BENCH_RECONCILE_ROWS says otherwise) with its \
+             chunks loaded in SQL exactly as the daemon writes them (checked by a dry run finding nothing); \
+             `kbsync reconcile` run as its own process (debug build, range_size 5000), peak RSS from its VmHWM. \
+             Then 1% drift made with the triggers off and swept for real (keys queued, orphans deleted).\n\n{}\n",
+            table(&reconcile_sweep::rows().await)
+        ));
+    }
     println!("{report}");
+    if !asked.is_empty() {
+        eprintln!("partial run: BENCHMARKS.md not written");
+        return;
+    }
     let out = kbsync_testkit::repo_root().join("BENCHMARKS.md");
     std::fs::write(&out, &report).expect("writing BENCHMARKS.md");
     eprintln!("written to {}", out.display());
