@@ -140,7 +140,7 @@ pub async fn rows() -> Vec<(String, String)> {
         )
         .await
         .expect("loading source rows");
-    let vector = format!("[{}]", vec!["0.1"; DIMS].join(","));
+    let vector = format!("[{}]", ["0.1"; DIMS].join(","));
     client
         .execute(
             "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
