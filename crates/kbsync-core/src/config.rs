@@ -40,8 +40,20 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub reconcile: ReconcileConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Sources by name; the name is the chunk type stored in `tenant_knowledge.source`.
     pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// The daemon's HTTP endpoint: /healthz, /readyz, /metrics, /api/chunking-health.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on, e.g. "127.0.0.1:9187" ("127.0.0.1:0": any free port,
+    /// logged at start). Default: none, no HTTP server. Nothing on it is
+    /// authenticated: keep it on localhost or a private network.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -536,6 +548,17 @@ impl Config {
     }
 
     /// A copy safe to print: the password of the database URL replaced.
+    /// The source called `name`, or an error that lists the declared ones.
+    pub fn source_named(&self, name: &str) -> Result<Source, String> {
+        let all = self.sources();
+        let known: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        let message = format!(
+            "unknown source {name:?}: the config declares {}",
+            known.join(", ")
+        );
+        all.into_iter().find(|s| s.name == name).ok_or(message)
+    }
+
     pub fn redacted(&self) -> Self {
         let mut copy = self.clone();
         copy.database.url = copy.database.url.as_deref().map(redact_url);

@@ -115,6 +115,36 @@ pub async fn seconds_until_ready(
     Ok(row.get(0))
 }
 
+/// Queue `keys` of `source` for processing, ready at once (their first change is a
+/// `max_wait` ago) but sorted after the live edits already waiting; keys that already
+/// have an entry are left as they are (it will re-read the row anyway). Used by the
+/// reconcile sweep and `kbsync errors retry`: repairs take the triggers' path.
+/// Returns the keys queued.
+pub async fn enqueue(
+    client: &impl GenericClient,
+    source: &Source,
+    keys: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
+             SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM unnest($2::text[]) k
+             ON CONFLICT (source, scope, source_key) DO NOTHING
+             RETURNING o.source_key",
+            &[&source.name, &keys, &secs(source.max_wait)],
+        )
+        .await?;
+    if !rows.is_empty() {
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&crate::capture::CHANNEL, &source.name],
+            )
+            .await?;
+    }
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Extend the lease of everything claimed with `token`.
 pub async fn renew(
     client: &impl GenericClient,
@@ -150,28 +180,40 @@ pub async fn fence(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// An outbox entry removed because its change is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Acknowledged {
+    /// How many changes the entry folded (its version).
+    pub version: i64,
+    /// Seconds from its last change to now (the write), in the database's clock.
+    pub lag_seconds: f64,
+}
+
 /// Remove entries whose version is still the one we processed; entries changed
-/// meanwhile are released so their new change gets its own window.
+/// meanwhile are released so their new change gets its own window. A key written
+/// successfully is no longer a dead letter (if it was one).
 pub async fn acknowledge(
     client: &impl GenericClient,
     source: &str,
     token: Uuid,
     scope: Scope,
     entries: &[(String, i64)],
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Vec<Acknowledged>, tokio_postgres::Error> {
     let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
     let versions: Vec<i64> = entries.iter().map(|(_, v)| *v).collect();
-    // A key written successfully is no longer a dead letter (if it was one).
-    client
-        .execute(
+    let done = client
+        .query(
             "WITH done AS (
                 DELETE FROM kbsync.outbox o
                  USING unnest($4::text[], $5::bigint[]) AS done(source_key, version)
                  WHERE o.source = $1 AND o.scope = $2 AND o.claim_token = $3
                    AND o.source_key = done.source_key AND o.version = done.version
-             RETURNING o.scope, o.source_key)
-             DELETE FROM kbsync.dead_letters d USING done
-              WHERE done.scope = 'row' AND d.source = $1 AND d.source_key = done.source_key",
+             RETURNING o.scope, o.source_key, o.version,
+                       EXTRACT(EPOCH FROM clock_timestamp() - o.last_changed_at)::float8 AS lag),
+             cleared AS (
+                DELETE FROM kbsync.dead_letters d USING done
+                 WHERE done.scope = 'row' AND d.source = $1 AND d.source_key = done.source_key)
+             SELECT version, lag FROM done",
             &[&source, &scope.as_str(), &token, &keys, &versions],
         )
         .await?;
@@ -183,7 +225,13 @@ pub async fn acknowledge(
             &[&source, &scope.as_str(), &token, &keys],
         )
         .await?;
-    Ok(())
+    Ok(done
+        .iter()
+        .map(|r| Acknowledged {
+            version: r.get(0),
+            lag_seconds: r.get(1),
+        })
+        .collect())
 }
 
 /// Delay before the next attempt after `attempts` failures: 2 s doubling, at most 5 min.

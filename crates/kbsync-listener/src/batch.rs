@@ -246,7 +246,7 @@ pub async fn process(
         .filter(|c| is_ours(&c.key) && !failures.iter().any(|f| f.key == c.key))
         .map(|c| (c.key.clone(), c.version))
         .collect();
-    outbox::acknowledge(&tx, &source.name, token, Scope::Row, &done).await?;
+    let acknowledged = outbox::acknowledge(&tx, &source.name, token, Scope::Row, &done).await?;
     if let Some(truncate) = whole_source {
         let ours = outbox::fence(
             &tx,
@@ -269,6 +269,13 @@ pub async fn process(
         }
     }
     tx.commit().await?;
+    record_metrics(
+        &source.name,
+        &acknowledged,
+        chunks_written,
+        chunks_deleted,
+        dead_lettered,
+    );
     Ok(BatchReport {
         inputs_embedded: inputs.len(),
         chunks_written,
@@ -276,4 +283,26 @@ pub async fn process(
         failed: failures.len(),
         dead_lettered,
     })
+}
+
+/// Counted only once the batch's transaction has committed.
+fn record_metrics(
+    source: &str,
+    acknowledged: &[outbox::Acknowledged],
+    written: u64,
+    deleted: u64,
+    dead_lettered: u64,
+) {
+    let source = source.to_owned();
+    let changes: i64 = acknowledged.iter().map(|a| a.version).sum();
+    metrics::counter!("kbsync_changes_total", "source" => source.clone()).increment(changes as u64);
+    metrics::counter!("kbsync_keys_processed_total", "source" => source.clone())
+        .increment(acknowledged.len() as u64);
+    let lag = metrics::histogram!(crate::telemetry::SYNC_LAG, "source" => source.clone());
+    for a in acknowledged {
+        lag.record(a.lag_seconds);
+    }
+    metrics::counter!("kbsync_chunks_written_total", "source" => source.clone()).increment(written);
+    metrics::counter!("kbsync_chunks_deleted_total", "source" => source.clone()).increment(deleted);
+    metrics::counter!("kbsync_dead_lettered_total", "source" => source).increment(dead_lettered);
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -24,7 +25,9 @@ use kbsync_core::outbox;
 use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
 
 use crate::batch::{self, BatchError, SourcePipeline};
-use crate::listener;
+use crate::health::Health;
+use crate::http::{self, HttpState};
+use crate::{listener, systemd, telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -42,6 +45,8 @@ pub enum DaemonError {
     Source(String),
     #[error("a worker task failed: {0}")]
     Task(String),
+    #[error("{0}")]
+    Http(String),
 }
 
 pub struct Daemon {
@@ -55,6 +60,7 @@ struct Shared {
     provider: Provider,
     pipelines: Vec<SourcePipeline>,
     failure_policy: outbox::FailurePolicy,
+    health: Arc<Health>,
 }
 
 impl Daemon {
@@ -86,9 +92,28 @@ impl Daemon {
             );
         }
         drop(client);
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let health = Arc::new(Health::new(connected_rx));
+        health.database_ok();
+        let metrics = telemetry::handle().map_err(DaemonError::Http)?;
+        // Bound before READY, so a taken port is a clear start-up error.
+        let http_listener = match self.config.http.listen {
+            Some(addr) => {
+                let bound = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| DaemonError::Http(format!("http.listen {addr}: {e}")))?;
+                let local = bound
+                    .local_addr()
+                    .map_err(|e| DaemonError::Http(format!("http.listen {addr}: {e}")))?;
+                tracing::info!(address = %local, "http endpoint listening: /healthz /readyz /metrics /api/chunking-health");
+                Some(bound)
+            }
+            None => None,
+        };
         let workers = self.config.embedding.max_concurrency;
         tracing::info!(workers, model = provider.model(), "kbsync daemon started");
         let shared = Arc::new(Shared {
+            health: health.clone(),
             failure_policy: outbox::FailurePolicy::from_config(&self.config),
             config: self.config,
             url: self.url,
@@ -97,7 +122,6 @@ impl Daemon {
         });
 
         let (wake_tx, wake_rx) = watch::channel(0u64);
-        let (connected_tx, _connected_rx) = watch::channel(false);
         // Not a child of `cancel`: the tasks are told to stop only after we have
         // decided why we stop, so a task ending on shutdown is not taken for a failure.
         let work_cancel = CancellationToken::new();
@@ -128,6 +152,26 @@ impl Daemon {
             ));
         }
 
+        if let Some(bound) = http_listener {
+            let state = Arc::new(HttpState {
+                health,
+                metrics,
+                config: shared.config.clone(),
+                url: shared.url.clone(),
+            });
+            let cancel = work_cancel.clone();
+            tasks.spawn(async move {
+                if let Err(e) = http::serve(bound, state, cancel).await {
+                    tracing::error!(error = %e, "the http endpoint failed");
+                }
+            });
+        }
+        tasks.spawn(systemd::watchdog(work_cancel.clone()));
+        systemd::ready(&format!(
+            "syncing {} sources with {workers} workers",
+            shared.pipelines.len()
+        ));
+
         let failure = tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
@@ -137,6 +181,7 @@ impl Daemon {
             },
         };
         work_cancel.cancel();
+        systemd::stopping();
         let drain = shared.config.daemon.drain_timeout;
         tracing::info!(?drain, "stopping: finishing in-flight batches");
         if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
@@ -156,12 +201,17 @@ impl Daemon {
 }
 
 /// Connect, retrying with backoff until it works or we are cancelled.
-async fn connect_with_retry(url: &str, cancel: &CancellationToken) -> Option<Client> {
+async fn connect_with_retry(
+    url: &str,
+    cancel: &CancellationToken,
+    health: &Health,
+) -> Option<Client> {
     let mut delays = db::reconnect_backoff();
     loop {
         match db::connect(url).await {
             Ok((client, _)) => return Some(client),
             Err(e) => {
+                health.database_failed(&e.to_string());
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(error = %e, ?delay, "database unavailable; retrying");
                 tokio::select! {
@@ -193,11 +243,13 @@ async fn worker(
             }
         }
         db_failures += 1;
-        let Some(mut client) = connect_with_retry(&shared.url, &cancel).await else {
+        let Some(mut client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
+        else {
             return;
         };
         // A second connection renews leases while the first is busy with a batch.
-        let Some(lease_client) = connect_with_retry(&shared.url, &cancel).await else {
+        let Some(lease_client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
+        else {
             return;
         };
         let mut first_source = n;
@@ -219,8 +271,12 @@ async fn worker(
                 )
                 .await
                 {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        shared.health.database_ok();
+                        c
+                    }
                     Err(e) => {
+                        shared.health.database_failed(&db::describe(&e));
                         tracing::warn!(error = %db::describe(&e), "claiming from the outbox failed; reconnecting");
                         continue 'connect;
                     }
@@ -243,6 +299,10 @@ async fn worker(
                     .await;
                 match result {
                     Ok(report) => {
+                        metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "ok").increment(1);
+                        if report.inputs_embedded > 0 {
+                            shared.health.provider_ok();
+                        }
                         provider_failures = 0;
                         db_failures = -1;
                         tracing::info!(
@@ -257,6 +317,8 @@ async fn worker(
                         );
                     }
                     Err(BatchError::Provider(e)) => {
+                        metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "provider_error").increment(1);
+                        shared.health.provider_failed(&e.to_string());
                         provider_failures += 1;
                         let delay = outbox::retry_delay(provider_failures as i32);
                         tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
@@ -267,6 +329,8 @@ async fn worker(
                         }
                     }
                     Err(BatchError::Db(e)) => {
+                        metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
+                        shared.health.database_failed(&db::describe(&e));
                         let kind = db::classify(&e);
                         tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch");
                         let delay = if kind == ErrorKind::Retryable {
@@ -288,6 +352,7 @@ async fn worker(
             let wait = match next_ready(&client, &shared).await {
                 Ok(w) => w.min(daemon.fallback_poll),
                 Err(e) => {
+                    shared.health.database_failed(&db::describe(&e));
                     tracing::warn!(error = %db::describe(&e), "reading the outbox failed; reconnecting");
                     continue 'connect;
                 }
@@ -330,12 +395,14 @@ async fn scheduled_sweeps(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        let Some(mut client) = connect_with_retry(&shared.url, &cancel).await else {
+        let Some(mut client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
+        else {
             return;
         };
         match kbsync_reconcile::sweep(&mut client, &shared.config, &options, &Quiet, &cancel).await
         {
             Ok(report) => {
+                record_sweep(&report);
                 let total = |f: fn(&SourceReport) -> u64| report.sources.iter().map(f).sum::<u64>();
                 tracing::info!(
                     run = report.run_id,
@@ -359,10 +426,35 @@ async fn scheduled_sweeps(
                 }
             }
             Err(ReconcileError::Busy) => {
+                metrics::counter!("kbsync_reconcile_runs_total", "outcome" => "busy").increment(1);
                 tracing::info!("scheduled reconcile sweep skipped: another sweep is running");
             }
             Err(ReconcileError::Cancelled) => return,
-            Err(e) => tracing::error!(error = %e, "scheduled reconcile sweep failed"),
+            Err(e) => {
+                metrics::counter!("kbsync_reconcile_runs_total", "outcome" => "error").increment(1);
+                tracing::error!(error = %e, "scheduled reconcile sweep failed");
+            }
+        }
+    }
+}
+
+fn record_sweep(report: &kbsync_reconcile::Report) {
+    let outcome = if report.safety_stops().next().is_some() {
+        "safety_stop"
+    } else {
+        "ok"
+    };
+    metrics::counter!("kbsync_reconcile_runs_total", "outcome" => outcome).increment(1);
+    for s in &report.sources {
+        for (action, n) in [
+            ("missing", s.missing),
+            ("stale", s.stale.total()),
+            ("missing_embedding", s.missing_embeddings),
+            ("orphan_chunks", s.orphan_chunks),
+            ("dead_letter_retried", s.dead_letters_retried),
+        ] {
+            metrics::counter!("kbsync_reconcile_keys_total", "source" => s.source.clone(), "action" => action)
+                .increment(n);
         }
     }
 }

@@ -4,6 +4,10 @@
 
 mod batch;
 mod daemon;
+pub mod health;
+mod http;
 mod listener;
+pub mod systemd;
+pub mod telemetry;
 
 pub use daemon::{Daemon, DaemonError};

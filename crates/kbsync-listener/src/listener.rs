@@ -109,6 +109,7 @@ async fn listen_once(
             message = messages.next() => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     tracing::trace!(payload = n.payload(), "notification");
+                    metrics::counter!("kbsync_notifications_total").increment(1);
                     bump(wake);
                 }
                 Some(Ok(_)) => {}

@@ -12,6 +12,7 @@
 //! One sweep at a time across all daemons (a session advisory lock); every sweep is
 //! recorded in `kbsync.reconcile_runs` ([`runs`]).
 
+pub mod coverage;
 mod dead_letters;
 mod missing_and_stale;
 mod orphans;
@@ -46,8 +47,8 @@ pub enum ReconcileError {
         "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
     )]
     SchemaNotInstalled,
-    #[error("unknown source {name:?}: the config declares {known}")]
-    UnknownSource { name: String, known: String },
+    #[error("{0}")]
+    UnknownSource(String),
     #[error(
         "sources.{source_name}: table {table} does not exist (check the config, or create the table)"
     )]
@@ -133,15 +134,10 @@ pub async fn sweep(
     if !schema_is_current(&*client).await? {
         return Err(ReconcileError::SchemaNotInstalled);
     }
-    let all = config.sources();
     for name in &options.sources {
-        if !all.iter().any(|s| &s.name == name) {
-            let known: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
-            return Err(ReconcileError::UnknownSource {
-                name: name.clone(),
-                known: known.join(", "),
-            });
-        }
+        config
+            .source_named(name)
+            .map_err(ReconcileError::UnknownSource)?;
     }
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
@@ -231,7 +227,7 @@ async fn sweep_sources(
         let scan = dead_letters::DeadLetterScan::new(&rows);
         dead_letters::sweep(&*client, source, &scan, &scope, &mut found).await?;
 
-        if !scope.dry_run && found.queued + found.dead_letters_retried > 0 {
+        if !scope.dry_run && found.dead_letters_retried > 0 {
             client
                 .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &source.name])
                 .await?;

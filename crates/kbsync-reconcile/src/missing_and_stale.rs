@@ -4,6 +4,7 @@
 //! processing path repairs them (re-reading the row, reusing unchanged embeddings).
 
 use kbsync_core::config::Source;
+use kbsync_core::outbox;
 use kbsync_core::source_rows::RowSql;
 use tokio_postgres::GenericClient;
 
@@ -87,14 +88,6 @@ impl RowScan {
     }
 }
 
-/// Outbox entries made by the sweep are ready at once (their first change is a
-/// max_wait ago) but sort after the live edits already waiting.
-const QUEUE: &str =
-    "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
-     SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM unnest($2::text[]) k
-     ON CONFLICT (source, scope, source_key) DO NOTHING
-     RETURNING o.source_key";
-
 const PENDING: &str = "SELECT count(*) FROM kbsync.outbox
      WHERE source = $1 AND scope = 'row' AND source_key = ANY($2)";
 
@@ -156,13 +149,7 @@ pub(crate) async fn sweep(
                     .get(0);
                 keys.len() as u64 - pending as u64
             } else {
-                client
-                    .query(
-                        QUEUE,
-                        &[&source.name, &keys, &source.max_wait.as_secs_f64()],
-                    )
-                    .await?
-                    .len() as u64
+                outbox::enqueue(client, source, &keys).await?.len() as u64
             };
             report.queued += queued;
             report.already_queued += keys.len() as u64 - queued;

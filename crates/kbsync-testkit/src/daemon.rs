@@ -27,6 +27,30 @@ pub fn sync_config_with_max_wait(
     delete_window: &str,
     max_wait: &str,
 ) -> TempConfig {
+    let embedding = format!(
+        "[embedding]\nprovider = \"openai\"\nmodel = \"{TEST_MODEL}\"\ndimensions = {dims}\nbase_url = \"{base_url}\"\nmax_inputs_per_request = 64\nrequest_timeout = \"10s\"\nmax_concurrency = 2\n\n"
+    );
+    test_config(&embedding, window, delete_window, max_wait)
+}
+
+/// The shipped config with its offline local model (all-MiniLM-L6-v2, fetched by
+/// `just model`) and the test windows, lease and poll of `sync_config`.
+pub fn local_model_config(window: &str) -> TempConfig {
+    let dir = crate::repo_root().join(".kbsync/models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run `just model` (`just test` does)",
+        dir.display()
+    );
+    let embedding = format!(
+        "[embedding]\nprovider = \"local\"\nmodel = \"all-MiniLM-L6-v2\"\ndimensions = 384\nmodel_dir = \"{}\"\n\n",
+        dir.display()
+    );
+    test_config(&embedding, window, window, "30s")
+}
+
+/// The shipped config, line by line, with `embedding` as its [embedding] section.
+fn test_config(embedding: &str, window: &str, delete_window: &str, max_wait: &str) -> TempConfig {
     let shipped = std::fs::read_to_string(shipped_config()).expect("reading kbsync.toml");
     let mut out = String::new();
     let mut skipping_embedding = false;
@@ -35,9 +59,7 @@ pub fn sync_config_with_max_wait(
         if trimmed.starts_with('[') {
             skipping_embedding = trimmed == "[embedding]";
             if skipping_embedding {
-                out.push_str(&format!(
-                    "[embedding]\nprovider = \"openai\"\nmodel = \"{TEST_MODEL}\"\ndimensions = {dims}\nbase_url = \"{base_url}\"\nmax_inputs_per_request = 64\nrequest_timeout = \"10s\"\nmax_concurrency = 2\n\n"
-                ));
+                out.push_str(embedding);
                 continue;
             }
         }
@@ -54,6 +76,9 @@ pub fn sync_config_with_max_wait(
             "fallback_poll = \"1s\"".to_owned()
         } else if trimmed.starts_with("max_attempts =") {
             "max_attempts = 2".to_owned()
+        } else if trimmed.starts_with("listen =") {
+            // Parallel tests: any free port; `DaemonProcess::http_address` finds it.
+            "listen = \"127.0.0.1:0\"".to_owned()
         } else if trimmed.starts_with("enabled =") {
             // No scheduled sweeps unless a test asks for them (`TempConfig::edited`).
             "enabled = false".to_owned()
@@ -132,6 +157,43 @@ impl DaemonProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The address of the HTTP endpoint, read from the start-up log line (the test
+    /// configs listen on port 0).
+    pub async fn http_address(&self) -> String {
+        wait_for(
+            Duration::from_secs(30),
+            "the http endpoint's address in the log",
+            || async {
+                self.log()
+                    .lines()
+                    .find(|l| l.contains("http endpoint listening"))
+                    .and_then(|l| l.split("address=").nth(1))
+                    .map(|rest| rest.split_whitespace().next().unwrap_or(rest).to_owned())
+            },
+        )
+        .await
+    }
+
+    /// GET `path` from the daemon's HTTP endpoint: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.http_address().await);
+        let response = reqwest::get(&url)
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}\n{}", self.log()));
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("the response body"))
+    }
+
+    /// Send a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Exit status if the process has ended.

@@ -9,7 +9,10 @@ pub mod demo_state;
 pub use cluster::PrivateCluster;
 mod openai_server;
 
-pub use daemon::{DaemonProcess, TEST_API_KEY, sync_config, sync_config_with_max_wait, wait_for};
+pub use daemon::{
+    DaemonProcess, TEST_API_KEY, local_model_config, sync_config, sync_config_with_max_wait,
+    wait_for,
+};
 
 pub use openai_server::{FakeOpenAi, Fault, deterministic_vector};
 

@@ -119,6 +119,11 @@ impl FakeOpenAi {
         self.inner().poison.push(marker.to_owned());
     }
 
+    /// Accept every input again.
+    pub fn clear_poison(&self) {
+        self.inner().poison.clear();
+    }
+
     pub fn set_latency(&self, latency: Duration) {
         self.inner().latency = latency;
     }

@@ -3,9 +3,11 @@
 mod config_cmd;
 mod demo_cmd;
 mod embed_cmd;
+mod errors_cmd;
 mod install_cmd;
 mod reconcile_cmd;
 mod run_cmd;
+mod search_cmd;
 mod status_cmd;
 
 use std::path::PathBuf;
@@ -57,6 +59,7 @@ enum Command {
         reset_embeddings: bool,
     },
     /// Run the daemon: capture changes from the outbox and keep tenant_knowledge in sync.
+    /// SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.
     Run,
     /// One reconciliation sweep: delete orphaned chunks; queue missing and stale ones
     /// (and chunks without an embedding) for the daemon; retry parked keys that are due.
@@ -80,8 +83,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// What is behind and why: outbox backlog, parked keys, latest reconcile sweeps.
-    Status,
+    /// What is behind and why: per source, eligible rows vs rows with chunks, chunks
+    /// without embedding, outbox backlog and its oldest change, dead letters; the latest
+    /// reconcile sweeps.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search a tenant's knowledge: embed the question with the configured provider and
+    /// print the closest chunks (exact search over that tenant's chunks only).
+    Search {
+        /// The tenant whose chunks are searched (tenant_knowledge.tenant_id).
+        #[arg(long)]
+        tenant: String,
+        /// The question.
+        question: String,
+        /// How many chunks to show.
+        #[arg(short, default_value_t = 5)]
+        k: i64,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keys that kept failing (kbsync.dead_letters); `errors retry` replays them.
+    Errors {
+        #[command(subcommand)]
+        command: Option<ErrorsCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Embed one text with the configured provider: dimension, norm, first values, latency.
     Embed {
         /// The text to embed.
@@ -96,6 +131,23 @@ enum Command {
     Demo {
         #[command(subcommand)]
         command: DemoCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ErrorsCommand {
+    /// Put dead letters back into the outbox once their cause is fixed.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "source", "all"])))]
+    Retry {
+        /// These dead letters (ids from `kbsync errors`; repeatable).
+        #[arg(long)]
+        id: Vec<i64>,
+        /// Every dead letter of this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -143,7 +195,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             reset_embeddings,
         } => done(install_cmd::install(&load(config)?, dry_run, reset_embeddings).await),
-        Command::Run => done(run_cmd::run(load(config)?).await),
+        Command::Run => done(run_cmd::run(config, load(config)?).await),
         Command::Reconcile {
             dry_run,
             force,
@@ -160,7 +212,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             reconcile_cmd::reconcile(&load(config)?, options, json).await
         }
-        Command::Status => done(status_cmd::status(&load(config)?).await),
+        Command::Status { json } => done(status_cmd::status(&load(config)?, json).await),
+        Command::Search {
+            tenant,
+            question,
+            k,
+            source,
+            json,
+        } => {
+            let query = search_cmd::Query {
+                tenant,
+                text: question,
+                k,
+                source,
+                json,
+            };
+            done(search_cmd::search(&load(config)?, query).await)
+        }
+        Command::Errors { command, json } => {
+            let config = load(config)?;
+            done(match command {
+                None => errors_cmd::list(&config, json).await,
+                Some(ErrorsCommand::Retry { id, source, all }) => {
+                    let selection = match (id.is_empty(), source, all) {
+                        (false, _, _) => errors_cmd::Selection::Ids(id),
+                        (true, Some(s), _) => errors_cmd::Selection::Source(s),
+                        (true, None, _) => errors_cmd::Selection::All,
+                    };
+                    errors_cmd::retry(&config, selection).await
+                }
+            })
+        }
         Command::Embed { text } => done(embed_cmd::embed(&load(config)?, &text).await),
         Command::Demo { command } => {
             let config = load(config)?;
@@ -191,8 +273,10 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+    // Colours only for a person at a terminal, never in files or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

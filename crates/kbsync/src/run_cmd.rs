@@ -1,31 +1,50 @@
-//! `kbsync run`: the daemon, stopped by SIGINT/SIGTERM.
+//! `kbsync run`: the daemon. SIGINT/SIGTERM stop it (in-flight batches drain);
+//! SIGHUP re-reads the config file and, when it is valid, restarts the daemon with
+//! it the same way (drain, then start) — an invalid file is reported and the
+//! running config kept.
 
+use std::path::Path;
+
+use anyhow::Context;
 use kbsync_core::config::Config;
-use kbsync_listener::Daemon;
+use kbsync_listener::{Daemon, systemd};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let cancel = CancellationToken::new();
-    let stop = cancel.clone();
+pub async fn run(path: &Path, mut config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let signals = tokio::spawn(async move {
-        let result = shutdown_signal().await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
         stop.cancel();
-        result
     });
-    let outcome = Daemon::new(config)?.run(cancel).await;
-    signals.abort();
-    outcome?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        let this_run = shutdown.child_token();
+        let mut running = tokio::spawn(Daemon::new(config.clone())?.run(this_run.clone()));
+        let reloaded = loop {
+            tokio::select! {
+                outcome = &mut running => {
+                    signals.abort();
+                    outcome.context("the daemon task")??;
+                    tracing::info!("stopped");
+                    return Ok(());
+                }
+                _ = hangup.recv() => match Config::load(path) {
+                    Ok(new) => break new,
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the running config"),
+                },
+            }
+        };
+        tracing::info!(config = %path.display(), "SIGHUP: config reloaded; restarting the daemon with it");
+        systemd::reloading();
+        this_run.cancel();
+        running.await.context("the daemon task")??;
+        config = reloaded;
     }
-    tracing::info!("shutdown requested");
-    Ok(())
 }

@@ -1,49 +1,68 @@
-//! `kbsync status`: what is behind and why — the outbox backlog per source, parked
-//! keys, and the latest reconcile sweeps.
+//! `kbsync status`: what is behind and why — per source, eligible rows against rows
+//! with chunks, chunks without an embedding, the outbox backlog and its oldest change,
+//! parked keys; then the latest reconcile sweeps.
 
 use kbsync_core::config::Config;
+use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
 
-pub async fn status(config: &Config) -> anyhow::Result<()> {
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let client = crate::connect(config).await?;
     if !kbsync_core::install::schema_is_current(&client).await? {
         anyhow::bail!(
             "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
         );
     }
-    let names: Vec<String> = config.sources().into_iter().map(|s| s.name).collect();
-    let backlog = client
-        .query(
-            "SELECT s.name,
-                    count(o.source_key),
-                    count(o.source_key) FILTER (WHERE o.claim_token IS NOT NULL AND o.claimed_until > now()),
-                    count(o.source_key) FILTER (WHERE o.next_attempt_at > now()),
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(o.first_changed_at))::float8, 0),
-                    (SELECT count(*) FROM kbsync.dead_letters d WHERE d.source = s.name)
-               FROM unnest($1::text[]) AS s(name)
-               LEFT JOIN kbsync.outbox o ON o.source = s.name
-              GROUP BY s.name ORDER BY s.name",
-            &[&names],
-        )
-        .await?;
-    println!("outbox");
-    println!(
-        "  {:<12} {:>8} {:>8} {:>9} {:>12} {:>12}",
-        "source", "pending", "claimed", "retrying", "oldest (s)", "dead letters"
-    );
-    for r in &backlog {
+    let cover = coverage(&client, config).await?;
+    let runs = recent_runs(&client, 5).await?;
+    if json {
+        let runs: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "started_at": r.started_at.to_rfc3339(),
+                    "finished_at": r.finished_at.map(|t| t.to_rfc3339()),
+                    "origin": r.origin, "dry_run": r.dry_run, "options": r.options,
+                    "report": r.counts, "error": r.error,
+                })
+            })
+            .collect();
         println!(
-            "  {:<12} {:>8} {:>8} {:>9} {:>12.1} {:>12}",
-            r.get::<_, String>(0),
-            r.get::<_, i64>(1),
-            r.get::<_, i64>(2),
-            r.get::<_, i64>(3),
-            r.get::<_, f64>(4),
-            r.get::<_, i64>(5)
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "sources": cover.sources, "reconcile_runs": runs,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:>9} {:>12} {:>9} {:>8} {:>13} {:>8} {:>11} {:>13}",
+        "source",
+        "eligible",
+        "with chunks",
+        "coverage",
+        "chunks",
+        "no embedding",
+        "backlog",
+        "oldest (s)",
+        "dead letters"
+    );
+    for s in &cover.sources {
+        println!(
+            "{:<12} {:>9} {:>12} {:>8.1}% {:>8} {:>13} {:>8} {:>11.1} {:>13}",
+            s.source,
+            s.eligible_rows,
+            s.rows_with_chunks,
+            s.coverage * 100.0,
+            s.chunks,
+            s.chunks_without_embedding,
+            s.backlog,
+            s.oldest_pending_seconds,
+            s.dead_letters
         );
     }
+    println!();
     println!("reconcile sweeps (latest first)");
-    let runs = recent_runs(&client, 5).await?;
     if runs.is_empty() {
         println!(
             "  none yet: `kbsync reconcile` runs one; `kbsync run` runs them on reconcile.schedule"

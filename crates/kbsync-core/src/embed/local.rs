@@ -102,6 +102,13 @@ impl LocalModel {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| failed("tokenizer", &e))?;
+        let tokens: u32 = encodings
+            .iter()
+            .map(|e| e.get_attention_mask().iter().sum::<u32>())
+            .sum();
+        metrics::counter!("kbsync_embedding_requests_total", "provider" => "local").increment(1);
+        metrics::counter!("kbsync_embedding_inputs_total").increment(texts.len() as u64);
+        metrics::counter!("kbsync_embedding_tokens_total").increment(u64::from(tokens));
         let ids: Vec<Tensor> = encodings
             .iter()
             .map(|e| Tensor::new(e.get_ids(), &self.device))

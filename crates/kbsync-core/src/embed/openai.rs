@@ -208,6 +208,7 @@ impl OpenAiClient {
             }
             current.push(i);
             current_tokens += tokens;
+            metrics::counter!("kbsync_embedding_tokens_total").increment(tokens as u64);
         }
         if !current.is_empty() {
             batches.push(current);
@@ -288,13 +289,36 @@ impl OpenAiClient {
                         .unwrap_or(d)
                 })
             })
-            .notify(
-                |e, delay| tracing::warn!(error = %e, ?delay, "embedding request failed; retrying"),
-            )
+            .notify(|e, delay| {
+                metrics::counter!("kbsync_embedding_retries_total").increment(1);
+                tracing::warn!(error = %e, ?delay, "embedding request failed; retrying")
+            })
             .await
     }
 
+    /// One request, counted: requests, inputs, duration, and errors by kind.
     async fn request(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RequestError> {
+        metrics::counter!("kbsync_embedding_requests_total", "provider" => "openai").increment(1);
+        metrics::counter!("kbsync_embedding_inputs_total").increment(texts.len() as u64);
+        let started = std::time::Instant::now();
+        let result = self.send(texts).await;
+        metrics::histogram!("kbsync_embedding_request_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            let kind = match e {
+                RequestError::Status { status: 429, .. } => "rate_limited",
+                RequestError::Status { status, .. } if *status >= 500 => "server_error",
+                RequestError::Status { .. } => "refused",
+                RequestError::Transport(_) => "transport",
+                RequestError::Malformed(_) => "malformed",
+                RequestError::Mismatch(_) => "mismatch",
+            };
+            metrics::counter!("kbsync_embedding_errors_total", "kind" => kind).increment(1);
+        }
+        result
+    }
+
+    async fn send(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RequestError> {
         let _permit = self
             .permits
             .acquire()

@@ -1,0 +1,128 @@
+//! Prometheus metrics. Counters and histograms are recorded where things happen
+//! (through the `metrics` facade: the embedding client, the batch, the sweep); the
+//! backlog gauges are read from the database when `/metrics` is scraped, so they are
+//! never stale and cost nothing between scrapes.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_postgres::GenericClient;
+
+/// Seconds from a change to its chunks being written (includes the debounce window).
+pub const SYNC_LAG: &str = "kbsync_sync_lag_seconds";
+const LAG_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const REQUEST_BUCKETS: [f64; 9] = [0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// The process's metrics recorder, installed on first use.
+pub fn handle() -> Result<PrometheusHandle, String> {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(SYNC_LAG.into()), &LAG_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("kbsync_embedding_request_seconds".into()),
+                        &REQUEST_BUCKETS,
+                    )
+                })
+                .map_err(|e| e.to_string())?
+                .install_recorder()
+                .map_err(|e| format!("installing the metrics recorder: {e}"))?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "kbsync_notifications_total",
+        "NOTIFY wake-ups received by the listener"
+    );
+    describe_counter!(
+        "kbsync_changes_total",
+        "Source row changes written (edits folded into one outbox entry each count)"
+    );
+    describe_counter!(
+        "kbsync_keys_processed_total",
+        "Outbox entries processed and acknowledged; changes_total / keys_processed_total is the debounce coalescing"
+    );
+    describe_counter!(
+        "kbsync_batches_total",
+        "Batches processed, by outcome (ok, provider_error, database_error)"
+    );
+    describe_counter!("kbsync_chunks_written_total", "Chunks inserted or updated");
+    describe_counter!(
+        "kbsync_chunks_deleted_total",
+        "Chunks deleted (rows gone, filtered out, or texts that got shorter)"
+    );
+    describe_counter!(
+        "kbsync_dead_lettered_total",
+        "Keys parked in kbsync.dead_letters after max_attempts"
+    );
+    describe_histogram!(
+        SYNC_LAG,
+        Unit::Seconds,
+        "From a key's last change to its chunks being written (includes the debounce window)"
+    );
+    describe_counter!(
+        "kbsync_embedding_requests_total",
+        "Embedding requests sent (local model: forward passes)"
+    );
+    describe_counter!("kbsync_embedding_inputs_total", "Texts sent to be embedded");
+    describe_counter!(
+        "kbsync_embedding_tokens_total",
+        "Tokens of the texts sent to be embedded"
+    );
+    describe_counter!(
+        "kbsync_embedding_errors_total",
+        "Failed embedding requests, by kind"
+    );
+    describe_counter!(
+        "kbsync_embedding_retries_total",
+        "Embedding requests retried after a transient failure"
+    );
+    describe_histogram!(
+        "kbsync_embedding_request_seconds",
+        Unit::Seconds,
+        "Duration of one embedding request"
+    );
+    describe_gauge!(
+        "kbsync_outbox_backlog",
+        "Outbox entries waiting (in a window, claimed or retrying)"
+    );
+    describe_gauge!(
+        "kbsync_outbox_oldest_pending_seconds",
+        "Age of the oldest change waiting in the outbox"
+    );
+    describe_gauge!("kbsync_dead_letters", "Keys parked in kbsync.dead_letters");
+    describe_counter!(
+        "kbsync_reconcile_runs_total",
+        "Scheduled reconcile sweeps, by outcome (ok, safety_stop, busy, error)"
+    );
+    describe_counter!(
+        "kbsync_reconcile_keys_total",
+        "Keys the scheduled sweeps found, by action (missing, stale, missing_embedding, orphan_chunks, dead_letter_retried)"
+    );
+    describe_gauge!("kbsync_ready", "1 when /readyz would answer ready, else 0");
+}
+
+/// Set the backlog gauges from the database.
+pub async fn refresh_backlog(
+    client: &impl GenericClient,
+    sources: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    for b in kbsync_reconcile::coverage::backlog(client, sources).await? {
+        let source = b.source.clone();
+        metrics::gauge!("kbsync_outbox_backlog", "source" => source.clone()).set(b.pending as f64);
+        metrics::gauge!("kbsync_outbox_oldest_pending_seconds", "source" => source.clone())
+            .set(b.oldest_seconds);
+        metrics::gauge!("kbsync_dead_letters", "source" => source).set(b.dead_letters as f64);
+    }
+    Ok(())
+}
