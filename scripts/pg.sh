@@ -11,7 +11,8 @@
 # extension/vector.control; else the PyPI wheel pgserver==0.1.4 (PostgreSQL 16.2 +
 # pgvector 0.6.2), downloaded once into .kbsync/cache. PostgreSQL refuses to run as
 # root, so as root the server runs as the unprivileged user $KBSYNC_PG_USER (default
-# kbsyncpg), created if missing.
+# kbsyncpg), created if missing. fsync is off (a throwaway server for tests and demos)
+# unless KBSYNC_PG_FSYNC=on (the benchmarks' durable cluster).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -103,7 +104,7 @@ start() {
   else
     # Trust auth is safe here: the server listens on 127.0.0.1 and a private socket only.
     as_owner "$bin/pg_ctl" -D "$data" -l "$sockdir/postgres.log" -w -t 60 start \
-      -o "-p $port -k $sockdir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off -c shared_buffers=256MB" >/dev/null \
+      -o "-p $port -k $sockdir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=${KBSYNC_PG_FSYNC:-off} -c shared_buffers=256MB" >/dev/null \
       || { tail -n 30 "$sockdir/postgres.log" >&2; die "PostgreSQL did not start (log: $sockdir/postgres.log)"; }
     log "started PostgreSQL $("$bin/postgres" --version | awk '{print $3}') with pgvector on 127.0.0.1:$port"
   fi

@@ -37,12 +37,12 @@ async fn a_slower_worker_cannot_write_over_a_newer_claim() {
     let (_db, client, source) = one_prompt().await;
     let slow = uuid::Uuid::new_v4();
     let fast = uuid::Uuid::new_v4();
-    let claimed = outbox::claim(&client, &source, slow, Duration::from_millis(100), 10)
+    let claimed = outbox::claim(&client, &source, slow, Duration::from_millis(100), 10, None)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
     assert!(
-        outbox::claim(&client, &source, fast, Duration::from_secs(60), 10)
+        outbox::claim(&client, &source, fast, Duration::from_secs(60), 10, None)
             .await
             .unwrap()
             .is_empty(),
@@ -50,7 +50,7 @@ async fn a_slower_worker_cannot_write_over_a_newer_claim() {
     );
     // Once the slow worker's lease has run out, another worker takes the entry.
     let taken = wait_for(Duration::from_secs(10), "the lease to run out", || async {
-        let c = outbox::claim(&client, &source, fast, Duration::from_secs(60), 10)
+        let c = outbox::claim(&client, &source, fast, Duration::from_secs(60), 10, None)
             .await
             .unwrap();
         (!c.is_empty()).then_some(c)
@@ -106,7 +106,7 @@ async fn a_slower_worker_cannot_write_over_a_newer_claim() {
 async fn an_entry_changed_during_processing_stays_for_another_pass() {
     let (_db, client, source) = one_prompt().await;
     let token = uuid::Uuid::new_v4();
-    let claimed = outbox::claim(&client, &source, token, Duration::from_secs(60), 10)
+    let claimed = outbox::claim(&client, &source, token, Duration::from_secs(60), 10, None)
         .await
         .unwrap();
     // The application edits the row while the worker is embedding the old text.

@@ -6,7 +6,11 @@
 //! window set to 0, time from the commit's return until the new chunk is visible to
 //! another connection. Baseline, same run: the commit round trip of the same UPDATE.
 
+mod backfill;
+mod bench_db;
+mod coalescing;
 mod reconcile_sweep;
+mod trigger_overhead;
 
 use std::time::{Duration, Instant};
 
@@ -184,7 +188,14 @@ fn table(rows: &[(String, String)]) -> String {
     table
 }
 
-const SECTIONS: [&str; 3] = ["latency", "model", "reconcile"];
+const SECTIONS: [&str; 6] = [
+    "triggers",
+    "latency",
+    "backfill",
+    "coalescing",
+    "model",
+    "reconcile",
+];
 
 /// `kbsync-bench [SECTION...]`: all sections (and BENCHMARKS.md written) by default.
 #[tokio::main]
@@ -219,12 +230,37 @@ async fn main() {
         "# kbsync benchmarks\n\nRun {date} with `just bench` on {cores} cores, {mem} kB memory; {version}.\n\n",
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
+    if run("triggers") {
+        let seconds: u32 = std::env::var("KBSYNC_BENCH_PGBENCH_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        report.push_str(&format!(
+            "## Trigger overhead (the application's writes)\n\npgbench against 100,000 QAPairs (the `faq` source: \
+             tenant through the page, filter on generation_status), no daemon running, so this is the writer's \
+             own cost: the outbox upsert, the tenant lookup, the NOTIFY.\n\n{}\n",
+            table(&trigger_overhead::rows(seconds).await)
+        ));
+    }
     if run("latency") {
         report.push_str(&format!(
             "## Sync latency\n\n{WRITES} sequential single-row commits (~100/s at most), debounce windows 0, an \
              OpenAI-compatible test server answering at once; latency is from the commit's return to the new \
              chunk being visible on another connection (polled every 1 ms). Debug build of kbsync (what `just test` builds).\n\n{}\n",
             table(&latency_rows().await)
+        ));
+    }
+    if run("backfill") {
+        report.push_str(&format!(
+            "## Backfill and scale-out\n\nDebug build of kbsync, an OpenAI-compatible test server, one tenant's \
+             QAPairs queued at once by the triggers (daemons stopped), drained by the daemon(s).\n\n{}\n",
+            table(&backfill::rows().await)
+        ));
+    }
+    if run("coalescing") {
+        report.push_str(&format!(
+            "## Coalescing, no-op updates, fairness\n\nCounted by the test server (embedding inputs received).\n\n{}\n",
+            table(&coalescing::rows().await)
         ));
     }
     if run("model") {

@@ -24,17 +24,30 @@ pub struct TriggerDef {
     pub create_sql: String,
 }
 
-/// `CREATE OR REPLACE FUNCTION` for a source's capture function.
-pub fn function_sql(source: &Source) -> String {
+/// `CREATE OR REPLACE FUNCTION` for a source's capture function. `via_table` is the
+/// schema-qualified `tenant.via` table (install resolves it; the function runs with a
+/// pinned search_path). The entry records the row's tenant for fair scheduling: one
+/// index probe of the via table per write when the tenant is reached through it.
+pub fn function_sql(source: &Source, via_table: Option<&str>) -> String {
     let name = lit(&source.name);
     let key = &source.key;
-    let upsert = |scope: &str, key_expr: &str, deleted_expr: &str| {
+    let tenant = |row: &str| match (&source.tenant_via, via_table) {
+        (None, _) => format!("COALESCE({row}.{}::text, '')", source.tenant_column),
+        (Some((_, fk, references)), Some(table)) => format!(
+            "COALESCE((SELECT v.{col}::text FROM {table} v WHERE v.{references} = {row}.{fk}), '')",
+            col = source.tenant_column
+        ),
+        // Unreachable through install, which resolves every via table or fails.
+        (Some(_), None) => "''".to_owned(),
+    };
+    let upsert = |scope: &str, key_expr: &str, deleted_expr: &str, tenant_expr: &str| {
         format!(
-            "INSERT INTO kbsync.outbox AS o (source, scope, source_key, deleted)
-         VALUES ({name}, '{scope}', {key_expr}, {deleted_expr})
+            "INSERT INTO kbsync.outbox AS o (source, scope, source_key, deleted, tenant)
+         VALUES ({name}, '{scope}', {key_expr}, {deleted_expr}, {tenant_expr})
          ON CONFLICT (source, scope, source_key) DO UPDATE
             SET deleted = EXCLUDED.deleted, last_changed_at = pg_catalog.now(),
-                version = o.version + 1, attempts = 0, next_attempt_at = NULL;"
+                version = o.version + 1, attempts = 0, next_attempt_at = NULL,
+                tenant = EXCLUDED.tenant;"
         )
     };
     let old_key = format!("OLD.{key}::text");
@@ -61,10 +74,10 @@ BEGIN
 END
 $kbsync$",
         fname = function_name(&source.name),
-        truncate = upsert("source", "''", "true"),
-        delete = upsert("row", &old_key, "true"),
-        moved = upsert("row", &old_key, "true"),
-        upsert_new = upsert("row", &new_key, &new_fails),
+        truncate = upsert("source", "''", "true", "''"),
+        delete = upsert("row", &old_key, "true", &tenant("OLD")),
+        moved = upsert("row", &old_key, "true", &tenant("OLD")),
+        upsert_new = upsert("row", &new_key, &new_fails, &tenant("NEW")),
         channel = lit(CHANNEL),
     )
 }

@@ -42,8 +42,37 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub scheduling: SchedulingConfig,
     /// Sources by name; the name is the chunk type stored in `tenant_knowledge.source`.
     pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// Which tenants' work goes first. Work is always shared fairly (round-robin) among
+/// tenants; priority tenants' ready work is claimed before anyone else's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulingConfig {
+    /// Tenant ids (as text, like tenant_knowledge.tenant_id). Default none.
+    #[serde(default)]
+    pub priority_tenants: Vec<String>,
+    /// A query returning priority tenant ids in its first column, e.g.
+    /// "SELECT id::text FROM accounts_user WHERE plan = 'enterprise'". Run read-only at
+    /// start (a failing query stops the start) and every `priority_refresh`.
+    pub priority_tenants_sql: Option<String>,
+    /// Default 1m.
+    #[serde(default = "defaults::priority_refresh", with = "humantime_serde")]
+    pub priority_refresh: Duration,
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        Self {
+            priority_tenants: Vec::new(),
+            priority_tenants_sql: None,
+            priority_refresh: defaults::priority_refresh(),
+        }
+    }
 }
 
 /// The daemon's HTTP endpoint: /healthz, /readyz, /metrics, /api/chunking-health.
@@ -108,6 +137,11 @@ pub struct EmbeddingConfig {
     /// Requests in flight at once, per process. Default 4.
     #[serde(default = "defaults::max_concurrency")]
     pub max_concurrency: usize,
+    /// Requests per minute to the provider, for all daemons together (shared through
+    /// the database). Default: no limit of kbsync's own (the server's 429s still count).
+    pub requests_per_minute: Option<u32>,
+    /// Input tokens per minute, for all daemons together. Default: no limit.
+    pub tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +320,9 @@ mod defaults {
     }
     pub fn reconcile_schedule() -> String {
         "0 0 3 * * *".to_owned()
+    }
+    pub fn priority_refresh() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn reconcile_range_size() -> usize {
         5000
@@ -493,6 +530,20 @@ impl Config {
                 ),
             ));
         }
+        if e.requests_per_minute == Some(0) || e.tokens_per_minute == Some(0) {
+            return Err((
+                "embedding.requests_per_minute".into(),
+                "limits must be at least 1 (remove them for no limit)".into(),
+            ));
+        }
+        if e.provider == ProviderKind::Local
+            && (e.requests_per_minute.is_some() || e.tokens_per_minute.is_some())
+        {
+            return Err((
+                "embedding.requests_per_minute".into(),
+                "rate limits apply to provider \"openai\" only; the local model has none".into(),
+            ));
+        }
         if e.max_concurrency == 0 {
             return Err((
                 "embedding.max_concurrency".into(),
@@ -521,6 +572,20 @@ impl Config {
             return Err((
                 "reconcile.max_delete_fraction".into(),
                 format!("{fraction} is out of range: 0.0..=1.0"),
+            ));
+        }
+        if self.scheduling.priority_refresh < Duration::from_secs(1) {
+            return Err((
+                "scheduling.priority_refresh".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if let Some(sql) = &self.scheduling.priority_tenants_sql
+            && sql.trim().is_empty()
+        {
+            return Err((
+                "scheduling.priority_tenants_sql".into(),
+                "is empty: remove it or give a query returning tenant ids".into(),
             ));
         }
         if self.reconcile.range_size == 0 {

@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "reconcile",
         sql: include_str!("../../../sql/migrations/0002_reconcile.sql"),
     },
+    Migration {
+        version: 3,
+        name: "fair_scheduling",
+        sql: include_str!("../../../sql/migrations/0003_fair_scheduling.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
@@ -304,6 +309,9 @@ async fn plan_capture(
 
     // Desired: (trigger name, table regclass text, create sql)
     let mut desired_triggers = Vec::new();
+    // Source name → its tenant.via table, schema-qualified.
+    let mut via_tables: std::collections::HashMap<String, String> =
+        std::collections::HashMap::new();
     for source in sources {
         let table_text = source.table.regclass_text();
         let regclass: Option<String> = client
@@ -319,11 +327,20 @@ async fn plan_capture(
         check_columns(client, source, &table_text, &source.relevant_columns()).await?;
         if let Some((via_table, _, references)) = &source.tenant_via {
             let via_text = via_table.regclass_text();
-            let exists: bool = client
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&via_text])
+            // Schema-qualified: the capture function runs with a pinned search_path.
+            let qualified: Option<String> = client
+                .query_opt(
+                    "SELECT format('%I.%I', n.nspname, c.relname)
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.oid = to_regclass($1)",
+                    &[&via_text],
+                )
                 .await?
-                .get(0);
-            if !exists {
+                .map(|r| r.get(0));
+            if let Some(q) = &qualified {
+                via_tables.insert(source.name.clone(), q.clone());
+            }
+            if qualified.is_none() {
                 return Err(InstallError::Source {
                     source_name: source.name.clone(),
                     problem: format!(
@@ -368,7 +385,7 @@ async fn plan_capture(
     }
     for source in sources {
         let fname = function_name(&source.name);
-        let sql = function_sql(source);
+        let sql = function_sql(source, via_tables.get(&source.name).map(String::as_str));
         let print = fingerprint(&sql);
         let current = existing_functions.iter().find(|(n, _)| *n == fname);
         if current.and_then(|(_, c)| c.as_deref()) != Some(print.as_str()) {

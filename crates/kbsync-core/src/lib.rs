@@ -10,5 +10,6 @@ pub mod embed;
 pub mod install;
 pub mod knowledge;
 pub mod outbox;
+pub mod rate_limit;
 pub mod source_rows;
 pub mod sql_ident;

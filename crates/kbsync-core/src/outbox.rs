@@ -46,30 +46,63 @@ fn secs(d: Duration) -> f64 {
 /// is older than the source's debounce (delete window for deletes), or the first
 /// change older than max_wait. Entries claimed by someone whose lease ran out, and
 /// entries whose retry time has come, are ready too.
+///
+/// Fair across tenants: each tenant with ready work gets an equal share of the batch
+/// (its oldest entries), and the batch is filled round-robin — tenant A's 50,000-row
+/// import cannot hold up tenant B's one edit. `only_tenants` restricts the claim to
+/// those tenants (priority tenants are claimed first this way).
 pub async fn claim(
     client: &impl GenericClient,
     source: &Source,
     token: Uuid,
     lease: Duration,
     limit: i64,
+    only_tenants: Option<&[String]>,
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    // The readiness test, on outbox row `o`; repeated in `ready` so that it is checked
+    // again on the locked row (another daemon may have claimed it meanwhile).
+    const READY: &str = "(o.claimed_until IS NULL OR o.claimed_until < now())
+                   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+                   AND (o.last_changed_at <= now() - make_interval(secs => CASE WHEN o.deleted THEN $2::float8 ELSE $3::float8 END)
+                        OR o.first_changed_at <= now() - make_interval(secs => $4::float8))";
+    let sql = format!(
+        "WITH RECURSIVE tenants AS (
+                -- The distinct tenants with entries, by skipping through the index.
+                (SELECT o.tenant FROM kbsync.outbox o WHERE o.source = $1 ORDER BY o.tenant LIMIT 1)
+                UNION ALL
+                SELECT (SELECT o.tenant FROM kbsync.outbox o
+                         WHERE o.source = $1 AND o.tenant > t.tenant ORDER BY o.tenant LIMIT 1)
+                  FROM tenants t WHERE t.tenant IS NOT NULL),
+             wanted AS (
+                SELECT tenant FROM tenants
+                 WHERE tenant IS NOT NULL AND ($8::text[] IS NULL OR tenant = ANY($8))),
+             share AS (
+                SELECT CEIL($5::bigint / GREATEST(count(*), 1)::float8)::bigint AS n FROM wanted),
+             candidates AS (
+                SELECT c.scope, c.source_key, c.last_changed_at,
+                       row_number() OVER (PARTITION BY w.tenant ORDER BY c.last_changed_at) AS turn
+                  FROM wanted w CROSS JOIN share
+                  CROSS JOIN LATERAL (
+                       SELECT o.scope, o.source_key, o.last_changed_at FROM kbsync.outbox o
+                        WHERE o.source = $1 AND o.tenant = w.tenant AND {READY}
+                        ORDER BY o.last_changed_at LIMIT share.n) c),
+             ready AS (
+                SELECT o.source, o.scope, o.source_key FROM kbsync.outbox o
+                  JOIN candidates c ON o.source = $1 AND o.scope = c.scope AND o.source_key = c.source_key
+                 WHERE {READY}
+                 ORDER BY c.turn, c.last_changed_at
+                 LIMIT $5
+                 FOR UPDATE OF o SKIP LOCKED)
+         UPDATE kbsync.outbox o
+            SET claim_token = $6, claimed_until = now() + make_interval(secs => $7::float8)
+           FROM ready
+          WHERE o.source = ready.source AND o.scope = ready.scope AND o.source_key = ready.source_key
+      RETURNING o.scope, o.source_key, o.version, o.attempts"
+    );
+    let only: Option<Vec<String>> = only_tenants.map(<[String]>::to_vec);
     let rows = client
         .query(
-            "WITH ready AS (
-                SELECT source, scope, source_key FROM kbsync.outbox
-                 WHERE source = $1
-                   AND (claimed_until IS NULL OR claimed_until < now())
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                   AND (last_changed_at <= now() - make_interval(secs => CASE WHEN deleted THEN $2::float8 ELSE $3::float8 END)
-                        OR first_changed_at <= now() - make_interval(secs => $4::float8))
-                 ORDER BY last_changed_at
-                 LIMIT $5
-                 FOR UPDATE SKIP LOCKED)
-             UPDATE kbsync.outbox o
-                SET claim_token = $6, claimed_until = now() + make_interval(secs => $7::float8)
-               FROM ready
-              WHERE o.source = ready.source AND o.scope = ready.scope AND o.source_key = ready.source_key
-          RETURNING o.scope, o.source_key, o.version, o.attempts",
+            &sql,
             &[
                 &source.name,
                 &secs(source.delete_debounce),
@@ -78,6 +111,7 @@ pub async fn claim(
                 &limit,
                 &token,
                 &secs(lease),
+                &only,
             ],
         )
         .await?;

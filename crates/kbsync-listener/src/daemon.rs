@@ -61,6 +61,62 @@ struct Shared {
     pipelines: Vec<SourcePipeline>,
     failure_policy: outbox::FailurePolicy,
     health: Arc<Health>,
+    /// scheduling.priority_tenants plus what priority_tenants_sql last returned.
+    priority: std::sync::RwLock<Vec<String>>,
+}
+
+impl Shared {
+    fn priority_tenants(&self) -> Vec<String> {
+        self.priority
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The configured priority tenants plus those `priority_tenants_sql` returns, run in
+/// a read-only transaction.
+async fn load_priority_tenants(
+    client: &mut Client,
+    config: &Config,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut tenants = config.scheduling.priority_tenants.clone();
+    if let Some(sql) = &config.scheduling.priority_tenants_sql {
+        let tx = client.build_transaction().read_only(true).start().await?;
+        for row in tx.query(sql.as_str(), &[]).await? {
+            let tenant: Option<String> = row.try_get(0)?;
+            tenants.extend(tenant);
+        }
+        tx.commit().await?;
+    }
+    tenants.sort();
+    tenants.dedup();
+    Ok(tenants)
+}
+
+/// Re-read `priority_tenants_sql` every `priority_refresh`; a failure keeps the last
+/// list (and says so).
+async fn refresh_priority(shared: Arc<Shared>, cancel: CancellationToken) {
+    let every = shared.config.scheduling.priority_refresh;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(mut client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
+        else {
+            return;
+        };
+        match load_priority_tenants(&mut client, &shared.config).await {
+            Ok(list) => {
+                *shared.priority.write().unwrap_or_else(|p| p.into_inner()) = list;
+            }
+            Err(e) => tracing::warn!(
+                error = %db::describe(&e),
+                "scheduling.priority_tenants_sql failed; keeping the last priority tenants"
+            ),
+        }
+    }
 }
 
 impl Daemon {
@@ -91,6 +147,18 @@ impl Daemon {
                     .map_err(DaemonError::Source)?,
             );
         }
+        let mut client = client;
+        let priority = load_priority_tenants(&mut client, &self.config)
+            .await
+            .map_err(|e| {
+                DaemonError::Source(format!(
+                    "scheduling.priority_tenants_sql: {}",
+                    db::describe(&e)
+                ))
+            })?;
+        if !priority.is_empty() {
+            tracing::info!(tenants = ?priority, "priority tenants");
+        }
         drop(client);
         let (connected_tx, connected_rx) = watch::channel(false);
         let health = Arc::new(Health::new(connected_rx));
@@ -113,6 +181,7 @@ impl Daemon {
         let workers = self.config.embedding.max_concurrency;
         tracing::info!(workers, model = provider.model(), "kbsync daemon started");
         let shared = Arc::new(Shared {
+            priority: std::sync::RwLock::new(priority),
             health: health.clone(),
             failure_policy: outbox::FailurePolicy::from_config(&self.config),
             config: self.config,
@@ -165,6 +234,9 @@ impl Daemon {
                     tracing::error!(error = %e, "the http endpoint failed");
                 }
             });
+        }
+        if shared.config.scheduling.priority_tenants_sql.is_some() {
+            tasks.spawn(refresh_priority(shared.clone(), work_cancel.clone()));
         }
         tasks.spawn(systemd::watchdog(work_cancel.clone()));
         systemd::ready(&format!(
@@ -259,88 +331,103 @@ async fn worker(
             }
             wake.borrow_and_update();
             let mut did_work = false;
-            for offset in 0..shared.pipelines.len() {
-                let pipeline = &shared.pipelines[(first_source + offset) % shared.pipelines.len()];
-                let token = Uuid::new_v4();
-                let claimed = match outbox::claim(
-                    &client,
-                    &pipeline.source,
-                    token,
-                    daemon.claim_lease,
-                    daemon.batch_size as i64,
-                )
-                .await
-                {
-                    Ok(c) => {
-                        shared.health.database_ok();
-                        c
-                    }
-                    Err(e) => {
-                        shared.health.database_failed(&db::describe(&e));
-                        tracing::warn!(error = %db::describe(&e), "claiming from the outbox failed; reconnecting");
-                        continue 'connect;
-                    }
-                };
-                if claimed.is_empty() {
-                    continue;
+            // Priority tenants' ready work first, across all sources; then everyone's.
+            let priority = shared.priority_tenants();
+            let tiers: Vec<Option<&[String]>> = if priority.is_empty() {
+                vec![None]
+            } else {
+                vec![Some(priority.as_slice()), None]
+            };
+            for tier in tiers {
+                if did_work {
+                    break;
                 }
-                did_work = true;
-                let span = tracing::info_span!("batch", source = %pipeline.source.name, keys = claimed.len());
-                let work = batch::process(
-                    &mut client,
-                    pipeline,
-                    &shared.provider,
-                    &shared.failure_policy,
-                    token,
-                    &claimed,
-                );
-                let result = with_lease(&lease_client, token, daemon.claim_lease, work)
-                    .instrument(span.clone())
-                    .await;
-                match result {
-                    Ok(report) => {
-                        metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "ok").increment(1);
-                        if report.inputs_embedded > 0 {
-                            shared.health.provider_ok();
+                for offset in 0..shared.pipelines.len() {
+                    let pipeline =
+                        &shared.pipelines[(first_source + offset) % shared.pipelines.len()];
+                    let token = Uuid::new_v4();
+                    let claimed = match outbox::claim(
+                        &client,
+                        &pipeline.source,
+                        token,
+                        daemon.claim_lease,
+                        daemon.batch_size as i64,
+                        tier,
+                    )
+                    .await
+                    {
+                        Ok(c) => {
+                            shared.health.database_ok();
+                            c
                         }
-                        provider_failures = 0;
-                        db_failures = -1;
-                        tracing::info!(
-                            source = %pipeline.source.name,
-                            keys = claimed.len(),
-                            embedded = report.inputs_embedded,
-                            written = report.chunks_written,
-                            deleted = report.chunks_deleted,
-                            failed = report.failed,
-                            dead_lettered = report.dead_lettered,
-                            "batch done"
-                        );
-                    }
-                    Err(BatchError::Provider(e)) => {
-                        metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "provider_error").increment(1);
-                        shared.health.provider_failed(&e.to_string());
-                        provider_failures += 1;
-                        let delay = outbox::retry_delay(provider_failures as i32);
-                        tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
-                        if let Err(pe) =
-                            outbox::postpone(&lease_client, token, delay, &e.to_string()).await
-                        {
-                            tracing::warn!(error = %pe, "could not postpone; the claim will expire instead");
-                        }
-                    }
-                    Err(BatchError::Db(e)) => {
-                        metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
-                        shared.health.database_failed(&db::describe(&e));
-                        let kind = db::classify(&e);
-                        tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch");
-                        let delay = if kind == ErrorKind::Retryable {
-                            Duration::from_secs(1)
-                        } else {
-                            Duration::from_secs(30)
-                        };
-                        let _ = outbox::postpone(&lease_client, token, delay, &e.to_string()).await;
-                        if kind == ErrorKind::Retryable || client.is_closed() {
+                        Err(e) => {
+                            shared.health.database_failed(&db::describe(&e));
+                            tracing::warn!(error = %db::describe(&e), "claiming from the outbox failed; reconnecting");
                             continue 'connect;
+                        }
+                    };
+                    if claimed.is_empty() {
+                        continue;
+                    }
+                    did_work = true;
+                    let span = tracing::info_span!("batch", source = %pipeline.source.name, keys = claimed.len());
+                    let work = batch::process(
+                        &mut client,
+                        pipeline,
+                        &shared.provider,
+                        &shared.failure_policy,
+                        token,
+                        &claimed,
+                    );
+                    let result = with_lease(&lease_client, token, daemon.claim_lease, work)
+                        .instrument(span.clone())
+                        .await;
+                    match result {
+                        Ok(report) => {
+                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "ok").increment(1);
+                            if report.inputs_embedded > 0 {
+                                shared.health.provider_ok();
+                            }
+                            provider_failures = 0;
+                            db_failures = -1;
+                            tracing::info!(
+                                source = %pipeline.source.name,
+                                keys = claimed.len(),
+                                embedded = report.inputs_embedded,
+                                written = report.chunks_written,
+                                deleted = report.chunks_deleted,
+                                failed = report.failed,
+                                dead_lettered = report.dead_lettered,
+                                "batch done"
+                            );
+                        }
+                        Err(BatchError::Provider(e)) => {
+                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "provider_error").increment(1);
+                            shared.health.provider_failed(&e.to_string());
+                            provider_failures += 1;
+                            let delay = outbox::retry_delay(provider_failures as i32);
+                            tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
+                            if let Err(pe) =
+                                outbox::postpone(&lease_client, token, delay, &e.to_string()).await
+                            {
+                                tracing::warn!(error = %pe, "could not postpone; the claim will expire instead");
+                            }
+                        }
+                        Err(BatchError::Db(e)) => {
+                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
+                            shared.health.database_failed(&db::describe(&e));
+                            let kind = db::classify(&e);
+                            tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch");
+                            let delay = if kind == ErrorKind::Retryable {
+                                Duration::from_secs(1)
+                            } else {
+                                Duration::from_secs(30)
+                            };
+                            let _ =
+                                outbox::postpone(&lease_client, token, delay, &e.to_string()).await;
+                            if kind == ErrorKind::Retryable || client.is_closed() {
+                                continue 'connect;
+                            }
                         }
                     }
                 }

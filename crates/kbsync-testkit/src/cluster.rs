@@ -18,6 +18,10 @@ fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::pr
     cmd.arg(action)
         .env("KBSYNC_STATE_DIR", state)
         .env("KBSYNC_PG_PORT", port.to_string());
+    // A cluster marked durable keeps fsync on across restarts too.
+    if state.join("durable").exists() {
+        cmd.env("KBSYNC_PG_FSYNC", "on");
+    }
     if let Some(bin) = bin {
         cmd.env("KBSYNC_PG_BIN", bin);
     }
@@ -26,6 +30,15 @@ fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::pr
 
 impl PrivateCluster {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With fsync on, as a production server runs (the shared test server has it off).
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Self {
         let bindir = Command::new(repo_root().join("scripts/pg.sh"))
             .arg("bindir")
             .output()
@@ -42,6 +55,9 @@ impl PrivateCluster {
             .join(".kbsync/test-clusters")
             .join(uuid::Uuid::new_v4().simple().to_string());
         std::fs::create_dir_all(&state).expect("cluster state dir");
+        if durable {
+            std::fs::write(state.join("durable"), "fsync on\n").expect("durable marker");
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")

@@ -31,6 +31,8 @@ pub enum Fault {
 #[derive(Default)]
 struct Inner {
     requests: Vec<Vec<String>>,
+    /// When each request arrived.
+    arrivals: Vec<std::time::Instant>,
     authorizations: Vec<String>,
     faults: VecDeque<Fault>,
     poison: Vec<String>,
@@ -133,6 +135,21 @@ impl FakeOpenAi {
         self.inner().base64 = on;
     }
 
+    /// The most requests that arrived within any `window` (a sliding window over the
+    /// arrival times).
+    pub fn most_requests_within(&self, window: Duration) -> usize {
+        let arrivals = self.inner().arrivals.clone();
+        let mut most = 0;
+        let mut start = 0;
+        for end in 0..arrivals.len() {
+            while arrivals[end] - arrivals[start] > window {
+                start += 1;
+            }
+            most = most.max(end - start + 1);
+        }
+        most
+    }
+
     /// Every request's inputs, in arrival order (including refused ones).
     pub fn requests(&self) -> Vec<Vec<String>> {
         self.inner().requests.clone()
@@ -222,6 +239,7 @@ async fn embeddings(
     let (fault, latency, poisoned, base64, extra_headers) = {
         let mut inner = shared.inner.lock().expect("fake server state");
         inner.requests.push(inputs.clone());
+        inner.arrivals.push(std::time::Instant::now());
         if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
             inner.authorizations.push(auth.to_owned());
         }

@@ -29,14 +29,16 @@ pub enum EmbedError {
 }
 
 pub enum Provider {
-    OpenAi(openai::OpenAiClient),
+    OpenAi(Box<openai::OpenAiClient>),
     Local(Arc<local::LocalModel>),
 }
 
 impl Provider {
     pub fn from_config(config: &Config) -> Result<Self, EmbedError> {
         match config.embedding.provider {
-            ProviderKind::Openai => Ok(Self::OpenAi(openai::OpenAiClient::from_config(config)?)),
+            ProviderKind::Openai => Ok(Self::OpenAi(Box::new(openai::OpenAiClient::from_config(
+                config,
+            )?))),
             ProviderKind::Local => {
                 let dir = config.embedding.model_dir.as_deref().ok_or_else(|| {
                     EmbedError::Config(

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use super::{EmbedError, InputOutcome};
 use crate::chunk::TokenCounter;
 use crate::config::{Config, OPENAI_TOKEN_LIMIT};
+use crate::rate_limit::SharedRateLimit;
 
 /// Longest server-directed wait we honour before retrying.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -42,6 +43,8 @@ pub struct OpenAiClient {
     /// Shared by every worker of the process: no request goes out before this instant,
     /// set from the server's `x-ratelimit-*` headers when a budget is used up.
     not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// requests/tokens per minute for all daemons together, if configured.
+    rate_limit: Option<SharedRateLimit>,
 }
 
 /// One request's failure, before retries are decided.
@@ -151,6 +154,17 @@ impl OpenAiClient {
                 (key, format!("${var}"))
             }
         };
+        let rate_limit = match (e.requests_per_minute, e.tokens_per_minute) {
+            (None, None) => None,
+            (rpm, tpm) => {
+                let url = config.database_url().ok_or_else(|| {
+                    EmbedError::Config(
+                        "embedding.requests_per_minute / tokens_per_minute are shared by all daemons through the database: set KBSYNC_DATABASE_URL or DATABASE_URL".into(),
+                    )
+                })?;
+                Some(SharedRateLimit::new(url, rpm, tpm))
+            }
+        };
         let http = reqwest::Client::builder()
             .timeout(e.request_timeout)
             .connect_timeout(Duration::from_secs(10))
@@ -169,6 +183,7 @@ impl OpenAiClient {
             counter: TokenCounter::cl100k(),
             permits: Arc::new(Semaphore::new(e.max_concurrency)),
             not_before: std::sync::Mutex::new(None),
+            rate_limit,
         })
     }
 
@@ -298,6 +313,13 @@ impl OpenAiClient {
 
     /// One request, counted: requests, inputs, duration, and errors by kind.
     async fn request(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RequestError> {
+        if let Some(limit) = &self.rate_limit {
+            let tokens: usize = texts.iter().map(|t| self.counter.count(t)).sum();
+            limit
+                .acquire(tokens as u64)
+                .await
+                .map_err(RequestError::Transport)?;
+        }
         metrics::counter!("kbsync_embedding_requests_total", "provider" => "openai").increment(1);
         metrics::counter!("kbsync_embedding_inputs_total").increment(texts.len() as u64);
         let started = std::time::Instant::now();
