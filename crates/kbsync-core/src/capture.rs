@@ -1,11 +1,12 @@
-//! The capture triggers: per source, one trigger function and four triggers that
-//! record "key K of source S may have changed" in `kbsync.outbox`, in the writer's
-//! transaction, and send a wake-up NOTIFY whose payload is the source name.
+//! The capture triggers: per source, one trigger function and four statement-level
+//! triggers that record "key K of source S may have changed" in `kbsync.outbox`, in
+//! the writer's transaction, and send a wake-up NOTIFY whose payload is the source name.
 //!
-//! Kept as small as possible for the writer: WHEN clauses skip updates that touch no
-//! relevant column and rows that neither were nor are eligible, without calling the
-//! function at all; repeated edits of one key fold into one outbox row; identical
-//! NOTIFYs in one transaction fold into one, so a 100k-row UPDATE sends one.
+//! Statement-level with transition tables, so a statement's rows are queued by one
+//! set-based upsert rather than one per row: a 100,000-row UPDATE costs the writer one
+//! INSERT ... SELECT (see `just bench`). Updates that change no relevant column, and
+//! rows that neither were nor are eligible, queue nothing; repeated edits of one key
+//! fold into one outbox row; one NOTIFY per statement that queued anything.
 
 use crate::config::Source;
 use crate::sql_ident::quote_literal;
@@ -26,124 +27,121 @@ pub struct TriggerDef {
 
 /// `CREATE OR REPLACE FUNCTION` for a source's capture function. `via_table` is the
 /// schema-qualified `tenant.via` table (install resolves it; the function runs with a
-/// pinned search_path). The entry records the row's tenant for fair scheduling: one
-/// index probe of the via table per write when the tenant is reached through it.
+/// pinned search_path). Each entry records its row's tenant for fair scheduling.
 pub fn function_sql(source: &Source, via_table: Option<&str>) -> String {
     let name = lit(&source.name);
     let key = &source.key;
+    // (join, tenant expression) for the transition-table row aliased `row`.
     let tenant = |row: &str| match (&source.tenant_via, via_table) {
-        (None, _) => format!("COALESCE({row}.{}::text, '')", source.tenant_column),
-        (Some((_, fk, references)), Some(table)) => format!(
-            "COALESCE((SELECT v.{col}::text FROM {table} v WHERE v.{references} = {row}.{fk}), '')",
-            col = source.tenant_column
+        (None, _) => (
+            String::new(),
+            format!("COALESCE({row}.{}::text, '')", source.tenant_column),
+        ),
+        (Some((_, fk, references)), Some(table)) => (
+            format!(" LEFT JOIN {table} {row}_v ON {row}_v.{references} = {row}.{fk}"),
+            format!("COALESCE({row}_v.{}::text, '')", source.tenant_column),
         ),
         // Unreachable through install, which resolves every via table or fails.
-        (Some(_), None) => "''".to_owned(),
+        (Some(_), None) => (String::new(), "''".to_owned()),
     };
-    let upsert = |scope: &str, key_expr: &str, deleted_expr: &str, tenant_expr: &str| {
+    let upsert = |rows: &str| {
         format!(
             "INSERT INTO kbsync.outbox AS o (source, scope, source_key, deleted, tenant)
-         VALUES ({name}, '{scope}', {key_expr}, {deleted_expr}, {tenant_expr})
+         {rows}
          ON CONFLICT (source, scope, source_key) DO UPDATE
             SET deleted = EXCLUDED.deleted, last_changed_at = pg_catalog.now(),
                 version = o.version + 1, attempts = 0, next_attempt_at = NULL,
                 tenant = EXCLUDED.tenant;"
         )
     };
-    let old_key = format!("OLD.{key}::text");
-    let new_key = format!("NEW.{key}::text");
-    let new_fails = format!("NOT ({})", source.filter_sql("NEW."));
+    let cols = source.relevant_columns();
+    let row = |alias: &str| {
+        let list: Vec<String> = cols.iter().map(|c| format!("{alias}.{c}")).collect();
+        format!("ROW({})", list.join(", "))
+    };
+    let (new_join, new_tenant) = tenant("n");
+    let (old_join, old_tenant) = tenant("d");
+    let inserted = upsert(&format!(
+        "SELECT {name}, 'row', n.{key}::text, false, {new_tenant}
+           FROM kbsync_new n{new_join}
+          WHERE {}",
+        source.filter_sql("n.")
+    ));
+    let deleted = upsert(&format!(
+        "SELECT {name}, 'row', d.{key}::text, true, {old_tenant}
+           FROM kbsync_old d{old_join}
+          WHERE {}",
+        source.filter_sql("d.")
+    ));
+    // Matched by key: rows whose relevant columns changed and that were or are
+    // eligible. A changed key is a delete of the old key and an insert of the new.
+    let updated = upsert(&format!(
+        "SELECT {name}, 'row', n.{key}::text, NOT {new_ok}, {new_tenant}
+           FROM kbsync_new n JOIN kbsync_old d ON d.{key} = n.{key}{new_join}
+          WHERE {old_row} IS DISTINCT FROM {new_row} AND ({old_ok} OR {new_ok})
+         UNION ALL
+         SELECT {name}, 'row', n.{key}::text, NOT {new_ok}, {new_tenant}
+           FROM kbsync_new n{new_join}
+          WHERE NOT EXISTS (SELECT 1 FROM kbsync_old d WHERE d.{key} = n.{key})
+         UNION ALL
+         SELECT {name}, 'row', d.{key}::text, true, {old_tenant}
+           FROM kbsync_old d{old_join}
+          WHERE NOT EXISTS (SELECT 1 FROM kbsync_new n WHERE n.{key} = d.{key})",
+        new_ok = source.filter_sql("n."),
+        old_ok = source.filter_sql("d."),
+        old_row = row("d"),
+        new_row = row("n"),
+    ));
     format!(
         "CREATE OR REPLACE FUNCTION kbsync.\"{fname}\"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $kbsync$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         {truncate}
+    ELSIF TG_OP = 'INSERT' THEN
+        {inserted}
     ELSIF TG_OP = 'DELETE' THEN
-        {delete}
+        {deleted}
     ELSE
-        IF TG_OP = 'UPDATE' THEN
-            IF OLD.{key} IS DISTINCT FROM NEW.{key} THEN
-                {moved}
-            END IF;
-        END IF;
-        {upsert_new}
+        {updated}
     END IF;
-    PERFORM pg_catalog.pg_notify({channel}, {name});
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify({channel}, {name});
+    END IF;
     RETURN NULL;
 END
 $kbsync$",
         fname = function_name(&source.name),
-        truncate = upsert("source", "''", "true", "''"),
-        delete = upsert("row", &old_key, "true", &tenant("OLD")),
-        moved = upsert("row", &old_key, "true", &tenant("OLD")),
-        upsert_new = upsert("row", &new_key, &new_fails, &tenant("NEW")),
+        truncate = upsert(&format!("VALUES ({name}, 'source', '', true, '')")),
         channel = lit(CHANNEL),
     )
 }
 
-/// The four triggers of a source, in creation order.
+/// The four triggers of a source, in creation order. Statement-level: the rows a
+/// statement touched are in its transition tables (`kbsync_old`, `kbsync_new`).
 pub fn trigger_defs(source: &Source) -> Vec<TriggerDef> {
     let table = &source.table;
     let exec = format!(
         "EXECUTE FUNCTION kbsync.\"{}\"()",
         function_name(&source.name)
     );
-    let when = |cond: String| {
-        if cond == "true" {
-            String::new()
-        } else {
-            format!(" WHEN ({cond})")
-        }
-    };
-    let cols = source.relevant_columns();
-    let row = |prefix: &str| {
-        let list: Vec<String> = cols.iter().map(|c| format!("{prefix}{c}")).collect();
-        format!("ROW({})", list.join(", "))
-    };
-    let eligible_before_or_after = if source.filters.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " AND ({} OR {})",
-            source.filter_sql("OLD."),
-            source.filter_sql("NEW.")
-        )
-    };
     let name = |suffix: &str| format!("kbsync_{}_{suffix}", source.name);
+    let def = |suffix: &str, event: &str, referencing: &str| TriggerDef {
+        name: name(suffix),
+        create_sql: format!(
+            "CREATE TRIGGER \"{}\" AFTER {event} ON {table}{referencing} FOR EACH STATEMENT {exec}",
+            name(suffix)
+        ),
+    };
     vec![
-        TriggerDef {
-            name: name("ins"),
-            create_sql: format!(
-                "CREATE TRIGGER \"{}\" AFTER INSERT ON {table} FOR EACH ROW{} {exec}",
-                name("ins"),
-                when(source.filter_sql("NEW."))
-            ),
-        },
-        TriggerDef {
-            name: name("upd"),
-            create_sql: format!(
-                "CREATE TRIGGER \"{}\" AFTER UPDATE ON {table} FOR EACH ROW WHEN (({} IS DISTINCT FROM {}){eligible_before_or_after}) {exec}",
-                name("upd"),
-                row("OLD."),
-                row("NEW.")
-            ),
-        },
-        TriggerDef {
-            name: name("del"),
-            create_sql: format!(
-                "CREATE TRIGGER \"{}\" AFTER DELETE ON {table} FOR EACH ROW{} {exec}",
-                name("del"),
-                when(source.filter_sql("OLD."))
-            ),
-        },
-        TriggerDef {
-            name: name("trunc"),
-            create_sql: format!(
-                "CREATE TRIGGER \"{}\" AFTER TRUNCATE ON {table} FOR EACH STATEMENT {exec}",
-                name("trunc")
-            ),
-        },
+        def("ins", "INSERT", " REFERENCING NEW TABLE AS kbsync_new"),
+        def(
+            "upd",
+            "UPDATE",
+            " REFERENCING OLD TABLE AS kbsync_old NEW TABLE AS kbsync_new",
+        ),
+        def("del", "DELETE", " REFERENCING OLD TABLE AS kbsync_old"),
+        def("trunc", "TRUNCATE", ""),
     ]
 }
 
