@@ -62,6 +62,17 @@ test:
       cargo test --workspace --no-fail-fast
     fi
 
+# The model-based convergence test over many seeds (200 unless SEEDS says otherwise).
+soak SEEDS="200":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${DATABASE_URL:-}" ]; then
+      if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
+      export DATABASE_URL=$(scripts/pg.sh start)
+    fi
+    cargo build --workspace
+    KBSYNC_CONVERGENCE_SEEDS={{SEEDS}} cargo test -p kbsync-tests --test convergence -- --nocapture
+
 # Benchmarks against a real PostgreSQL; prints a table and writes BENCHMARKS.md
 # (sections: latency, model, reconcile; all by default, and only then is the file written).
 bench *SECTIONS:

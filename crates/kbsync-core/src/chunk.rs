@@ -254,6 +254,42 @@ chunk_overlap = {overlap}
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Any text, including odd Unicode and control characters: no panic, every
+        /// chunk within the token cap, non-empty, trimmed, found in the text in order,
+        /// and no non-blank character of the text lost.
+        #[test]
+        fn chunks_cover_the_text_in_order_within_the_cap(
+            text in "(\\PC|[ \n\t]|😀|e\u{301}|שלום|\u{200d}){0,400}",
+            tokens in 8usize..64,
+            single in proptest::bool::ANY,
+        ) {
+            let chunker = Chunker::new(&source(single, tokens, tokens / 8), TokenCounter::cl100k(), 60).unwrap();
+            let chunks = chunker.chunk(&text);
+            let mut from = 0;
+            for c in &chunks {
+                proptest::prop_assert!(!c.content.is_empty());
+                proptest::prop_assert_eq!(c.content.trim(), c.content.as_str());
+                let cap = if single && chunks.len() == 1 { 60 } else { tokens };
+                proptest::prop_assert!(c.tokens <= cap, "{} tokens > {cap}", c.tokens);
+                let at = text[from..].find(c.content.as_str());
+                proptest::prop_assert!(at.is_some(), "chunk {:?} not found in order", c.content);
+                // Overlap: the next chunk may start inside this one.
+                from += at.unwrap_or(0);
+                proptest::prop_assert_eq!(c.hash, content_hash(&c.content));
+            }
+            // Coverage: the text's non-blank characters, in order, are a subsequence of
+            // the chunks' (overlaps repeat some; none may be lost).
+            let joined: String = chunks.iter().map(|c| c.content.as_str()).collect();
+            let mut rest = joined.chars().filter(|c| !c.is_whitespace());
+            for ch in text.chars().filter(|c| !c.is_whitespace()) {
+                proptest::prop_assert!(rest.any(|c| c == ch), "{:?} lost from the chunks", ch);
+            }
+            proptest::prop_assert_eq!(chunks.is_empty(), text.trim().is_empty());
+        }
+    }
+
     #[test]
     fn equal_text_has_equal_hash() {
         assert_eq!(content_hash("a"), content_hash("a"));
