@@ -59,11 +59,7 @@ async fn installed_and_running(config: &TempConfig) -> (TestDb, DaemonProcess, C
 async fn readiness_follows_the_database_down_and_back_up() {
     let server = FakeOpenAi::start(DIMS).await;
     let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
-    let cluster = PrivateCluster::start();
-    let url = cluster.database_url("postgres");
-    for args in [&["demo", "schema"][..], &["install"]] {
-        run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())]).assert_success();
-    }
+    let (cluster, url) = PrivateCluster::with_demo_schema(&config);
     let daemon = DaemonProcess::start(config.path(), &url);
     let ready = |want: u16| {
         let daemon = &daemon;

@@ -653,6 +653,14 @@ pub fn redact_url(url: &str) -> String {
         }
         return parsed.to_string();
     }
+    // A URL too broken to parse may still carry `user:password@`: hide what lies
+    // between the scheme's `//` and the last `@`, whatever it looks like.
+    if let Some(start) = url.find("://").map(|i| i + 3)
+        && let Some(at) = url[start..].rfind('@').map(|i| start + i)
+    {
+        let user = url[start..at].split(':').next().unwrap_or("");
+        return format!("{}{user}:***{}", &url[..start], &url[at..]);
+    }
     // key=value form: hide any password=... word.
     url.split_whitespace()
         .map(|word| {
@@ -971,5 +979,7 @@ mod tests {
             redact_url("host=db password=s3cret"),
             "host=db password=***"
         );
+        let broken = redact_url("postgres://u:s3cret@[::1");
+        assert!(!broken.contains("s3cret"), "{broken}");
     }
 }

@@ -128,7 +128,28 @@ impl Daemon {
     /// Run until `cancel` fires, then let in-flight batches finish within the drain
     /// timeout; whatever is not finished stays in the outbox.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), DaemonError> {
-        let (client, _conn) = db::connect(&self.url).await?;
+        // A database that is down at start (a reboot, a failover) is waited for; a URL
+        // that cannot even be parsed is a configuration error.
+        if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
+            return Err(DaemonError::Db(db::DbError::Connect {
+                url: kbsync_core::config::redact_url(&self.url),
+                source: e,
+            }));
+        }
+        let mut delays = db::reconnect_backoff();
+        let (client, _conn) = loop {
+            match db::connect(&self.url).await {
+                Ok(connected) => break connected,
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    tracing::error!(error = %e, ?delay, "database unavailable at start; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
         // The daemon never runs DDL: the schema is `kbsync install`'s job.
         if !schema_is_current(&client).await? {
             return Err(DaemonError::SchemaNotInstalled);

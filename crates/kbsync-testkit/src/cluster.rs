@@ -99,6 +99,18 @@ impl PrivateCluster {
         self.control("start");
     }
 
+    /// A cluster whose `postgres` database has the demo tables and kbsync installed
+    /// with `config`; and that database's URL.
+    pub fn with_demo_schema(config: &crate::TempConfig) -> (Self, String) {
+        let cluster = Self::start();
+        let url = cluster.database_url("postgres");
+        for args in [&["demo", "schema"][..], &["install"]] {
+            crate::run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())])
+                .assert_success();
+        }
+        (cluster, url)
+    }
+
     /// URL of database `name` on this cluster.
     pub fn database_url(&self, name: &str) -> String {
         let mut url = url::Url::parse(&self.url).expect("cluster URL");
