@@ -25,7 +25,7 @@ model:
 run:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ -z "${DATABASE_URL:-}" ]; then export DATABASE_URL=$(scripts/pg.sh start); fi
+    if [ -z "${DATABASE_URL:-}" ]; then DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL; fi
     scripts/model.sh >/dev/null
     cargo build -p kbsync
     {{kbsync}} config check >/dev/null
@@ -38,7 +38,7 @@ run:
 reconcile *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ -z "${DATABASE_URL:-}" ]; then export DATABASE_URL=$(scripts/pg.sh start); fi
+    if [ -z "${DATABASE_URL:-}" ]; then DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL; fi
     cargo build -p kbsync
     exec {{kbsync}} reconcile {{ARGS}}
 
@@ -48,7 +48,7 @@ test:
     set -euo pipefail
     if [ -z "${DATABASE_URL:-}" ]; then
       if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
-      export DATABASE_URL=$(scripts/pg.sh start)
+      DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
     fi
     scripts/model.sh >/dev/null
     cargo fmt --all -- --check
@@ -68,7 +68,7 @@ soak SEEDS="200":
     set -euo pipefail
     if [ -z "${DATABASE_URL:-}" ]; then
       if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
-      export DATABASE_URL=$(scripts/pg.sh start)
+      DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
     fi
     cargo build --workspace
     KBSYNC_CONVERGENCE_SEEDS={{SEEDS}} cargo test -p kbsync-tests --test convergence -- --nocapture
@@ -80,7 +80,7 @@ bench *SECTIONS:
     set -euo pipefail
     if [ -z "${DATABASE_URL:-}" ]; then
       if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
-      export DATABASE_URL=$(scripts/pg.sh start)
+      DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
     fi
     scripts/model.sh >/dev/null
     cargo build -p kbsync -p kbsync-bench
