@@ -168,5 +168,7 @@ async fn three_daemons_together_keep_the_providers_requests_per_minute() {
         .filter(|d| d.log().contains("batch done"))
         .count();
     assert!(working >= 2, "only {working} daemons did work\n{logs}");
-    assert!((100..400).contains(&written), "{written} rows written");
+    // Held back by the limit (not all 400 done), yet working throughout. The rows
+    // written trail the requests (each batch is written when its ten are embedded).
+    assert!((50..400).contains(&written), "{written} rows written");
 }
