@@ -42,30 +42,15 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Claim up to `limit` entries of `source` whose window has closed: the last change
-/// is older than the source's debounce (delete window for deletes), or the first
-/// change older than max_wait. Entries claimed by someone whose lease ran out, and
-/// entries whose retry time has come, are ready too.
-///
-/// Fair across tenants: each tenant with ready work gets an equal share of the batch
-/// (its oldest entries), and the batch is filled round-robin — tenant A's 50,000-row
-/// import cannot hold up tenant B's one edit. `only_tenants` restricts the claim to
-/// those tenants (priority tenants are claimed first this way).
-pub async fn claim(
-    client: &impl GenericClient,
-    source: &Source,
-    token: Uuid,
-    lease: Duration,
-    limit: i64,
-    only_tenants: Option<&[String]>,
-) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-    // The readiness test, on outbox row `o`; repeated in `ready` so that it is checked
-    // again on the locked row (another daemon may have claimed it meanwhile).
-    const READY: &str = "(o.claimed_until IS NULL OR o.claimed_until < now())
+// The readiness test, on outbox row `o`; repeated in `ready` so that it is checked
+// again on the locked row (another daemon may have claimed it meanwhile).
+const READY: &str = "(o.claimed_until IS NULL OR o.claimed_until < now())
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
                    AND (o.last_changed_at <= now() - make_interval(secs => CASE WHEN o.deleted THEN $2::float8 ELSE $3::float8 END)
                         OR o.first_changed_at <= now() - make_interval(secs => $4::float8))";
-    let sql = format!(
+/// The claim statement, built once (it runs on every worker pass).
+static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "WITH RECURSIVE tenants AS (
                 -- The distinct tenants with entries, by skipping through the index.
                 (SELECT o.tenant FROM kbsync.outbox o WHERE o.source = $1 ORDER BY o.tenant LIMIT 1)
@@ -98,11 +83,30 @@ pub async fn claim(
            FROM ready
           WHERE o.source = ready.source AND o.scope = ready.scope AND o.source_key = ready.source_key
       RETURNING o.scope, o.source_key, o.version, o.attempts"
-    );
+    )
+});
+
+/// Claim up to `limit` entries of `source` whose window has closed: the last change
+/// is older than the source's debounce (delete window for deletes), or the first
+/// change older than max_wait. Entries claimed by someone whose lease ran out, and
+/// entries whose retry time has come, are ready too.
+///
+/// Fair across tenants: each tenant with ready work gets an equal share of the batch
+/// (its oldest entries), and the batch is filled round-robin — tenant A's 50,000-row
+/// import cannot hold up tenant B's one edit. `only_tenants` restricts the claim to
+/// those tenants (priority tenants are claimed first this way).
+pub async fn claim(
+    client: &impl GenericClient,
+    source: &Source,
+    token: Uuid,
+    lease: Duration,
+    limit: i64,
+    only_tenants: Option<&[String]>,
+) -> Result<Vec<Claimed>, tokio_postgres::Error> {
     let only: Option<Vec<String>> = only_tenants.map(<[String]>::to_vec);
     let rows = client
         .query(
-            &sql,
+            CLAIM_SQL.as_str(),
             &[
                 &source.name,
                 &secs(source.delete_debounce),
