@@ -26,35 +26,50 @@ pub enum DbError {
 /// What to do about a failed database call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// Transient: connection lost, server restarting, serialization failure, lock or
-    /// statement timeout. Retry with backoff.
+    /// The connection or the server is gone or refusing work (connection lost, server
+    /// shutting down or starting, too many connections, out of resources). Reconnect
+    /// with backoff; the data is not at fault, so no attempt is counted against it.
+    Unavailable,
+    /// A statement on a live connection lost a race or ran out of time (serialization
+    /// failure, deadlock, lock or statement timeout). Run it again.
     Retryable,
-    /// The statement or data is wrong; retrying gives the same answer.
+    /// The statement or the data is wrong (constraint violation, bad value, missing
+    /// object, permission); retrying gives the same answer.
     Fatal,
 }
 
 pub fn classify(err: &tokio_postgres::Error) -> ErrorKind {
     let Some(code) = err.code() else {
         // No SQLSTATE: I/O error, closed connection, timeout.
-        return ErrorKind::Retryable;
+        return ErrorKind::Unavailable;
     };
-    let retryable = [
-        SqlState::T_R_SERIALIZATION_FAILURE,
-        SqlState::T_R_DEADLOCK_DETECTED,
-        SqlState::LOCK_NOT_AVAILABLE,
-        SqlState::QUERY_CANCELED,
+    let unavailable = [
         SqlState::ADMIN_SHUTDOWN,
         SqlState::CRASH_SHUTDOWN,
         SqlState::CANNOT_CONNECT_NOW,
         SqlState::TOO_MANY_CONNECTIONS,
     ];
+    let retryable = [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::QUERY_CANCELED,
+    ];
     let class = &code.code()[..2];
-    // 08 connection exception, 53 insufficient resources, 57P idle/shutdown family.
-    if retryable.contains(code) || class == "08" || class == "53" {
+    // 08 connection exception, 53 insufficient resources.
+    if unavailable.contains(code) || class == "08" || class == "53" {
+        ErrorKind::Unavailable
+    } else if retryable.contains(code) {
         ErrorKind::Retryable
     } else {
         ErrorKind::Fatal
     }
+}
+
+/// The failure is the connection's or the server's, not the statement's: `client`
+/// must reconnect before anything else is tried.
+pub fn connection_failed(client: &Client, err: &tokio_postgres::Error) -> bool {
+    client.is_closed() || classify(err) == ErrorKind::Unavailable
 }
 
 /// Delays between attempts to reach the database again: 200 ms doubling to 10 s, with

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use kbsync_core::chunk::{Chunk, Chunker, content_hash};
 use kbsync_core::config::{Config, Source};
+use kbsync_core::db;
 use kbsync_core::embed::{EmbedError, Provider};
 use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
 use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
@@ -88,6 +89,11 @@ enum EmbeddingSource {
     Input(usize),
 }
 
+/// Process one claimed batch. A statement PostgreSQL rejects (a constraint, a trigger,
+/// a statement timeout, a value it cannot take) is pinned on the keys it belongs to:
+/// the batch is redone key by key, the keys that fail alone count an attempt (and are
+/// dead-lettered after `max_attempts`), the others are written. Only a lost connection
+/// or an unavailable server fails the batch as a whole (`BatchError::Db`).
 pub async fn process(
     client: &mut Client,
     pipeline: &SourcePipeline,
@@ -102,14 +108,11 @@ pub async fn process(
     let whole_source = claimed.iter().find(|c| c.scope == Scope::Source);
     let keys: Vec<String> = row_claims.iter().map(|c| c.key.clone()).collect();
 
-    let rows: HashMap<String, SourceRow> = pipeline
-        .query
-        .load(&*client, &keys)
-        .await?
-        .into_iter()
-        .map(|r| (r.key.clone(), r))
-        .collect();
+    // Rows are read with the config's identifiers only: a failure here is the
+    // database's or the schema's, not one row's, and fails the batch as a whole.
+    let rows = pipeline.query.load(&*client, &keys).await?;
     let stored = knowledge::stored_chunks(&*client, &source.name, &keys).await?;
+    let rows: HashMap<String, SourceRow> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
 
     // Plan every key; collect the distinct texts that need a new embedding.
     let mut inputs: Vec<String> = Vec::new();
@@ -230,37 +233,154 @@ pub async fn process(
         lengths.push((key.clone(), count as i32));
     }
 
-    // One transaction: fence on our claim, write, acknowledge.
+    let prepared = Prepared {
+        writes,
+        lengths,
+        failures,
+        versions: row_claims
+            .iter()
+            .map(|c| (c.key.clone(), c.version))
+            .collect(),
+    };
+    let committed = match commit(client, pipeline, policy, token, &prepared, whole_source).await {
+        Ok(committed) => committed,
+        Err(e) if db::connection_failed(client, &e) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(
+                source = %source.name,
+                keys = keys.len(),
+                error = %db::describe(&e),
+                "PostgreSQL rejected the batch's write; writing its keys one at a time"
+            );
+            isolate_rejected_writes(client, pipeline, policy, token, prepared, whole_source).await?
+        }
+    };
+    Ok(BatchReport {
+        inputs_embedded: inputs.len(),
+        chunks_written: committed.chunks_written,
+        chunks_deleted: committed.chunks_deleted,
+        failed: committed.failed,
+        dead_lettered: committed.dead_lettered,
+    })
+}
+
+/// What a batch (or one key of it) writes, computed before its transaction.
+struct Prepared {
+    writes: Vec<ChunkWrite>,
+    /// Per key, its new number of chunks (0: none, the row is gone or filtered out).
+    lengths: Vec<(String, i32)>,
+    failures: Vec<Failure>,
+    /// Every claimed row entry, with the version that was read.
+    versions: Vec<(String, i64)>,
+}
+
+impl Prepared {
+    /// One `Prepared` per key, in claim order.
+    fn split_by_key(self) -> Vec<Prepared> {
+        let mut parts: Vec<Prepared> = Vec::with_capacity(self.versions.len());
+        let mut at: HashMap<String, usize> = HashMap::new();
+        for (key, version) in self.versions {
+            at.insert(key.clone(), parts.len());
+            parts.push(Prepared {
+                writes: Vec::new(),
+                lengths: Vec::new(),
+                failures: Vec::new(),
+                versions: vec![(key, version)],
+            });
+        }
+        for w in self.writes {
+            if let Some(&i) = at.get(&w.key) {
+                parts[i].writes.push(w);
+            }
+        }
+        for l in self.lengths {
+            if let Some(&i) = at.get(&l.0) {
+                parts[i].lengths.push(l);
+            }
+        }
+        for f in self.failures {
+            if let Some(&i) = at.get(&f.key) {
+                parts[i].failures.push(f);
+            }
+        }
+        parts
+    }
+}
+
+#[derive(Debug, Default)]
+struct Committed {
+    chunks_written: u64,
+    chunks_deleted: u64,
+    failed: usize,
+    dead_lettered: u64,
+}
+
+impl Committed {
+    fn add(&mut self, other: Committed) {
+        self.chunks_written += other.chunks_written;
+        self.chunks_deleted += other.chunks_deleted;
+        self.failed += other.failed;
+        self.dead_lettered += other.dead_lettered;
+    }
+}
+
+/// One transaction: fence on our claim, write, record failures, acknowledge; and the
+/// source-wide clean-up after a TRUNCATE if `whole_source` is claimed.
+async fn commit(
+    client: &mut Client,
+    pipeline: &SourcePipeline,
+    policy: &FailurePolicy,
+    token: Uuid,
+    prepared: &Prepared,
+    whole_source: Option<&Claimed>,
+) -> Result<Committed, tokio_postgres::Error> {
+    let source = &pipeline.source.name;
+    let keys: Vec<String> = prepared.versions.iter().map(|(k, _)| k.clone()).collect();
     let tx = client.transaction().await?;
-    let ours: Vec<String> = outbox::fence(&tx, &source.name, token, Scope::Row, &keys).await?;
+    let ours: Vec<String> = outbox::fence(&tx, source, token, Scope::Row, &keys).await?;
     let is_ours = |k: &String| ours.contains(k);
-    writes.retain(|w| is_ours(&w.key));
-    lengths.retain(|(k, _)| is_ours(k));
-    failures.retain(|f| is_ours(&f.key));
-    let (chunks_written, mut chunks_deleted) =
-        knowledge::write_batch(&tx, &source.name, &writes, &lengths).await?;
-    let dead_lettered =
-        outbox::record_failures(&tx, &source.name, token, &failures, policy).await?;
-    let done: Vec<(String, i64)> = row_claims
+    let writes: Vec<ChunkWrite> = prepared
+        .writes
         .iter()
-        .filter(|c| is_ours(&c.key) && !failures.iter().any(|f| f.key == c.key))
-        .map(|c| (c.key.clone(), c.version))
+        .filter(|w| is_ours(&w.key))
+        .cloned()
         .collect();
-    let acknowledged = outbox::acknowledge(&tx, &source.name, token, Scope::Row, &done).await?;
+    let lengths: Vec<(String, i32)> = prepared
+        .lengths
+        .iter()
+        .filter(|(k, _)| is_ours(k))
+        .cloned()
+        .collect();
+    let failures: Vec<Failure> = prepared
+        .failures
+        .iter()
+        .filter(|f| is_ours(&f.key))
+        .cloned()
+        .collect();
+    let (chunks_written, mut chunks_deleted) =
+        knowledge::write_batch(&tx, source, &writes, &lengths).await?;
+    let dead_lettered = outbox::record_failures(&tx, source, token, &failures, policy).await?;
+    let done: Vec<(String, i64)> = prepared
+        .versions
+        .iter()
+        .filter(|(k, _)| is_ours(k) && !failures.iter().any(|f| &f.key == k))
+        .cloned()
+        .collect();
+    let acknowledged = outbox::acknowledge(&tx, source, token, Scope::Row, &done).await?;
     if let Some(truncate) = whole_source {
         let ours = outbox::fence(
             &tx,
-            &source.name,
+            source,
             token,
             Scope::Source,
             std::slice::from_ref(&truncate.key),
         )
         .await?;
         if !ours.is_empty() {
-            chunks_deleted += tx.execute(&pipeline.orphan_sql, &[&source.name]).await?;
+            chunks_deleted += tx.execute(&pipeline.orphan_sql, &[source]).await?;
             outbox::acknowledge(
                 &tx,
-                &source.name,
+                source,
                 token,
                 Scope::Source,
                 &[(truncate.key.clone(), truncate.version)],
@@ -270,18 +390,81 @@ pub async fn process(
     }
     tx.commit().await?;
     record_metrics(
-        &source.name,
+        source,
         &acknowledged,
         chunks_written,
         chunks_deleted,
         dead_lettered,
     );
-    Ok(BatchReport {
-        inputs_embedded: inputs.len(),
+    Ok(Committed {
         chunks_written,
         chunks_deleted,
         failed: failures.len(),
         dead_lettered,
+    })
+}
+
+/// The batch's write was rejected: write each key in a transaction of its own, so the
+/// keys PostgreSQL accepts are written and each rejected one fails alone. The
+/// embeddings are already paid for and are not asked for again.
+async fn isolate_rejected_writes(
+    client: &mut Client,
+    pipeline: &SourcePipeline,
+    policy: &FailurePolicy,
+    token: Uuid,
+    prepared: Prepared,
+    whole_source: Option<&Claimed>,
+) -> Result<Committed, tokio_postgres::Error> {
+    let mut total = Committed::default();
+    for part in prepared.split_by_key() {
+        match commit(client, pipeline, policy, token, &part, None).await {
+            Ok(committed) => total.add(committed),
+            Err(e) if db::connection_failed(client, &e) => return Err(e),
+            Err(e) => {
+                let key = part.versions[0].0.clone();
+                total.add(reject_key(client, pipeline, policy, token, key, &e).await?);
+            }
+        }
+    }
+    if whole_source.is_some() {
+        let nothing = Prepared {
+            writes: Vec::new(),
+            lengths: Vec::new(),
+            failures: Vec::new(),
+            versions: Vec::new(),
+        };
+        total.add(commit(client, pipeline, policy, token, &nothing, whole_source).await?);
+    }
+    Ok(total)
+}
+
+/// Count a failed attempt against `key` (it is retried with backoff, and parked in
+/// the dead letters after `max_attempts`), with PostgreSQL's own message.
+async fn reject_key(
+    client: &mut Client,
+    pipeline: &SourcePipeline,
+    policy: &FailurePolicy,
+    token: Uuid,
+    key: String,
+    error: &tokio_postgres::Error,
+) -> Result<Committed, tokio_postgres::Error> {
+    let source = &pipeline.source.name;
+    let message = format!("PostgreSQL rejected this key: {}", db::describe(error));
+    tracing::error!(source = %source, key = %key, error = %message, "a key failed; it is retried later and dead-lettered after max_attempts");
+    metrics::counter!("kbsync_rejected_keys_total", "source" => source.clone()).increment(1);
+    let failure = Failure {
+        key,
+        error: message,
+    };
+    let tx = client.transaction().await?;
+    let dead_lettered = outbox::record_failures(&tx, source, token, &[failure], policy).await?;
+    tx.commit().await?;
+    metrics::counter!("kbsync_dead_lettered_total", "source" => source.clone())
+        .increment(dead_lettered);
+    Ok(Committed {
+        failed: 1,
+        dead_lettered,
+        ..Committed::default()
     })
 }
 

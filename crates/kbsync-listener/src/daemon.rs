@@ -435,18 +435,20 @@ async fn worker(
                             }
                         }
                         Err(BatchError::Db(e)) => {
+                            // Keys PostgreSQL rejects are failed one by one inside the
+                            // batch; what is left here is the connection or the server.
                             metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
                             shared.health.database_failed(&db::describe(&e));
                             let kind = db::classify(&e);
-                            tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch");
-                            let delay = if kind == ErrorKind::Retryable {
-                                Duration::from_secs(1)
-                            } else {
+                            tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch; it is retried");
+                            let delay = if kind == ErrorKind::Fatal {
                                 Duration::from_secs(30)
+                            } else {
+                                Duration::from_secs(1)
                             };
                             let _ =
                                 outbox::postpone(&lease_client, token, delay, &e.to_string()).await;
-                            if kind == ErrorKind::Retryable || client.is_closed() {
+                            if db::connection_failed(&client, &e) {
                                 continue 'connect;
                             }
                         }
