@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use kbsync_testkit::demo_state::converged;
+use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{
-    DaemonProcess, FakeOpenAi, PrivateCluster, TestDb, run_kbsync, sync_config, wait_for,
+    DaemonProcess, FakeOpenAi, Fault, Installed, PrivateCluster, TestDb, run_kbsync, sync_config,
+    wait_for,
 };
 use tokio_postgres::NoTls;
 
@@ -103,4 +104,124 @@ async fn a_database_url_that_is_not_one_is_a_clear_error() {
             out.stderr
         );
     }
+}
+
+/// Where in a batch the daemon is SIGKILLed. Each point is reached for certain, not
+/// by timing: the next step is held up by the test until the daemon is seen there.
+#[derive(Debug, Clone, Copy)]
+enum KillPoint {
+    /// Claimed, its embedding request in flight (the provider does not answer).
+    BetweenClaimAndWrite,
+    /// In the write transaction, its chunk upsert waiting for a lock the test holds
+    /// on tenant_knowledge.
+    MidTransaction,
+    /// In the write transaction, the chunks written (its row-exclusive lock on
+    /// tenant_knowledge granted), the acknowledgement waiting for a lock the test
+    /// holds on kbsync.dead_letters.
+    AfterWriteBeforeAck,
+}
+
+/// Kill the daemon at `point` in its first batch, check nothing of that batch is
+/// visible, let go, restart, and require the exact table.
+async fn killed_at(point: KillPoint) {
+    let Installed {
+        db,
+        client,
+        server,
+        config,
+    } = Installed::new(DIMS, "100ms", "100ms").await;
+    let blocker = db.client().await;
+    match point {
+        KillPoint::BetweenClaimAndWrite => server.set_latency(Duration::from_secs(120)),
+        KillPoint::MidTransaction => blocker
+            .batch_execute("BEGIN; LOCK TABLE tenant_knowledge IN SHARE MODE")
+            .await
+            .unwrap(),
+        KillPoint::AfterWriteBeforeAck => blocker
+            .batch_execute("BEGIN; LOCK TABLE kbsync.dead_letters IN SHARE MODE")
+            .await
+            .unwrap(),
+    }
+    let mut daemon = DaemonProcess::start(config.path(), db.url());
+    db.kbsync_with_config(config.path(), &["demo", "data"])
+        .assert_success();
+
+    let reached = match point {
+        KillPoint::BetweenClaimAndWrite => {
+            "SELECT EXISTS (SELECT FROM kbsync.outbox WHERE claim_token IS NOT NULL)"
+        }
+        KillPoint::MidTransaction => {
+            "SELECT EXISTS (
+                SELECT FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'kbsync'
+                   AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO public.tenant_knowledge%')"
+        }
+        KillPoint::AfterWriteBeforeAck => {
+            "SELECT EXISTS (
+                SELECT FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+                 WHERE a.datname = current_database() AND a.application_name = 'kbsync'
+                   AND a.wait_event_type = 'Lock' AND a.query LIKE '%DELETE FROM kbsync.dead_letters%'
+                   AND l.relation = 'public.tenant_knowledge'::regclass
+                   AND l.mode = 'RowExclusiveLock' AND l.granted)"
+        }
+    };
+    wait_for(WAIT, &format!("the daemon at {point:?}"), || async {
+        let at: bool = client.query_one(reached, &[]).await.unwrap().get(0);
+        let in_flight = server.request_count() > 0;
+        (at && (in_flight || !matches!(point, KillPoint::BetweenClaimAndWrite))).then_some(())
+    })
+    .await;
+    daemon.kill();
+
+    // Nothing of the killed batch is visible: the write and its acknowledgement are one
+    // transaction that never committed.
+    let visible: i64 = client
+        .query_one("SELECT count(*) FROM tenant_knowledge", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(visible, 0, "{point:?}");
+    assert!(outbox_len(&client).await > 0, "{point:?}");
+    server.set_latency(Duration::ZERO);
+    blocker.batch_execute("ROLLBACK").await.ok();
+
+    let daemon = DaemonProcess::start(config.path(), db.url());
+    converged(&client, &daemon).await;
+}
+
+#[tokio::test]
+async fn a_daemon_killed_between_claim_and_write_loses_nothing() {
+    killed_at(KillPoint::BetweenClaimAndWrite).await;
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_transaction_loses_nothing() {
+    killed_at(KillPoint::MidTransaction).await;
+}
+
+#[tokio::test]
+async fn a_daemon_killed_after_writing_before_acknowledging_loses_nothing() {
+    killed_at(KillPoint::AfterWriteBeforeAck).await;
+}
+
+#[tokio::test]
+async fn provider_timeouts_and_cut_connections_during_a_sync_lose_nothing() {
+    let s = Installed::new(DIMS, "100ms", "100ms").await;
+    let config = s
+        .config
+        .edited(&[("request_timeout = \"10s\"", "request_timeout = \"500ms\"")]);
+    s.server.push_faults([
+        Fault::Stall(Duration::from_secs(3)),
+        Fault::DropConnection,
+        Fault::Stall(Duration::from_secs(3)),
+        Fault::DropConnection,
+        Fault::Status(502, vec![]),
+    ]);
+    let daemon = s.daemon_with(&config);
+    s.seed();
+    converged(&s.client, &daemon).await;
+    let log = daemon.log();
+    assert!(log.contains("timed out"), "{log}");
+    assert!(log.contains("connection closed before message completed"), "{log}");
+    assert!(s.server.request_count() >= 6, "five faults, then answers");
 }

@@ -18,8 +18,13 @@ const DIMS: usize = 16;
 fn provider(server: &FakeOpenAi, extra: &str) -> (Provider, TempConfig) {
     // A temporary file holding the key (removed when the test drops it).
     let keep = TempConfig::new("sk-file-key-42");
+    let timeout = if extra.contains("request_timeout") {
+        ""
+    } else {
+        "request_timeout = \"5s\"\n"
+    };
     let text = format!(
-        "[embedding]\nprovider = \"openai\"\nmodel = \"test-embedding\"\ndimensions = {DIMS}\nbase_url = \"{}\"\napi_key_file = \"{}\"\nrequest_timeout = \"5s\"\n{extra}\n\
+        "[embedding]\nprovider = \"openai\"\nmodel = \"test-embedding\"\ndimensions = {DIMS}\nbase_url = \"{}\"\napi_key_file = \"{}\"\n{timeout}{extra}\n\
          [sources.s]\ntable = \"t\"\nkey = \"id\"\ntenant = {{ column = \"u\" }}\ntext = \"{{body}}\"\n",
         server.base_url(),
         keep.path().display()
@@ -121,6 +126,30 @@ async fn a_server_error_is_retried_and_then_succeeds() {
     ]);
     assert!(p.embed(&texts(3)).await.unwrap().iter().all(Result::is_ok));
     assert_eq!(server.request_count(), 4);
+}
+
+#[tokio::test]
+async fn a_request_that_times_out_is_retried_and_then_succeeds() {
+    let server = FakeOpenAi::start(DIMS).await;
+    let (p, _k) = provider(&server, "request_timeout = \"300ms\"");
+    server.push_faults([Fault::Stall(Duration::from_secs(3))]);
+    let got = p.embed(&texts(3)).await.unwrap();
+    assert_eq!(server.request_count(), 2, "one timed out, one answered");
+    for (text, vector) in texts(3).iter().zip(got) {
+        assert_eq!(vector.unwrap(), server.vector_for(text));
+    }
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_response_is_retried_and_then_succeeds() {
+    let server = FakeOpenAi::start(DIMS).await;
+    let (p, _k) = provider(&server, "");
+    server.push_faults([Fault::DropConnection, Fault::DropConnection]);
+    let got = p.embed(&texts(3)).await.unwrap();
+    assert_eq!(server.request_count(), 3, "two cut, one answered");
+    for (text, vector) in texts(3).iter().zip(got) {
+        assert_eq!(vector.unwrap(), server.vector_for(text));
+    }
 }
 
 #[tokio::test]

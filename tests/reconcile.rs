@@ -9,7 +9,7 @@ use std::time::Duration;
 use kbsync_reconcile::Report;
 use kbsync_testkit::demo_state::{converged, converged_with_model, outbox_len};
 use kbsync_testkit::{
-    CommandOutput, DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config, wait_for,
+    CommandOutput, DaemonProcess, FakeOpenAi, Installed, TempConfig, TestDb, wait_for,
 };
 use tokio_postgres::Client;
 
@@ -26,12 +26,12 @@ struct Setup {
 /// Demo tables and rows, kbsync installed, and the knowledge table converged by a
 /// daemon that is then stopped (each test starts its own when it needs one).
 async fn synced() -> Setup {
-    let server = FakeOpenAi::start(DIMS).await;
-    let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
-    let db = TestDb::create().await.with_demo_schema().await;
-    db.kbsync_with_config(config.path(), &["install"])
-        .assert_success();
-    let client = db.client().await;
+    let Installed {
+        db,
+        client,
+        server,
+        config,
+    } = Installed::new(DIMS, "100ms", "100ms").await;
     let s = Setup {
         db,
         client,

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use kbsync_testkit::demo_state::{ChunkSet, TEST_MODEL, actual, converged, expected, outbox_len};
-use kbsync_testkit::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config, wait_for};
+use kbsync_testkit::{Installed, wait_for};
 use tokio_postgres::Client;
 
 const DIMS: usize = 8;
@@ -17,25 +17,13 @@ const WAIT: Duration = Duration::from_secs(90);
 /// The product whose text is made unacceptable (a demo row).
 const MARKED: &str = "md5('product-3-U-lock-2')::uuid";
 
-struct Setup {
-    db: TestDb,
-    client: Client,
-    config: TempConfig,
-    _server: FakeOpenAi,
-}
-
 /// Demo rows written while no daemon runs, one product carrying `marker`: the daemon's
 /// first batches hold that product together with others.
-async fn seeded_with_marker(marker: &str) -> (Setup, String) {
-    let server = FakeOpenAi::start(DIMS).await;
-    let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
-    let db = TestDb::create().await.with_demo_schema().await;
-    db.kbsync_with_config(config.path(), &["install"])
-        .assert_success();
-    db.kbsync_with_config(config.path(), &["demo", "data"])
-        .assert_success();
-    let client = db.client().await;
-    let key: String = client
+async fn seeded_with_marker(marker: &str) -> (Installed, String) {
+    let s = Installed::new(DIMS, "100ms", "100ms").await;
+    s.seed();
+    let key: String = s
+        .client
         .query_one(
             &format!(
                 "UPDATE web_knowledge_product SET description = description || ' ' || $1
@@ -46,13 +34,7 @@ async fn seeded_with_marker(marker: &str) -> (Setup, String) {
         .await
         .unwrap()
         .get(0);
-    let setup = Setup {
-        db,
-        client,
-        config,
-        _server: server,
-    };
-    (setup, key)
+    (s, key)
 }
 
 /// Wait for `key` to be parked with the outbox drained; return its error and attempts.
@@ -107,7 +89,7 @@ async fn rejected_alone_then_replayed(marker: &str, cause: &str, error_has: &[&s
         .batch_execute(&cause.replace("{db}", s.db.name()))
         .await
         .unwrap();
-    let mut daemon = DaemonProcess::start(s.config.path(), s.db.url());
+    let mut daemon = s.daemon();
 
     let (error, attempts) = parked(&s.client, &key).await;
     assert!(

@@ -8,55 +8,14 @@ use std::time::Duration;
 
 use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{
-    DaemonProcess, FakeOpenAi, Fault, TEST_API_KEY, TestDb, sync_config, wait_for,
+    DaemonProcess, FakeOpenAi, Fault, Installed, TEST_API_KEY, TestDb, sync_config, wait_for,
 };
-use tokio_postgres::Client;
 
 const DIMS: usize = 8;
 const CONVERGE: Duration = Duration::from_secs(60);
 
-struct Setup {
-    db: TestDb,
-    client: Client,
-    server: FakeOpenAi,
-    config: kbsync_testkit::TempConfig,
-}
-
-async fn setup(window: &str) -> Setup {
-    let server = FakeOpenAi::start(DIMS).await;
-    let config = sync_config(&server.base_url(), DIMS, window, "100ms");
-    let db = TestDb::create().await.with_demo_schema().await;
-    db.kbsync_with_config(config.path(), &["install"])
-        .assert_success();
-    let client = db.client().await;
-    Setup {
-        db,
-        client,
-        server,
-        config,
-    }
-}
-
-impl Setup {
-    fn daemon(&self) -> DaemonProcess {
-        DaemonProcess::start(self.config.path(), self.db.url())
-    }
-
-    fn seed(&self) {
-        self.db
-            .kbsync_with_config(self.config.path(), &["demo", "data"])
-            .assert_success();
-    }
-
-    /// Inputs the server received whose text contains `needle`.
-    fn inputs_containing(&self, needle: &str) -> usize {
-        self.server
-            .requests()
-            .iter()
-            .flatten()
-            .filter(|i| i.contains(needle))
-            .count()
-    }
+async fn setup(window: &str) -> Installed {
+    Installed::new(DIMS, window, "100ms").await
 }
 
 #[tokio::test]

@@ -7,7 +7,10 @@ mod daemon;
 pub mod demo_state;
 
 pub use cluster::PrivateCluster;
+mod installed;
 mod openai_server;
+
+pub use installed::Installed;
 
 pub use daemon::{
     DaemonProcess, TEST_API_KEY, local_model_config, sync_config, sync_config_with_max_wait,

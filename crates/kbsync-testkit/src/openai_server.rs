@@ -26,6 +26,11 @@ pub enum Fault {
     WrongCount,
     /// Vectors of the wrong dimension.
     WrongDimension,
+    /// Answer normally, but only after this long (past the client's request timeout).
+    Stall(Duration),
+    /// Send the status line and headers, then cut the connection in the middle of
+    /// the body.
+    DropConnection,
 }
 
 #[derive(Default)]
@@ -273,6 +278,19 @@ async fn embeddings(
         Some(Fault::Malformed) => return (StatusCode::OK, "{\"data\": [tru").into_response(),
         Some(Fault::WrongCount) => count = count.saturating_sub(1),
         Some(Fault::WrongDimension) => dims += 1,
+        Some(Fault::Stall(for_how_long)) => tokio::time::sleep(for_how_long).await,
+        Some(Fault::DropConnection) => {
+            let cut = futures_util::stream::iter([
+                Ok(axum::body::Bytes::from_static(
+                    b"{\"object\": \"list\", \"data\": [",
+                )),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "injected: connection cut mid-response",
+                )),
+            ]);
+            return (StatusCode::OK, axum::body::Body::from_stream(cut)).into_response();
+        }
         None => {}
     }
     if poisoned {

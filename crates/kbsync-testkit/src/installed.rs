@@ -1,0 +1,61 @@
+//! The setup most end-to-end tests share: a fresh database with the demo tables,
+//! kbsync installed, configured for an OpenAI-compatible test server.
+
+use tokio_postgres::Client;
+
+use crate::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config};
+
+pub struct Installed {
+    pub db: TestDb,
+    /// A connection of the test's own.
+    pub client: Client,
+    pub server: FakeOpenAi,
+    /// `sync_config` for `server`.
+    pub config: TempConfig,
+}
+
+impl Installed {
+    /// Vectors of `dims` dimensions; every debounce window `window`, every delete
+    /// window `delete_window`.
+    pub async fn new(dims: usize, window: &str, delete_window: &str) -> Self {
+        let server = FakeOpenAi::start(dims).await;
+        let config = sync_config(&server.base_url(), dims, window, delete_window);
+        let db = TestDb::create().await.with_demo_schema().await;
+        db.kbsync_with_config(config.path(), &["install"])
+            .assert_success();
+        let client = db.client().await;
+        Self {
+            db,
+            client,
+            server,
+            config,
+        }
+    }
+
+    /// `kbsync run` with the test config.
+    pub fn daemon(&self) -> DaemonProcess {
+        self.daemon_with(&self.config)
+    }
+
+    /// `kbsync run` with another config (e.g. `self.config.edited(...)`).
+    pub fn daemon_with(&self, config: &TempConfig) -> DaemonProcess {
+        DaemonProcess::start(config.path(), self.db.url())
+    }
+
+    /// `kbsync demo data`: the demo rows, written as an application would.
+    pub fn seed(&self) {
+        self.db
+            .kbsync_with_config(self.config.path(), &["demo", "data"])
+            .assert_success();
+    }
+
+    /// Inputs the test server received whose text contains `needle`.
+    pub fn inputs_containing(&self, needle: &str) -> usize {
+        self.server
+            .requests()
+            .iter()
+            .flatten()
+            .filter(|i| i.contains(needle))
+            .count()
+    }
+}
