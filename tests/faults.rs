@@ -222,6 +222,39 @@ async fn provider_timeouts_and_cut_connections_during_a_sync_lose_nothing() {
     converged(&s.client, &daemon).await;
     let log = daemon.log();
     assert!(log.contains("timed out"), "{log}");
-    assert!(log.contains("connection closed before message completed"), "{log}");
+    assert!(
+        log.contains("connection closed before message completed"),
+        "{log}"
+    );
     assert!(s.server.request_count() >= 6, "five faults, then answers");
+}
+
+#[tokio::test]
+async fn a_write_transaction_longer_than_a_lease_renewal_still_commits() {
+    // A user's trigger on the knowledge table makes one write take 5 s: longer than
+    // the lease renewal period (10 s lease in the test config, renewed every ~3.3 s)
+    // while the write transaction holds its claim's rows.
+    let s = Installed::new(DIMS, "100ms", "100ms").await;
+    s.client
+        .batch_execute(
+            "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.content LIKE '%SLOW-BUT-FINE%' THEN PERFORM pg_sleep(5); END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER slow_write BEFORE INSERT OR UPDATE ON tenant_knowledge
+                 FOR EACH ROW EXECUTE FUNCTION slow_write();",
+        )
+        .await
+        .unwrap();
+    s.seed();
+    s.client
+        .batch_execute(
+            "UPDATE web_knowledge_product SET description = description || ' SLOW-BUT-FINE'
+              WHERE id = md5('product-3-U-lock-2')::uuid",
+        )
+        .await
+        .unwrap();
+    let daemon = s.daemon();
+    converged(&s.client, &daemon).await;
 }

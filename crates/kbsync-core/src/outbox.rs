@@ -183,7 +183,8 @@ pub async fn enqueue(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Extend the lease of everything claimed with `token`.
+/// Extend the lease of everything claimed with `token`. Entries locked by the batch's
+/// own write transaction are skipped, not waited for: they are being acknowledged.
 pub async fn renew(
     client: &impl GenericClient,
     token: Uuid,
@@ -191,7 +192,10 @@ pub async fn renew(
 ) -> Result<u64, tokio_postgres::Error> {
     client
         .execute(
-            "UPDATE kbsync.outbox SET claimed_until = now() + make_interval(secs => $2::float8) WHERE claim_token = $1",
+            "UPDATE kbsync.outbox o SET claimed_until = now() + make_interval(secs => $2::float8)
+               FROM (SELECT source, scope, source_key FROM kbsync.outbox
+                      WHERE claim_token = $1 FOR UPDATE SKIP LOCKED) mine
+              WHERE o.source = mine.source AND o.scope = mine.scope AND o.source_key = mine.source_key",
             &[&token, &secs(lease)],
         )
         .await

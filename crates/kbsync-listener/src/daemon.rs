@@ -582,24 +582,29 @@ async fn next_ready(client: &Client, shared: &Shared) -> Result<Duration, tokio_
     Ok(soonest)
 }
 
-/// Run `work`, renewing the claim's lease every third of it meanwhile.
+/// Run `work`, renewing the claim's lease every third of it meanwhile. The renewals
+/// run beside the work, never instead of it: a renewal that waits (on the row locks
+/// the batch's own write transaction holds, say) must not stop that transaction from
+/// going on to its commit.
 async fn with_lease<T>(
     client: &Client,
     token: Uuid,
     lease: Duration,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    tokio::pin!(work);
+    tokio::select! {
+        out = work => out,
+        never = keep_renewing(client, token, lease) => match never {},
+    }
+}
+
+async fn keep_renewing(client: &Client, token: Uuid, lease: Duration) -> std::convert::Infallible {
     let mut tick = tokio::time::interval(lease / 3);
     tick.tick().await;
     loop {
-        tokio::select! {
-            out = &mut work => return out,
-            _ = tick.tick() => {
-                if let Err(e) = outbox::renew(client, token, lease).await {
-                    tracing::warn!(error = %db::describe(&e), "renewing a claim failed");
-                }
-            }
+        tick.tick().await;
+        if let Err(e) = outbox::renew(client, token, lease).await {
+            tracing::warn!(error = %db::describe(&e), "renewing a claim failed");
         }
     }
 }
