@@ -9,6 +9,7 @@ use std::time::Duration;
 use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{
     DaemonProcess, FakeOpenAi, Fault, Installed, TEST_API_KEY, TestDb, sync_config, wait_for,
+    wait_for_daemon,
 };
 
 const DIMS: usize = 8;
@@ -231,6 +232,127 @@ async fn editing_one_paragraph_of_a_long_page_re_embeds_only_that_paragraph() {
         new_inputs.len()
     );
     assert!(new_inputs[0].contains("beta3x0") && !new_inputs[0].contains("alpha2x"));
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn a_10_mb_page_is_chunked_in_order_within_the_cap_and_an_edit_re_embeds_little() {
+    let s = setup("100ms").await;
+    let daemon = s.daemon();
+    // Distinct paragraphs (no two chunks alike), some odd Unicode among them.
+    let paragraph = |n: usize, word: &str| {
+        format!(
+            "Section {n}. The {word} batch {n} left the bakery at {}:{:02}; \
+             parcels to Zürich, 東京 and القاهرة take {} days. Ingredients: flour, water, \
+             salt, e\u{301}picé, 🍞 × {}. Notes for batch {n}: keep dry, store below 25 °C, \
+             and read the label before use.",
+            n % 24,
+            n % 60,
+            2 + n % 5,
+            n % 7
+        )
+    };
+    let mut paragraphs: Vec<String> = Vec::new();
+    let mut size = 0;
+    while size < 10 * 1024 * 1024 {
+        let p = paragraph(paragraphs.len(), "sourdough");
+        size += p.len() + 2;
+        paragraphs.push(p);
+    }
+    s.client
+        .batch_execute("INSERT INTO accounts_user VALUES (5, 'huge', 'Huge Co', 'huge.example')")
+        .await
+        .unwrap();
+    s.client
+        .execute(
+            "INSERT INTO web_knowledge_websitepage (id, user_id, url, title, content, crawl_status)
+             VALUES (md5('huge')::uuid, 5, 'https://huge.example/', 'Huge', $1, 'completed')",
+            &[&paragraphs.join("\n\n")],
+        )
+        .await
+        .unwrap();
+    let text = format!("Huge\n\n{}", paragraphs.join("\n\n"));
+    let page_chunks = || async {
+        s.client
+            .query(
+                "SELECT content, embedding IS NULL, tenant_id FROM tenant_knowledge
+                  WHERE source = 'page' AND source_key = md5('huge')::uuid::text ORDER BY chunk_index",
+                &[],
+            )
+            .await
+            .unwrap()
+    };
+    let chunks = wait_for_daemon(
+        &daemon,
+        Duration::from_secs(300),
+        "the 10 MB page's chunks",
+        || async {
+            let rows = page_chunks().await;
+            (!rows.is_empty() && outbox_len(&s.client).await == 0).then_some(rows)
+        },
+    )
+    .await;
+    // In order, nothing left out but whitespace between chunks, none over the cap
+    // (512 tokens for pages in the shipped config), each embedded, the right tenant.
+    let counter = kbsync_core::chunk::TokenCounter::cl100k();
+    let mut end = 0;
+    let mut start = 0;
+    for (i, row) in chunks.iter().enumerate() {
+        let content: &str = row.get(0);
+        let at = if i == 0 {
+            0
+        } else {
+            start
+                + 1
+                + text[start + 1..]
+                    .find(content)
+                    .unwrap_or_else(|| panic!("chunk {i} not found after chunk {}", i - 1))
+        };
+        assert!(
+            at <= end || text[end..at].trim().is_empty(),
+            "text between chunk {} and {i} is in no chunk",
+            i - 1
+        );
+        assert!(text[at..].starts_with(content));
+        assert!(counter.count(content) <= 512, "chunk {i} is over the cap");
+        assert!(!row.get::<_, bool>(1), "chunk {i} has no embedding");
+        assert_eq!(row.get::<_, String>(2), "5");
+        start = at;
+        end = at + content.len();
+    }
+    assert_eq!(end, text.len(), "the end of the text is in no chunk");
+
+    // One paragraph in the middle edited: a few chunks re-embedded, not thousands.
+    let before = s.server.inputs_total();
+    let middle = paragraphs.len() / 2;
+    paragraphs[middle] = paragraph(middle, "rye");
+    s.client
+        .execute(
+            "UPDATE web_knowledge_websitepage SET content = $1 WHERE id = md5('huge')::uuid",
+            &[&paragraphs.join("\n\n")],
+        )
+        .await
+        .unwrap();
+    wait_for_daemon(
+        &daemon,
+        Duration::from_secs(300),
+        "the edit to be written",
+        || async {
+            let rows = page_chunks().await;
+            let written = rows.iter().any(|r| {
+                r.get::<_, &str>(0)
+                    .contains(&format!("The rye batch {middle} "))
+            });
+            (written && outbox_len(&s.client).await == 0).then_some(())
+        },
+    )
+    .await;
+    let re_embedded = s.server.inputs_total() - before;
+    assert!(
+        (1..=3).contains(&re_embedded),
+        "{re_embedded} inputs re-embedded for one edited paragraph of {} chunks",
+        chunks.len()
+    );
     drop(daemon);
 }
 

@@ -346,6 +346,7 @@ async fn worker(
             return;
         };
         let mut first_source = n;
+        let mut unclaimable_passes: u32 = 0;
         loop {
             if cancel.is_cancelled() {
                 return;
@@ -457,10 +458,24 @@ async fn worker(
             }
             first_source = first_source.wrapping_add(1);
             if did_work {
+                unclaimable_passes = 0;
                 continue;
             }
             let wait = match next_ready(&client, &shared).await {
-                Ok(w) => w.min(daemon.fallback_poll),
+                // Entries that are due but could not be claimed are locked by a
+                // transaction still open (an application's that touched them again, or
+                // a write of ours outliving its lease). Back off instead of spinning
+                // until that transaction ends: 20 ms doubling to the fallback poll.
+                Ok(NextReady::Overdue) => {
+                    unclaimable_passes = unclaimable_passes.saturating_add(1);
+                    Duration::from_millis(10)
+                        .saturating_mul(1 << unclaimable_passes.min(12))
+                        .min(daemon.fallback_poll)
+                }
+                Ok(NextReady::In(wait)) => {
+                    unclaimable_passes = 0;
+                    wait.min(daemon.fallback_poll)
+                }
                 Err(e) => {
                     shared.health.database_failed(&db::describe(&e));
                     tracing::warn!(error = %db::describe(&e), "reading the outbox failed; reconnecting");
@@ -570,16 +585,26 @@ fn record_sweep(report: &kbsync_reconcile::Report) {
 }
 
 /// Time until the earliest pending window closes, over all sources.
-async fn next_ready(client: &Client, shared: &Shared) -> Result<Duration, tokio_postgres::Error> {
-    let mut soonest = shared.config.daemon.fallback_poll;
+enum NextReady {
+    /// Some entry is due now, yet the pass before claimed nothing.
+    Overdue,
+    /// The next entry is due in this long (or the fallback poll: nothing pending).
+    In(Duration),
+}
+
+async fn next_ready(client: &Client, shared: &Shared) -> Result<NextReady, tokio_postgres::Error> {
+    let mut soonest: Option<f64> = None;
     for pipeline in &shared.pipelines {
         if let Some(secs) = outbox::seconds_until_ready(client, &pipeline.source).await? {
-            // A little slack so the window has surely closed when we look.
-            let wait = Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5);
-            soonest = soonest.min(wait);
+            soonest = Some(soonest.map_or(secs, |s| s.min(secs)));
         }
     }
-    Ok(soonest)
+    Ok(match soonest {
+        Some(secs) if secs <= 0.0 => NextReady::Overdue,
+        // A little slack so the window has surely closed when we look.
+        Some(secs) => NextReady::In(Duration::from_secs_f64(secs) + Duration::from_millis(5)),
+        None => NextReady::In(shared.config.daemon.fallback_poll),
+    })
 }
 
 /// Run `work`, renewing the claim's lease every third of it meanwhile. The renewals
