@@ -4,6 +4,7 @@
 //! fenced on the claim.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use pgvector::Vector;
 use thiserror::Error;
@@ -24,13 +25,16 @@ pub enum BatchError {
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Provider(#[from] EmbedError),
+    /// The chunking thread panicked: a bug, reported as such.
+    #[error("chunking failed: {0}")]
+    Chunking(String),
 }
 
 /// A source with everything prepared once at start-up.
 pub struct SourcePipeline {
     pub source: Source,
     query: SourceQuery,
-    chunker: Chunker,
+    chunker: Arc<Chunker>,
     orphan_sql: String,
 }
 
@@ -56,7 +60,7 @@ impl SourcePipeline {
         Ok(Self {
             source,
             query,
-            chunker,
+            chunker: Arc::new(chunker),
             orphan_sql,
         })
     }
@@ -114,13 +118,36 @@ pub async fn process(
     let stored = knowledge::stored_chunks(&*client, &source.name, &keys).await?;
     let rows: HashMap<String, SourceRow> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
 
+    // Chunking is CPU work (seconds for a page of megabytes): off the async threads,
+    // so that the lease renewals, the listener and the other workers go on meanwhile.
+    let chunker = Arc::clone(&pipeline.chunker);
+    // A text the chunker panics on fails its key alone (retried, then dead-lettered):
+    // one bad row must not take the daemon down again at every restart.
+    let (rows, mut chunked) = tokio::task::spawn_blocking(move || {
+        let chunked = chunk_each(&rows, |text| chunker.chunk(text));
+        (rows, chunked)
+    })
+    .await
+    .map_err(|e| BatchError::Chunking(e.to_string()))?;
+    let mut unchunkable: HashMap<String, String> = HashMap::new();
+
     // Plan every key; collect the distinct texts that need a new embedding.
     let mut inputs: Vec<String> = Vec::new();
     let mut input_by_hash: HashMap<[u8; 32], usize> = HashMap::new();
     let mut plans: HashMap<String, KeyPlan> = HashMap::new();
     for key in &keys {
         let Some(row) = rows.get(key) else { continue };
-        let chunks = pipeline.chunker.chunk(&row.text);
+        let chunks = match chunked.remove(key) {
+            Some(Ok(chunks)) => chunks,
+            Some(Err(panic)) => {
+                unchunkable.insert(
+                    key.clone(),
+                    format!("the chunker failed on this text: {panic}"),
+                );
+                continue;
+            }
+            None => Vec::new(),
+        };
         let text_hash = content_hash(&row.text);
         let chunk_count = chunks.len() as i32;
         let existing: &[StoredChunk] = stored.get(key).map(Vec::as_slice).unwrap_or(&[]);
@@ -182,6 +209,13 @@ pub async fn process(
     let mut lengths: Vec<(String, i32)> = Vec::new();
     let mut failures: Vec<Failure> = Vec::new();
     for key in &keys {
+        if let Some(error) = unchunkable.remove(key) {
+            failures.push(Failure {
+                key: key.clone(),
+                error,
+            });
+            continue;
+        }
         let Some(plan) = plans.remove(key) else {
             // Row gone or filtered out: its chunks go.
             lengths.push((key.clone(), 0));
@@ -468,6 +502,29 @@ async fn reject_key(
     })
 }
 
+/// Each row's chunks, or the message of the panic its text caused.
+fn chunk_each<T>(
+    rows: &HashMap<String, SourceRow>,
+    chunk: impl Fn(&str) -> T,
+) -> HashMap<String, Result<T, String>> {
+    rows.iter()
+        .map(|(key, row)| {
+            let chunks =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chunk(&row.text)))
+                    .map_err(|panic| panic_message(panic.as_ref()));
+            (key.clone(), chunks)
+        })
+        .collect()
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_owned())
+}
+
 /// Counted only once the batch's transaction has committed.
 fn record_metrics(
     source: &str,
@@ -488,4 +545,44 @@ fn record_metrics(
     metrics::counter!("kbsync_chunks_written_total", "source" => source.clone()).increment(written);
     metrics::counter!("kbsync_chunks_deleted_total", "source" => source.clone()).increment(deleted);
     metrics::counter!("kbsync_dead_lettered_total", "source" => source).increment(dead_lettered);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, text: &str) -> (String, SourceRow) {
+        let row = SourceRow {
+            key: key.to_owned(),
+            tenant: "1".to_owned(),
+            text: text.to_owned(),
+            metadata: serde_json::Value::Null,
+        };
+        (key.to_owned(), row)
+    }
+
+    #[test]
+    fn a_text_the_chunker_panics_on_fails_alone() {
+        let rows: HashMap<String, SourceRow> = [
+            row("good", "fine text"),
+            row("bad", "BOOM"),
+            row("also", "more"),
+        ]
+        .into_iter()
+        .collect();
+        let chunked = chunk_each(&rows, |text| {
+            assert!(!text.contains("BOOM"), "the chunker met BOOM");
+            text.to_uppercase()
+        });
+        assert_eq!(chunked["good"].as_deref(), Ok("FINE TEXT"));
+        assert_eq!(chunked["also"].as_deref(), Ok("MORE"));
+        assert!(
+            chunked["bad"]
+                .as_ref()
+                .unwrap_err()
+                .contains("the chunker met BOOM"),
+            "{:?}",
+            chunked["bad"]
+        );
+    }
 }

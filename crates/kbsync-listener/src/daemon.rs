@@ -435,6 +435,13 @@ async fn worker(
                                 tracing::warn!(error = %pe, "could not postpone; the claim will expire instead");
                             }
                         }
+                        Err(BatchError::Chunking(e)) => {
+                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "chunking_error").increment(1);
+                            tracing::error!(source = %pipeline.source.name, error = %e, "chunking a batch failed; it is retried in 30 s");
+                            let _ =
+                                outbox::postpone(&lease_client, token, Duration::from_secs(30), &e)
+                                    .await;
+                        }
                         Err(BatchError::Db(e)) => {
                             // Keys PostgreSQL rejects are failed one by one inside the
                             // batch; what is left here is the connection or the server.
