@@ -77,6 +77,21 @@ async fn the_listener_killed_by_pg_terminate_backend_reconnects_and_nothing_is_m
         "{}",
         daemon.log()
     );
+    // Listening again (the fallback poll alone would also have found the writes).
+    wait_for(WAIT, "the listener back in pg_stat_activity", || async {
+        let listeners: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'kbsync-listener' AND datname = current_database()
+                    AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (listeners == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

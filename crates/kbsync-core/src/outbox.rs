@@ -134,20 +134,28 @@ pub async fn claim(
         .collect())
 }
 
-/// Seconds until the next entry of `source` may become ready (None: nothing pending).
+/// Seconds until the next entry of any of `sources` may become ready (negative: one
+/// is overdue; None: nothing pending). One statement for all sources: idle workers ask
+/// this at every wake-up.
 pub async fn seconds_until_ready(
     client: &impl GenericClient,
-    source: &Source,
+    sources: &[&Source],
 ) -> Result<Option<f64>, tokio_postgres::Error> {
+    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    let delete_debounce: Vec<f64> = sources.iter().map(|s| secs(s.delete_debounce)).collect();
+    let debounce: Vec<f64> = sources.iter().map(|s| secs(s.debounce)).collect();
+    let max_wait: Vec<f64> = sources.iter().map(|s| secs(s.max_wait)).collect();
     let row = client
         .query_one(
             "SELECT EXTRACT(EPOCH FROM min(GREATEST(
-                        LEAST(last_changed_at + make_interval(secs => CASE WHEN deleted THEN $2::float8 ELSE $3::float8 END),
-                              first_changed_at + make_interval(secs => $4::float8)),
-                        COALESCE(claimed_until, '-infinity'),
-                        COALESCE(next_attempt_at, '-infinity'))) - now())::float8
-               FROM kbsync.outbox WHERE source = $1",
-            &[&source.name, &secs(source.delete_debounce), &secs(source.debounce), &secs(source.max_wait)],
+                        LEAST(o.last_changed_at + make_interval(secs => CASE WHEN o.deleted THEN s.delete_debounce ELSE s.debounce END),
+                              o.first_changed_at + make_interval(secs => s.max_wait)),
+                        COALESCE(o.claimed_until, '-infinity'),
+                        COALESCE(o.next_attempt_at, '-infinity'))) - now())::float8
+               FROM unnest($1::text[], $2::float8[], $3::float8[], $4::float8[])
+                        AS s(name, delete_debounce, debounce, max_wait)
+               JOIN kbsync.outbox o ON o.source = s.name",
+            &[&names, &delete_debounce, &debounce, &max_wait],
         )
         .await?;
     Ok(row.get(0))

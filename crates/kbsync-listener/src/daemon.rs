@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use kbsync_core::config::Config;
+use kbsync_core::config::{Config, Source};
 use kbsync_core::db::{self, ErrorKind};
 use kbsync_core::embed::{EmbedError, Provider};
 use kbsync_core::install::schema_is_current;
@@ -600,13 +600,8 @@ enum NextReady {
 }
 
 async fn next_ready(client: &Client, shared: &Shared) -> Result<NextReady, tokio_postgres::Error> {
-    let mut soonest: Option<f64> = None;
-    for pipeline in &shared.pipelines {
-        if let Some(secs) = outbox::seconds_until_ready(client, &pipeline.source).await? {
-            soonest = Some(soonest.map_or(secs, |s| s.min(secs)));
-        }
-    }
-    Ok(match soonest {
+    let sources: Vec<&Source> = shared.pipelines.iter().map(|p| &p.source).collect();
+    Ok(match outbox::seconds_until_ready(client, &sources).await? {
         Some(secs) if secs <= 0.0 => NextReady::Overdue,
         // A little slack so the window has surely closed when we look.
         Some(secs) => NextReady::In(Duration::from_secs_f64(secs) + Duration::from_millis(5)),
