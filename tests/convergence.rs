@@ -61,85 +61,75 @@ fn statement(rng: &mut StdRng) -> (String, Vec<String>) {
     let page = format!("pg{}", rng.random_range(0..12));
     let qa = format!("qa{}", rng.random_range(0..60));
     let t = text(rng);
-    let sql = match rng.random_range(0..20) {
-        0..=3 => "INSERT INTO web_knowledge_product (id, user_id, name, description, price, category)
-                  VALUES (md5($1)::uuid, $2::text::int, 'Item ' || $1, $3, 9.5, 'Misc')
-                  ON CONFLICT (id) DO UPDATE SET description = EXCLUDED.description",
-        4 => "UPDATE web_knowledge_product SET updated_at = now() WHERE id = md5($1)::uuid AND $2 <> $3",
-        5 => "DELETE FROM web_knowledge_product WHERE id = md5($1)::uuid AND $2 <> $3",
-        6 => "UPDATE web_knowledge_product SET description = $3 || ' bulk', user_id = $2::text::int
-               WHERE id IN (SELECT id FROM web_knowledge_product ORDER BY md5(id::text || $1) LIMIT 8)",
-        7..=8 => {
-            return (
-                "INSERT INTO web_knowledge_websitepage (id, user_id, url, title, content, crawl_status)
-                 VALUES (md5($1)::uuid, $2::text::int, 'https://x/' || $1, 'Page ' || $1, $3, 'completed')
-                 ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content"
-                    .to_owned(),
-                vec![page, tenant, t],
-            );
-        }
-        9 => {
-            return (
-                "UPDATE web_knowledge_websitepage SET crawl_status = CASE crawl_status WHEN 'completed' THEN 'pending' ELSE 'completed' END
-                  WHERE id = md5($1)::uuid AND $2 <> $3"
-                    .to_owned(),
-                vec![page, tenant, t],
-            );
-        }
-        10 => {
-            return (
-                "DELETE FROM web_knowledge_websitepage WHERE id = md5($1)::uuid AND $2 <> $3".to_owned(),
-                vec![page, tenant, t],
-            );
-        }
-        11..=13 => {
-            return (
-                "INSERT INTO web_knowledge_qapair (id, page_id, question, answer, generation_status)
-                 SELECT md5($1)::uuid, p.id, 'Q ' || $1, $3, 'completed'
-                   FROM web_knowledge_websitepage p WHERE p.user_id = $2::text::int ORDER BY p.id LIMIT 1
-                 ON CONFLICT (id) DO UPDATE SET answer = EXCLUDED.answer"
-                    .to_owned(),
-                vec![qa, tenant, t],
-            );
-        }
-        14 => {
-            return (
-                "UPDATE web_knowledge_qapair SET generation_status = CASE generation_status WHEN 'completed' THEN 'pending' ELSE 'completed' END
-                  WHERE id = md5($1)::uuid AND $2 <> $3"
-                    .to_owned(),
-                vec![qa, tenant, t],
-            );
-        }
-        15 => {
-            return (
-                "DELETE FROM web_knowledge_qapair WHERE id = md5($1)::uuid AND $2 <> $3".to_owned(),
-                vec![qa, tenant, t],
-            );
-        }
-        16..=17 => {
-            return (
-                "INSERT INTO ai_model_aiprompts (user_id, manual_prompt) VALUES ($2::text::int, $3 || $1)
-                 ON CONFLICT (user_id) DO UPDATE SET manual_prompt = EXCLUDED.manual_prompt"
-                    .to_owned(),
-                vec![String::new(), tenant, t],
-            );
-        }
-        18 => {
-            return (
-                "DELETE FROM ai_model_aiprompts WHERE user_id = $2::text::int AND $1 <> $3".to_owned(),
-                vec!["x".to_owned(), tenant, t],
-            );
-        }
-        _ => {
-            // Rare: the whole product table at once.
-            if rng.random_range(0..4) == 0 {
-                "TRUNCATE web_knowledge_product"
-            } else {
-                "UPDATE web_knowledge_product SET updated_at = now() WHERE $1 <> $2 AND $3::text IS NOT NULL"
-            }
-        }
+    // Every statement takes ($1 key, $2 tenant, $3 text); the arm picks the key.
+    let (sql, key) = match rng.random_range(0..20) {
+        0..=3 => (
+            "INSERT INTO web_knowledge_product (id, user_id, name, description, price, category)
+             VALUES (md5($1)::uuid, $2::text::int, 'Item ' || $1, $3, 9.5, 'Misc')
+             ON CONFLICT (id) DO UPDATE SET description = EXCLUDED.description",
+            product,
+        ),
+        4 => (
+            "UPDATE web_knowledge_product SET updated_at = now() WHERE id = md5($1)::uuid AND $2 <> $3",
+            product,
+        ),
+        5 => (
+            "DELETE FROM web_knowledge_product WHERE id = md5($1)::uuid AND $2 <> $3",
+            product,
+        ),
+        6 => (
+            "UPDATE web_knowledge_product SET description = $3 || ' bulk', user_id = $2::text::int
+              WHERE id IN (SELECT id FROM web_knowledge_product ORDER BY md5(id::text || $1) LIMIT 8)",
+            product,
+        ),
+        7..=8 => (
+            "INSERT INTO web_knowledge_websitepage (id, user_id, url, title, content, crawl_status)
+             VALUES (md5($1)::uuid, $2::text::int, 'https://x/' || $1, 'Page ' || $1, $3, 'completed')
+             ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content",
+            page,
+        ),
+        9 => (
+            "UPDATE web_knowledge_websitepage SET crawl_status = CASE crawl_status WHEN 'completed' THEN 'pending' ELSE 'completed' END
+              WHERE id = md5($1)::uuid AND $2 <> $3",
+            page,
+        ),
+        10 => (
+            "DELETE FROM web_knowledge_websitepage WHERE id = md5($1)::uuid AND $2 <> $3",
+            page,
+        ),
+        11..=13 => (
+            "INSERT INTO web_knowledge_qapair (id, page_id, question, answer, generation_status)
+             SELECT md5($1)::uuid, p.id, 'Q ' || $1, $3, 'completed'
+               FROM web_knowledge_websitepage p WHERE p.user_id = $2::text::int ORDER BY p.id LIMIT 1
+             ON CONFLICT (id) DO UPDATE SET answer = EXCLUDED.answer",
+            qa,
+        ),
+        14 => (
+            "UPDATE web_knowledge_qapair SET generation_status = CASE generation_status WHEN 'completed' THEN 'pending' ELSE 'completed' END
+              WHERE id = md5($1)::uuid AND $2 <> $3",
+            qa,
+        ),
+        15 => (
+            "DELETE FROM web_knowledge_qapair WHERE id = md5($1)::uuid AND $2 <> $3",
+            qa,
+        ),
+        16..=17 => (
+            "INSERT INTO ai_model_aiprompts (user_id, manual_prompt) VALUES ($2::text::int, $3 || $1)
+             ON CONFLICT (user_id) DO UPDATE SET manual_prompt = EXCLUDED.manual_prompt",
+            String::new(),
+        ),
+        18 => (
+            "DELETE FROM ai_model_aiprompts WHERE user_id = $2::text::int AND $1 <> $3",
+            "x".to_owned(),
+        ),
+        // Rare: the whole product table at once.
+        _ if rng.random_range(0..4) == 0 => ("TRUNCATE web_knowledge_product", product),
+        _ => (
+            "UPDATE web_knowledge_product SET updated_at = now() WHERE $1 <> $2 AND $3::text IS NOT NULL",
+            product,
+        ),
     };
-    (sql.to_owned(), vec![product, tenant, t])
+    (sql.to_owned(), vec![key, tenant, t])
 }
 
 /// Returns how many statements succeeded.

@@ -3,7 +3,8 @@
 //! new (deduplicated across the batch), and write everything in one transaction
 //! fenced on the claim.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use pgvector::Vector;
@@ -291,14 +292,12 @@ pub async fn process(
     };
     Ok(BatchReport {
         inputs_embedded: inputs.len(),
-        chunks_written: committed.chunks_written,
-        chunks_deleted: committed.chunks_deleted,
-        failed: committed.failed,
-        dead_lettered: committed.dead_lettered,
+        ..committed
     })
 }
 
 /// What a batch (or one key of it) writes, computed before its transaction.
+#[derive(Default)]
 struct Prepared {
     writes: Vec<ChunkWrite>,
     /// Per key, its new number of chunks (0: none, the row is gone or filtered out).
@@ -316,10 +315,8 @@ impl Prepared {
         for (key, version) in self.versions {
             at.insert(key.clone(), parts.len());
             parts.push(Prepared {
-                writes: Vec::new(),
-                lengths: Vec::new(),
-                failures: Vec::new(),
                 versions: vec![(key, version)],
+                ..Prepared::default()
             });
         }
         for w in self.writes {
@@ -341,16 +338,9 @@ impl Prepared {
     }
 }
 
-#[derive(Debug, Default)]
-struct Committed {
-    chunks_written: u64,
-    chunks_deleted: u64,
-    failed: usize,
-    dead_lettered: u64,
-}
-
-impl Committed {
-    fn add(&mut self, other: Committed) {
+impl BatchReport {
+    fn add(&mut self, other: BatchReport) {
+        self.inputs_embedded += other.inputs_embedded;
         self.chunks_written += other.chunks_written;
         self.chunks_deleted += other.chunks_deleted;
         self.failed += other.failed;
@@ -367,30 +357,20 @@ async fn commit(
     token: Uuid,
     prepared: &Prepared,
     whole_source: Option<&Claimed>,
-) -> Result<Committed, tokio_postgres::Error> {
+) -> Result<BatchReport, tokio_postgres::Error> {
     let source = &pipeline.source.name;
     let keys: Vec<String> = prepared.versions.iter().map(|(k, _)| k.clone()).collect();
     let tx = client.transaction().await?;
-    let ours: Vec<String> = outbox::fence(&tx, source, token, Scope::Row, &keys).await?;
+    let ours: HashSet<String> = outbox::fence(&tx, source, token, Scope::Row, &keys)
+        .await?
+        .into_iter()
+        .collect();
     let is_ours = |k: &String| ours.contains(k);
-    let writes: Vec<ChunkWrite> = prepared
-        .writes
-        .iter()
-        .filter(|w| is_ours(&w.key))
-        .cloned()
-        .collect();
-    let lengths: Vec<(String, i32)> = prepared
-        .lengths
-        .iter()
-        .filter(|(k, _)| is_ours(k))
-        .cloned()
-        .collect();
-    let failures: Vec<Failure> = prepared
-        .failures
-        .iter()
-        .filter(|f| is_ours(&f.key))
-        .cloned()
-        .collect();
+    // Usually every key is still ours: then nothing is copied.
+    let all_ours = ours.len() == keys.len();
+    let writes = only_ours(&prepared.writes, all_ours, |w| is_ours(&w.key));
+    let lengths = only_ours(&prepared.lengths, all_ours, |(k, _)| is_ours(k));
+    let failures = only_ours(&prepared.failures, all_ours, |f| is_ours(&f.key));
     let (chunks_written, mut chunks_deleted) =
         knowledge::write_batch(&tx, source, &writes, &lengths).await?;
     let dead_lettered = outbox::record_failures(&tx, source, token, &failures, policy).await?;
@@ -430,12 +410,21 @@ async fn commit(
         chunks_deleted,
         dead_lettered,
     );
-    Ok(Committed {
+    Ok(BatchReport {
+        inputs_embedded: 0,
         chunks_written,
         chunks_deleted,
         failed: failures.len(),
         dead_lettered,
     })
+}
+
+fn only_ours<T: Clone>(items: &[T], all_ours: bool, keep: impl Fn(&T) -> bool) -> Cow<'_, [T]> {
+    if all_ours {
+        Cow::Borrowed(items)
+    } else {
+        Cow::Owned(items.iter().filter(|i| keep(i)).cloned().collect())
+    }
 }
 
 /// The batch's write was rejected: write each key in a transaction of its own, so the
@@ -448,8 +437,8 @@ async fn isolate_rejected_writes(
     token: Uuid,
     prepared: Prepared,
     whole_source: Option<&Claimed>,
-) -> Result<Committed, tokio_postgres::Error> {
-    let mut total = Committed::default();
+) -> Result<BatchReport, tokio_postgres::Error> {
+    let mut total = BatchReport::default();
     for part in prepared.split_by_key() {
         match commit(client, pipeline, policy, token, &part, None).await {
             Ok(committed) => total.add(committed),
@@ -461,12 +450,7 @@ async fn isolate_rejected_writes(
         }
     }
     if whole_source.is_some() {
-        let nothing = Prepared {
-            writes: Vec::new(),
-            lengths: Vec::new(),
-            failures: Vec::new(),
-            versions: Vec::new(),
-        };
+        let nothing = Prepared::default();
         total.add(commit(client, pipeline, policy, token, &nothing, whole_source).await?);
     }
     Ok(total)
@@ -481,7 +465,7 @@ async fn reject_key(
     token: Uuid,
     key: String,
     error: &tokio_postgres::Error,
-) -> Result<Committed, tokio_postgres::Error> {
+) -> Result<BatchReport, tokio_postgres::Error> {
     let source = &pipeline.source.name;
     let message = format!("PostgreSQL rejected this key: {}", db::describe(error));
     tracing::error!(source = %source, key = %key, error = %message, "a key failed; it is retried later and dead-lettered after max_attempts");
@@ -495,10 +479,10 @@ async fn reject_key(
     tx.commit().await?;
     metrics::counter!("kbsync_dead_lettered_total", "source" => source.clone())
         .increment(dead_lettered);
-    Ok(Committed {
+    Ok(BatchReport {
         failed: 1,
         dead_lettered,
-        ..Committed::default()
+        ..BatchReport::default()
     })
 }
 
