@@ -73,8 +73,9 @@ soak SEEDS="200":
     cargo build --workspace
     KBSYNC_CONVERGENCE_SEEDS={{SEEDS}} cargo test -p kbsync-tests --test convergence -- --nocapture
 
-# Benchmarks against a real PostgreSQL; prints a table and writes BENCHMARKS.md
-# (sections: latency, model, reconcile; all by default, and only then is the file written).
+# Benchmarks of the release build against a real PostgreSQL; prints a table and writes
+# BENCHMARKS.md (sections: triggers, latency, backfill, coalescing, model, reconcile;
+# all by default, and only then is the file written).
 bench *SECTIONS:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -83,8 +84,9 @@ bench *SECTIONS:
       DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
     fi
     scripts/model.sh >/dev/null
-    cargo build -p kbsync -p kbsync-bench
-    target/debug/kbsync-bench {{SECTIONS}}
+    # The release profile: what the README's systemd section deploys.
+    cargo build --release -p kbsync -p kbsync-bench
+    target/release/kbsync-bench {{SECTIONS}}
 
 # Apply formatting and clippy's fixes.
 fmt:

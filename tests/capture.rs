@@ -1,10 +1,12 @@
-//! The capture triggers: outbox rows in the writer's transaction, nothing for
-//! irrelevant updates, deletes of every kind recorded, one NOTIFY per transaction.
+//! The capture triggers: changes recorded in the writer's transaction (and folded
+//! into one outbox entry per key by `outbox::collect`), nothing for irrelevant
+//! updates, deletes of every kind recorded, one NOTIFY per capturing statement.
 
 #![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
 
 use std::time::Duration;
 
+use kbsync_core::outbox;
 use kbsync_testkit::{Listener, TestDb};
 use tokio_postgres::Client;
 
@@ -15,16 +17,18 @@ async fn installed_with_demo_rows() -> (TestDb, Client) {
     db.kbsync(&["demo", "data"]).assert_success();
     let client = db.client().await;
     client
-        .batch_execute("DELETE FROM kbsync.outbox")
+        .batch_execute("DELETE FROM kbsync.outbox; DELETE FROM kbsync.changes")
         .await
         .unwrap();
     (db, client)
 }
 
-/// (source, scope, key, deleted, version) of every outbox row.
+/// (source, scope, key, deleted, version) of every outbox row, once the captured
+/// changes are collected (as the daemon's collector does).
 async fn outbox(
     client: &impl tokio_postgres::GenericClient,
 ) -> Vec<(String, String, String, bool, i64)> {
+    outbox::collect(client, 1_000_000).await.unwrap();
     client
         .query(
             "SELECT source, scope, source_key, deleted, version FROM kbsync.outbox ORDER BY 1, 2, 3",
@@ -43,6 +47,7 @@ async fn seeding_through_the_triggers_records_every_eligible_row() {
     db.kbsync(&["install"]).assert_success();
     db.kbsync(&["demo", "data"]).assert_success();
     let client = db.client().await;
+    outbox::collect(&client, 1_000_000).await.unwrap();
     let counts = client
         .query_one(
             "SELECT (SELECT count(*) FROM kbsync.outbox WHERE source = 'faq')
@@ -83,13 +88,13 @@ async fn a_write_for_each_source_is_recorded_in_the_writers_transaction() {
          INSERT INTO ai_model_aiprompts (user_id, manual_prompt) VALUES (9, 'Be nice.');"
     );
 
-    // Rolled back: no trace in the outbox.
+    // Rolled back: no trace in the change log nor the outbox.
     let tx = client.transaction().await.unwrap();
     tx.batch_execute(&writes).await.unwrap();
     assert_eq!(
         outbox(&tx).await.len(),
         4,
-        "the writer's transaction sees its outbox rows"
+        "the writer's transaction sees its changes"
     );
     tx.rollback().await.unwrap();
     assert!(
@@ -199,7 +204,7 @@ async fn a_changed_key_records_the_old_key_as_deleted() {
     client
         .batch_execute(
             "INSERT INTO accounts_user VALUES (7, 'x', 'X', 'x.example');
-             DELETE FROM kbsync.outbox;
+             DELETE FROM kbsync.outbox; DELETE FROM kbsync.changes;
              UPDATE ai_model_aiprompts SET user_id = 7 WHERE user_id = 2;",
         )
         .await
@@ -222,7 +227,7 @@ async fn a_bulk_update_sends_one_notification_and_records_every_key() {
             "INSERT INTO web_knowledge_product (id, user_id, name, description)
              SELECT md5('bulk-' || i)::uuid, 1 + i % 3, 'Bulk item ' || i, 'first'
                FROM generate_series(1, 20000) i;
-             DELETE FROM kbsync.outbox;",
+             DELETE FROM kbsync.outbox; DELETE FROM kbsync.changes;",
         )
         .await
         .unwrap();
@@ -237,6 +242,7 @@ async fn a_bulk_update_sends_one_notification_and_records_every_key() {
     assert_eq!(updated, 20_000);
     let notes = listener.drain(Duration::from_secs(2)).await;
     assert_eq!(notes, vec![("kbsync".to_owned(), "product".to_owned())]);
+    outbox::collect(&client, 1_000_000).await.unwrap();
     let recorded: i64 = client
         .query_one(
             "SELECT count(*) FROM kbsync.outbox WHERE source = 'product'",

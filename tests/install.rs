@@ -33,6 +33,7 @@ async fn install_creates_everything_and_a_second_run_changes_nothing() {
     for table in [
         "public.tenant_knowledge",
         "kbsync.outbox",
+        "kbsync.changes",
         "kbsync.dead_letters",
         "kbsync.reconcile_runs",
     ] {
@@ -398,7 +399,7 @@ async fn a_filter_value_that_looks_like_sql_stays_a_value() {
     assert!(exists);
     let captured: i64 = client
         .query_one(
-            "SELECT count(*) FROM kbsync.outbox WHERE source = 'page'",
+            "SELECT count(*) FROM kbsync.changes WHERE source = 'page'",
             &[],
         )
         .await

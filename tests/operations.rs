@@ -183,7 +183,8 @@ async fn chunking_health_and_status_match_sql_counts() {
     wait_for(WAIT, "every source but page to be written", || async {
         let pending = count(
             &client,
-            "SELECT count(*) FROM kbsync.outbox WHERE source <> 'page'",
+            "SELECT (SELECT count(*) FROM kbsync.outbox WHERE source <> 'page')
+                  + (SELECT count(*) FROM kbsync.changes WHERE source <> 'page')",
         )
         .await;
         let faqs = count(

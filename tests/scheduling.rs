@@ -57,7 +57,7 @@ async fn one_tenants_edit_is_not_held_up_by_another_tenants_20k_backlog() {
         .await
         .unwrap();
     assert_eq!(
-        count(&client, "SELECT count(*) FROM kbsync.outbox").await,
+        count(&client, "SELECT count(*) FROM kbsync.changes").await,
         20_001
     );
     let daemon = DaemonProcess::start(config.path(), db.url());

@@ -29,7 +29,7 @@ async fn drain(client: &Client, daemons: &[DaemonProcess]) -> (Duration, u64) {
             peak = peak.max(vm_hwm(d.pid()));
         }
         let left: i64 = client
-            .query_one("SELECT count(*) FROM kbsync.outbox", &[])
+            .query_one("SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)", &[])
             .await
             .expect("outbox")
             .get(0);

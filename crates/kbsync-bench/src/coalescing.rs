@@ -16,7 +16,13 @@ async fn count(client: &Client, sql: &str) -> i64 {
 
 async fn drained(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(600);
-    while count(client, "SELECT count(*) FROM kbsync.outbox").await > 0 {
+    while count(
+        client,
+        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
+    )
+    .await
+        > 0
+    {
         assert!(Instant::now() < deadline, "the outbox did not drain");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -57,7 +63,11 @@ pub async fn rows() -> Vec<(String, String)> {
 
     // 1,000 updates that touch no column of any text.
     let before = server.inputs_total();
-    let queued_before = count(&client, "SELECT count(*) FROM kbsync.outbox").await;
+    let queued_before = count(
+        &client,
+        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
+    )
+    .await;
     for _ in 0..10 {
         client
             .batch_execute(
@@ -66,7 +76,12 @@ pub async fn rows() -> Vec<(String, String)> {
             .await
             .expect("touches");
     }
-    let queued = count(&client, "SELECT count(*) FROM kbsync.outbox").await - queued_before;
+    let queued = count(
+        &client,
+        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
+    )
+    .await
+        - queued_before;
     drained(&client).await;
     out.push((
         "embedding inputs for 1,000 updated_at touches (target 0)".into(),

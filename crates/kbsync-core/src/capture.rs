@@ -1,18 +1,33 @@
 //! The capture triggers: per source, one trigger function and four statement-level
-//! triggers that record "key K of source S may have changed" in `kbsync.outbox`, in
-//! the writer's transaction, and send a wake-up NOTIFY whose payload is the source name.
+//! triggers that append "key K of source S may have changed" to `kbsync.changes`, in
+//! the writer's transaction, and wake the daemon with a NOTIFY whose payload is the
+//! source name.
 //!
-//! Statement-level with transition tables, so a statement's rows are queued by one
-//! set-based upsert rather than one per row: a 100,000-row UPDATE costs the writer one
-//! INSERT ... SELECT (see `just bench`). Updates that change no relevant column, and
-//! rows that neither were nor are eligible, queue nothing; repeated edits of one key
-//! fold into one outbox row; one NOTIFY per statement that queued anything.
+//! What the writer pays is kept to the least, at any concurrency:
+//! - Statement-level with transition tables: a statement's rows are appended by one
+//!   set-based INSERT ... SELECT (a 100,000-row UPDATE costs one statement, not
+//!   100,000 trigger calls). Updates that change no relevant column, and rows that
+//!   neither were nor are eligible, append nothing.
+//! - `kbsync.changes` has no index and is only ever appended to by writers: nothing to
+//!   look up, no row lock to wait for (the daemon folds it into the outbox, see
+//!   `outbox::collect`).
+//! - At most one capturing transaction at a time NOTIFYs. PostgreSQL serialises the
+//!   commits of all NOTIFYing transactions on one cluster-wide lock (`PreCommit_Notify`
+//!   in async.c, held until the commit is flushed); so a writer NOTIFYs only if it wins
+//!   `pg_try_advisory_xact_lock(WAKE_LOCK)`, which never waits and is held until its
+//!   transaction ends. The others commit without the NOTIFY lock; their changes are
+//!   found by the fold that the winner's NOTIFY starts, or by the follow-up folds the
+//!   daemon runs while changes keep arriving (see the daemon's collector).
 
 use crate::config::Source;
 use crate::sql_ident::quote_literal;
 
 /// NOTIFY channel the daemon listens on.
 pub const CHANNEL: &str = "kbsync";
+
+/// The advisory lock a capturing transaction must win to send the wake-up NOTIFY
+/// ("kbsync" + 2; 1 is the install lock). Per database, as advisory locks are.
+pub const WAKE_LOCK: i64 = 0x6b62_7379_6e63_0002;
 
 pub fn function_name(source: &str) -> String {
     format!("capture_{source}")
@@ -44,14 +59,10 @@ pub fn function_sql(source: &Source, via_table: Option<&str>) -> String {
         // Unreachable through install, which resolves every via table or fails.
         (Some(_), None) => (String::new(), "''".to_owned()),
     };
-    let upsert = |rows: &str| {
+    let append = |rows: &str| {
         format!(
-            "INSERT INTO kbsync.outbox AS o (source, scope, source_key, deleted, tenant)
-         {rows}
-         ON CONFLICT (source, scope, source_key) DO UPDATE
-            SET deleted = EXCLUDED.deleted, last_changed_at = pg_catalog.now(),
-                version = o.version + 1, attempts = 0, next_attempt_at = NULL,
-                tenant = EXCLUDED.tenant;"
+            "INSERT INTO kbsync.changes (source, scope, source_key, deleted, tenant)
+         {rows};"
         )
     };
     let cols = source.relevant_columns();
@@ -61,13 +72,13 @@ pub fn function_sql(source: &Source, via_table: Option<&str>) -> String {
     };
     let (new_join, new_tenant) = tenant("n");
     let (old_join, old_tenant) = tenant("d");
-    let inserted = upsert(&format!(
+    let inserted = append(&format!(
         "SELECT {name}, 'row', n.{key}::text, false, {new_tenant}
            FROM kbsync_new n{new_join}
           WHERE {}",
         source.filter_sql("n.")
     ));
-    let deleted = upsert(&format!(
+    let deleted = append(&format!(
         "SELECT {name}, 'row', d.{key}::text, true, {old_tenant}
            FROM kbsync_old d{old_join}
           WHERE {}",
@@ -75,7 +86,7 @@ pub fn function_sql(source: &Source, via_table: Option<&str>) -> String {
     ));
     // Matched by key: rows whose relevant columns changed and that were or are
     // eligible. A changed key is a delete of the old key and an insert of the new.
-    let updated = upsert(&format!(
+    let updated = append(&format!(
         "SELECT {name}, 'row', n.{key}::text, NOT {new_ok}, {new_tenant}
            FROM kbsync_new n JOIN kbsync_old d ON d.{key} = n.{key}{new_join}
           WHERE {old_row} IS DISTINCT FROM {new_row} AND ({old_ok} OR {new_ok})
@@ -105,15 +116,16 @@ BEGIN
     ELSE
         {updated}
     END IF;
-    IF FOUND THEN
+    IF FOUND AND pg_catalog.pg_try_advisory_xact_lock({wake_lock}::bigint) THEN
         PERFORM pg_catalog.pg_notify({channel}, {name});
     END IF;
     RETURN NULL;
 END
 $kbsync$",
         fname = function_name(&source.name),
-        truncate = upsert(&format!("VALUES ({name}, 'source', '', true, '')")),
+        truncate = append(&format!("VALUES ({name}, 'source', '', true, '')")),
         channel = lit(CHANNEL),
+        wake_lock = WAKE_LOCK,
     )
 }
 

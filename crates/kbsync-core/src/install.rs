@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fair_scheduling",
         sql: include_str!("../../../sql/migrations/0003_fair_scheduling.sql"),
     },
+    Migration {
+        version: 4,
+        name: "change_log",
+        sql: include_str!("../../../sql/migrations/0004_change_log.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).

@@ -1,9 +1,12 @@
-//! The outbox's life cycle on the daemon's side: claim ready keys (the debounce
-//! windows are evaluated here, in the database's clock), keep the claim alive while
-//! working, then in the write transaction fence, acknowledge, or record a failure.
+//! The outbox's life cycle on the daemon's side: collect what the capture triggers
+//! appended to `kbsync.changes` into one entry per key, claim ready keys (the
+//! debounce windows are evaluated here, in the database's clock), keep the claim
+//! alive while working, then in the write transaction fence, acknowledge, or record
+//! a failure.
 //!
-//! A claim is a token plus a lease on outbox rows, not a held row lock, so the
-//! application's writes to the same keys never wait for an embedding call.
+//! The application's writes only ever append to `kbsync.changes`: they never touch an
+//! outbox entry, so they never wait for anything the daemon holds. A claim is a token
+//! plus a lease on outbox rows, not a held row lock.
 
 use std::time::Duration;
 
@@ -85,6 +88,56 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
       RETURNING o.scope, o.source_key, o.version, o.attempts"
     )
 });
+
+/// Move up to `limit` changes the capture triggers appended to `kbsync.changes` into
+/// the outbox, one entry per key: a key's changes fold into its entry (version + their
+/// number, the latest change time, a new change clears its retry state), as the
+/// triggers' upsert did before. Changes another daemon is moving are skipped. Entries
+/// are upserted in key order, the order `lock_for_acknowledge` locks them in, so that
+/// a fold and a batch's acknowledgement never deadlock. Returns the changes moved.
+pub async fn collect(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "WITH taken AS (
+                DELETE FROM kbsync.changes c
+                 WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM kbsync.changes LIMIT $1 FOR UPDATE SKIP LOCKED))
+             RETURNING c.source, c.scope, c.source_key, c.deleted, c.tenant, c.changed_at),
+             folded AS (
+                SELECT DISTINCT ON (source, scope, source_key)
+                       source, scope, source_key, deleted, tenant,
+                       min(changed_at) OVER k AS first_changed_at,
+                       max(changed_at) OVER k AS last_changed_at,
+                       count(*) OVER k AS changes
+                  FROM taken
+                WINDOW k AS (PARTITION BY source, scope, source_key)
+                 ORDER BY source, scope, source_key, changed_at DESC),
+             moved AS (
+                INSERT INTO kbsync.outbox AS o
+                       (source, scope, source_key, deleted, tenant, first_changed_at, last_changed_at, version)
+                SELECT source, scope, source_key, deleted, tenant, first_changed_at, last_changed_at, changes
+                  FROM folded ORDER BY source, scope, source_key
+                    ON CONFLICT (source, scope, source_key) DO UPDATE
+                   SET deleted = EXCLUDED.deleted,
+                       last_changed_at = GREATEST(o.last_changed_at, EXCLUDED.last_changed_at),
+                       version = o.version + EXCLUDED.version, attempts = 0, next_attempt_at = NULL,
+                       tenant = EXCLUDED.tenant)
+             SELECT count(*) FROM taken",
+            &[&limit],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// How many changes wait in `kbsync.changes` to be collected.
+pub async fn uncollected(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT count(*) FROM kbsync.changes", &[])
+        .await?
+        .get(0))
+}
 
 /// Claim up to `limit` entries of `source` whose window has closed: the last change
 /// is older than the source's debounce (delete window for deletes), or the first
@@ -212,6 +265,11 @@ pub async fn renew(
 /// In the write transaction: lock the claimed entries that are still ours and
 /// return their keys. An entry taken over by another daemon (our lease ran out) is
 /// not ours any more, and our possibly older result for it must not be written.
+///
+/// `FOR KEY SHARE`, the weakest row lock: it keeps other daemons' claims and lease
+/// renewals off (they lock `FOR UPDATE`), but not an upsert of the same entry
+/// (`FOR NO KEY UPDATE`), so a new change of a key being written never waits for the
+/// batch's whole write; only for its last statements, which acknowledge.
 pub async fn fence(
     client: &impl GenericClient,
     source: &str,
@@ -223,11 +281,33 @@ pub async fn fence(
         .query(
             "SELECT source_key FROM kbsync.outbox
               WHERE source = $1 AND scope = $2 AND claim_token = $3 AND source_key = ANY($4)
-                FOR UPDATE",
+                FOR KEY SHARE",
             &[&source, &scope.as_str(), &token, &keys],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// In the write transaction, after the write and before failures are recorded and
+/// entries acknowledged: lock the entries that are still ours `FOR UPDATE`, in key
+/// order. Until here the fence's weak lock let new changes fold into them; from here to
+/// the commit a fold of the same keys waits, and it takes its locks in the same order.
+pub async fn lock_for_acknowledge(
+    client: &impl GenericClient,
+    source: &str,
+    token: Uuid,
+    scope: Scope,
+    keys: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT 1 FROM kbsync.outbox
+              WHERE source = $1 AND scope = $2 AND claim_token = $3 AND source_key = ANY($4)
+              ORDER BY source_key FOR UPDATE",
+            &[&source, &scope.as_str(), &token, &keys],
+        )
+        .await?;
+    Ok(())
 }
 
 /// An outbox entry removed because its change is written.

@@ -348,7 +348,9 @@ impl BatchReport {
     }
 }
 
-/// One transaction: fence on our claim, write, record failures, acknowledge; and the
+/// One transaction: fence on our claim (a weak lock: new changes of the keys still
+/// fold in meanwhile), write, lock the entries for acknowledging, record failures,
+/// acknowledge; and the
 /// source-wide clean-up after a TRUNCATE if `whole_source` is claimed.
 async fn commit(
     client: &mut Client,
@@ -373,6 +375,7 @@ async fn commit(
     let failures = only_ours(&prepared.failures, all_ours, |f| is_ours(&f.key));
     let (chunks_written, mut chunks_deleted) =
         knowledge::write_batch(&tx, source, &writes, &lengths).await?;
+    outbox::lock_for_acknowledge(&tx, source, token, Scope::Row, &keys).await?;
     let dead_lettered = outbox::record_failures(&tx, source, token, &failures, policy).await?;
     let done: Vec<(String, i64)> = prepared
         .versions
@@ -392,6 +395,7 @@ async fn commit(
         .await?;
         if !ours.is_empty() {
             chunks_deleted += tx.execute(&pipeline.orphan_sql, &[source]).await?;
+            outbox::lock_for_acknowledge(&tx, source, token, Scope::Source, &ours).await?;
             outbox::acknowledge(
                 &tx,
                 source,

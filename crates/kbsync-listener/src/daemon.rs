@@ -1,7 +1,9 @@
-//! `kbsync run`: one listener task and N worker tasks under one cancellation token.
-//! Each worker loops: claim a ready batch from some source, process it while keeping
-//! its lease alive, and when nothing is ready sleep until a wake-up, the next window
-//! closing, or the fallback poll. Task failures are never silent: a worker that
+//! `kbsync run`: one listener task, one collector task and N worker tasks under one
+//! cancellation token. The listener hears NOTIFYs; the collector then moves what the
+//! capture triggers appended into the outbox and wakes the workers. Each worker
+//! loops: claim a ready batch from some source, process it while keeping its lease
+//! alive, and when nothing is ready sleep until a wake-up, the next window closing,
+//! or the fallback poll. Task failures are never silent: a worker that
 //! panics stops the daemon with an error.
 
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
 use crate::batch::{self, BatchError, SourcePipeline};
 use crate::health::Health;
 use crate::http::{self, HttpState};
-use crate::{listener, systemd, telemetry};
+use crate::{collector, listener, systemd, telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -211,6 +213,7 @@ impl Daemon {
             pipelines,
         });
 
+        let (notified_tx, notified_rx) = watch::channel(0u64);
         let (wake_tx, wake_rx) = watch::channel(0u64);
         // Not a child of `cancel`: the tasks are told to stop only after we have
         // decided why we stop, so a task ending on shutdown is not taken for a failure.
@@ -218,8 +221,14 @@ impl Daemon {
         let mut tasks = JoinSet::new();
         tasks.spawn(listener::run(
             shared.url.clone(),
-            wake_tx,
+            notified_tx,
             connected_tx,
+            work_cancel.clone(),
+        ));
+        tasks.spawn(collect_changes(
+            shared.clone(),
+            notified_rx,
+            wake_tx,
             work_cancel.clone(),
         ));
         if shared.config.reconcile.enabled {
@@ -310,6 +319,40 @@ async fn connect_with_retry(
                 tokio::select! {
                     _ = cancel.cancelled() => return None,
                     _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The collector on a connection of its own, reconnecting after a database error.
+async fn collect_changes(
+    shared: Arc<Shared>,
+    mut notified: watch::Receiver<u64>,
+    wake_workers: watch::Sender<u64>,
+    cancel: CancellationToken,
+) {
+    let fallback_poll = shared.config.daemon.fallback_poll;
+    loop {
+        let Some(client) = connect_with_retry(&shared.url, &cancel, &shared.health).await else {
+            return;
+        };
+        match collector::run(
+            &client,
+            fallback_poll,
+            &mut notified,
+            &wake_workers,
+            &cancel,
+        )
+        .await
+        {
+            Ok(()) => return,
+            Err(e) => {
+                shared.health.database_failed(&db::describe(&e));
+                tracing::warn!(error = %db::describe(&e), "collecting captured changes failed; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         }

@@ -1,8 +1,10 @@
-//! The daemon: a listener that turns NOTIFYs into wake-ups, and workers that claim
-//! ready outbox entries (the debounce windows), process them (read rows → chunk →
-//! embed → write) and acknowledge them, until cancelled.
+//! The daemon: a listener that turns NOTIFYs into wake-ups, a collector that moves
+//! captured changes into the outbox, and workers that claim ready outbox entries (the
+//! debounce windows), process them (read rows → chunk → embed → write) and
+//! acknowledge them, until cancelled.
 
 mod batch;
+mod collector;
 mod daemon;
 pub mod health;
 mod http;

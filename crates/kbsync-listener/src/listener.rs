@@ -1,8 +1,9 @@
 //! LISTEN on a dedicated connection, driven through `Connection::poll_message`
 //! (the only way tokio-postgres hands out notifications). Every notification — its
 //! payload is only a hint, and garbage from other clients is harmless — and every
-//! (re)connect bumps a wake-up counter the workers watch; the workers then read the
-//! outbox, so a change committed while we were disconnected is never missed.
+//! (re)connect bumps a wake-up counter the collector watches; the collector then
+//! folds the change log into the outbox and wakes the workers, so a change committed
+//! while we were disconnected is never missed.
 
 use std::time::Duration;
 

@@ -97,8 +97,16 @@ fn describe() {
         "Outbox entries waiting (in a window, claimed or retrying)"
     );
     describe_gauge!(
+        "kbsync_uncollected_changes",
+        "Captured changes not collected into the outbox yet (growing: no daemon collects them)"
+    );
+    describe_gauge!(
         "kbsync_outbox_oldest_pending_seconds",
-        "Age of the oldest change waiting in the outbox"
+        "Age of the oldest change waiting in the outbox or not yet collected"
+    );
+    describe_counter!(
+        "kbsync_changes_collected_total",
+        "Captured changes moved from kbsync.changes into the outbox"
     );
     describe_gauge!("kbsync_dead_letters", "Keys parked in kbsync.dead_letters");
     describe_counter!(
@@ -120,6 +128,8 @@ pub async fn refresh_backlog(
     for b in kbsync_reconcile::coverage::backlog(client, sources).await? {
         let source = b.source.clone();
         metrics::gauge!("kbsync_outbox_backlog", "source" => source.clone()).set(b.pending as f64);
+        metrics::gauge!("kbsync_uncollected_changes", "source" => source.clone())
+            .set(b.uncollected as f64);
         metrics::gauge!("kbsync_outbox_oldest_pending_seconds", "source" => source.clone())
             .set(b.oldest_seconds);
         metrics::gauge!("kbsync_dead_letters", "source" => source).set(b.dead_letters as f64);

@@ -24,7 +24,11 @@ pub struct SourceCoverage {
     pub chunks_without_embedding: i64,
     /// Outbox entries waiting (in a window, claimed, or retrying).
     pub backlog: i64,
-    /// Age of the oldest change in the backlog, in seconds (0 when empty).
+    /// Changes the capture triggers recorded that no daemon has collected into the
+    /// outbox yet (normally gone within milliseconds; growing: no daemon is running).
+    pub uncollected_changes: i64,
+    /// Age of the oldest change in the backlog or not yet collected, in seconds (0
+    /// when there is none).
     pub oldest_pending_seconds: f64,
     pub dead_letters: i64,
 }
@@ -55,12 +59,16 @@ pub struct Backlog {
     pub claimed: i64,
     /// Of those, waiting for a retry after a failure.
     pub retrying: i64,
-    /// Age of the oldest change in the backlog, in seconds (0 when empty).
+    /// Captured changes not collected into the outbox yet.
+    pub uncollected: i64,
+    /// Age of the oldest change in the backlog or not yet collected, in seconds (0
+    /// when there is none).
     pub oldest_seconds: f64,
     pub dead_letters: i64,
 }
 
-/// The backlog of each of `sources`, in one cheap query (indexes only).
+/// The backlog of each of `sources`, in one cheap query (the outbox through its
+/// indexes; the change log, which has none, is a few pages while a daemon runs).
 pub async fn backlog(
     client: &impl GenericClient,
     sources: &[String],
@@ -71,10 +79,13 @@ pub async fn backlog(
                     count(o.source_key),
                     count(o.source_key) FILTER (WHERE o.claim_token IS NOT NULL AND o.claimed_until > now()),
                     count(o.source_key) FILTER (WHERE o.next_attempt_at > now()),
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(o.first_changed_at))::float8, 0),
-                    (SELECT count(*) FROM kbsync.dead_letters d WHERE d.source = s.name)
+                    COALESCE(EXTRACT(EPOCH FROM now() - LEAST(min(o.first_changed_at), min(c.oldest)))::float8, 0),
+                    (SELECT count(*) FROM kbsync.dead_letters d WHERE d.source = s.name),
+                    COALESCE(min(c.n), 0)
                FROM unnest($1::text[]) AS s(name)
                LEFT JOIN kbsync.outbox o ON o.source = s.name
+               LEFT JOIN LATERAL (SELECT count(*) AS n, min(changed_at) AS oldest
+                                    FROM kbsync.changes WHERE source = s.name) c ON true
               GROUP BY s.name ORDER BY s.name",
             &[&sources],
         )
@@ -87,6 +98,7 @@ pub async fn backlog(
             retrying: r.get(3),
             oldest_seconds: r.get(4),
             dead_letters: r.get(5),
+            uncollected: r.get(6),
         })
         .collect())
 }
@@ -141,6 +153,7 @@ pub async fn coverage(
             chunks: chunks.get(0),
             chunks_without_embedding: chunks.get(1),
             backlog: waiting.pending,
+            uncollected_changes: waiting.uncollected,
             oldest_pending_seconds: waiting.oldest_seconds,
             dead_letters: waiting.dead_letters,
         });

@@ -70,9 +70,13 @@ pub async fn actual(client: &Client, model: &str) -> ChunkSet {
         .collect()
 }
 
+/// Outbox entries plus captured changes not collected into the outbox yet.
 pub async fn outbox_len(client: &Client) -> i64 {
     client
-        .query_one("SELECT count(*) FROM kbsync.outbox", &[])
+        .query_one(
+            "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
+            &[],
+        )
         .await
         .expect("querying the test database")
         .get(0)

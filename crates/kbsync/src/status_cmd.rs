@@ -36,7 +36,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12} {:>9} {:>12} {:>9} {:>8} {:>13} {:>8} {:>11} {:>13}",
+        "{:<12} {:>9} {:>12} {:>9} {:>8} {:>13} {:>8} {:>12} {:>11} {:>13}",
         "source",
         "eligible",
         "with chunks",
@@ -44,12 +44,13 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         "chunks",
         "no embedding",
         "backlog",
+        "uncollected",
         "oldest (s)",
         "dead letters"
     );
     for s in &cover.sources {
         println!(
-            "{:<12} {:>9} {:>12} {:>8.1}% {:>8} {:>13} {:>8} {:>11.1} {:>13}",
+            "{:<12} {:>9} {:>12} {:>8.1}% {:>8} {:>13} {:>8} {:>12} {:>11.1} {:>13}",
             s.source,
             s.eligible_rows,
             s.rows_with_chunks,
@@ -57,6 +58,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             s.chunks,
             s.chunks_without_embedding,
             s.backlog,
+            s.uncollected_changes,
             s.oldest_pending_seconds,
             s.dead_letters
         );
