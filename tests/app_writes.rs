@@ -34,11 +34,11 @@ fn edit_sql(source: &str) -> &'static str {
 #[tokio::test]
 async fn an_application_write_is_never_held_behind_a_batch_write() {
     let setup = Installed::new(DIMS, "0s", "0s").await;
-    // One worker and a batch as large as the demo data: every claimed key is in the
-    // one batch that is held in its write transaction below.
+    // One worker and the largest batch: every claimed key is in the one batch that is
+    // held in its write transaction below.
     let config = setup.config.edited(&[
         ("max_concurrency = 2", "max_concurrency = 1"),
-        ("batch_size = 256", "batch_size = 5000"),
+        ("batch_size = 256", "batch_size = 10000"),
     ]);
     let blocker = setup.db.client().await;
     blocker

@@ -81,6 +81,13 @@ fn broken_configs_name_the_file_the_field_and_the_problem() {
             "daemon",
             "unknown field `batchsize`",
         ),
+        // a batch larger than one write transaction should carry
+        (
+            "batch_size = 256",
+            "batch_size = 10001",
+            "daemon.batch_size",
+            "between 1 and 10000",
+        ),
         // bad cron
         (
             "schedule = \"0 0 3 * * *\"",

@@ -275,19 +275,25 @@ async fn a_write_transaction_longer_than_a_lease_renewal_still_commits() {
 }
 
 #[tokio::test]
-async fn an_entry_locked_by_an_open_application_transaction_does_not_spin_the_daemon() {
+async fn an_entry_locked_by_another_transaction_does_not_spin_the_daemon() {
     let s = Installed::new(DIMS, "100ms", "100ms").await;
     s.seed();
-    // A committed change (its entry due at once), then an application transaction
-    // that changes the row again and stays open: the entry is due but locked.
-    let app = s.db.client().await;
-    app.batch_execute(
-        "BEGIN;
-         UPDATE web_knowledge_product SET description = description || ' (open)'
-          WHERE id = md5('product-3-U-lock-2')::uuid",
-    )
-    .await
-    .unwrap();
+    // Every change collected, and one entry locked as a batch's fence locks it (a batch
+    // of ours outliving its lease, say): due, but no claim can take it. An application's
+    // open transaction can no longer lock an entry: it only appends to the change log.
+    kbsync_core::outbox::collect(&s.client, 100_000)
+        .await
+        .unwrap();
+    let holder = s.db.client().await;
+    holder
+        .batch_execute(
+            "BEGIN;
+             SELECT 1 FROM kbsync.outbox
+              WHERE source = 'product' AND source_key = md5('product-3-U-lock-2')::uuid::text
+                FOR KEY SHARE",
+        )
+        .await
+        .unwrap();
     let daemon = s.daemon();
     wait_for(WAIT, "everything else written", || async {
         let left = outbox_len(&s.client).await;
@@ -319,6 +325,6 @@ async fn an_entry_locked_by_an_open_application_transaction_does_not_spin_the_da
         during < 1500,
         "{during} transactions in 3 s with the entry locked"
     );
-    app.batch_execute("COMMIT").await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
     converged(&s.client, &daemon).await;
 }

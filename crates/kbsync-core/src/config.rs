@@ -30,6 +30,10 @@ pub enum ConfigError {
     },
 }
 
+/// The largest `daemon.batch_size`: a batch is written, fenced and acknowledged in one
+/// transaction, and its keys travel as statement parameters.
+pub const MAX_BATCH_SIZE: usize = 10_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -154,7 +158,7 @@ pub struct DaemonConfig {
     /// Default 5m.
     #[serde(default = "defaults::claim_lease", with = "humantime_serde")]
     pub claim_lease: Duration,
-    /// Keys processed per batch. Default 256.
+    /// Keys processed per batch. Default 256, at most `MAX_BATCH_SIZE`.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
     /// Failed attempts before a key is parked in the dead-letter table. Default 5.
@@ -550,8 +554,11 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.daemon.batch_size == 0 {
-            return Err(("daemon.batch_size".into(), "must be at least 1".into()));
+        if self.daemon.batch_size == 0 || self.daemon.batch_size > MAX_BATCH_SIZE {
+            return Err((
+                "daemon.batch_size".into(),
+                format!("must be between 1 and {MAX_BATCH_SIZE} (keys written in one transaction)"),
+            ));
         }
         if self.daemon.max_attempts == 0 {
             return Err(("daemon.max_attempts".into(), "must be at least 1".into()));
