@@ -28,7 +28,7 @@ async fn installed_with_demo_rows() -> (TestDb, Client) {
 async fn outbox(
     client: &impl tokio_postgres::GenericClient,
 ) -> Vec<(String, String, String, bool, i64)> {
-    outbox::collect(client, 1_000_000).await.unwrap();
+    outbox::collect(client).await.unwrap();
     client
         .query(
             "SELECT source, scope, source_key, deleted, version FROM kbsync.outbox ORDER BY 1, 2, 3",
@@ -47,7 +47,7 @@ async fn seeding_through_the_triggers_records_every_eligible_row() {
     db.kbsync(&["install"]).assert_success();
     db.kbsync(&["demo", "data"]).assert_success();
     let client = db.client().await;
-    outbox::collect(&client, 1_000_000).await.unwrap();
+    outbox::collect(&client).await.unwrap();
     let counts = client
         .query_one(
             "SELECT (SELECT count(*) FROM kbsync.outbox WHERE source = 'faq')
@@ -242,7 +242,7 @@ async fn a_bulk_update_sends_one_notification_and_records_every_key() {
     assert_eq!(updated, 20_000);
     let notes = listener.drain(Duration::from_secs(2)).await;
     assert_eq!(notes, vec![("kbsync".to_owned(), "product".to_owned())]);
-    outbox::collect(&client, 1_000_000).await.unwrap();
+    outbox::collect(&client).await.unwrap();
     let recorded: i64 = client
         .query_one(
             "SELECT count(*) FROM kbsync.outbox WHERE source = 'product'",

@@ -281,9 +281,7 @@ async fn an_entry_locked_by_another_transaction_does_not_spin_the_daemon() {
     // Every change collected, and one entry locked as a batch's fence locks it (a batch
     // of ours outliving its lease, say): due, but no claim can take it. An application's
     // open transaction can no longer lock an entry: it only appends to the change log.
-    kbsync_core::outbox::collect(&s.client, 100_000)
-        .await
-        .unwrap();
+    kbsync_core::outbox::collect(&s.client).await.unwrap();
     let holder = s.db.client().await;
     holder
         .batch_execute(

@@ -22,7 +22,7 @@ async fn one_prompt() -> (TestDb, tokio_postgres::Client, Source) {
         )
         .await
         .unwrap();
-    outbox::collect(&client, 100).await.unwrap();
+    outbox::collect(&client).await.unwrap();
     let config = Config::load(&shipped_config()).unwrap();
     let mut source = config
         .sources()
@@ -118,7 +118,7 @@ async fn an_entry_changed_during_processing_stays_for_another_pass() {
         .await
         .unwrap();
     // The daemon's collector folds the new change into the claimed entry meanwhile.
-    assert_eq!(outbox::collect(&client, 100).await.unwrap(), 1);
+    assert_eq!(outbox::collect(&client).await.unwrap(), 1);
     outbox::acknowledge(
         &client,
         "manual",

@@ -14,7 +14,7 @@ mod trigger_overhead;
 
 use std::time::{Duration, Instant};
 
-use kbsync_testkit::{DaemonProcess, FakeOpenAi, TestDb, sync_config};
+use kbsync_testkit::{DaemonProcess, FakeOpenAi, PrivateCluster, run_kbsync, sync_config};
 use tokio_postgres::NoTls;
 
 const WRITES: usize = 200;
@@ -84,19 +84,17 @@ fn local_model_rows() -> Vec<(String, String)> {
 async fn latency_rows() -> Vec<(String, String)> {
     let server = FakeOpenAi::start(8).await;
     let config = sync_config(&server.base_url(), 8, "0s", "0s");
-    let db = TestDb::create().await.with_demo_schema().await;
-    db.kbsync_with_config(config.path(), &["install"])
-        .assert_success();
-    db.kbsync_with_config(config.path(), &["demo", "data"])
-        .assert_success();
-    let daemon = DaemonProcess::start(config.path(), db.url());
-    let (writer, conn) = tokio_postgres::connect(db.url(), NoTls)
-        .await
-        .expect("writer");
+    // fsync on, as in production: on a server whose commits cost nothing, 64 writers
+    // are pure CPU and leave a 2-core machine's daemon next to none of it.
+    let cluster = PrivateCluster::start_durable();
+    let url = cluster.database_url("postgres");
+    for args in [&["demo", "schema"][..], &["install"], &["demo", "data"]] {
+        run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())]).assert_success();
+    }
+    let daemon = DaemonProcess::start(config.path(), &url);
+    let (writer, conn) = tokio_postgres::connect(&url, NoTls).await.expect("writer");
     tokio::spawn(conn);
-    let (reader, conn) = tokio_postgres::connect(db.url(), NoTls)
-        .await
-        .expect("reader");
+    let (reader, conn) = tokio_postgres::connect(&url, NoTls).await.expect("reader");
     tokio::spawn(conn);
 
     // Let the demo backfill drain first.
@@ -146,7 +144,7 @@ async fn latency_rows() -> Vec<(String, String)> {
         "\\set n random(1, 10000)\nUPDATE web_knowledge_product SET description = 'Load ' || random() WHERE id = md5('load-' || :n)::uuid;\n",
     )
     .expect("pgbench script");
-    let mut load = trigger_overhead::pgbench_background(db.url(), &script, 64, 600);
+    let mut load = trigger_overhead::pgbench_background(&url, &script, 64, 600);
     // Let the load reach its pace first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = server.inputs_total();
@@ -255,6 +253,13 @@ fn build_profile() -> &'static str {
     }
 }
 
+/// Add a section to the report and print it at once: a later section that fails does
+/// not take the earlier ones' figures with it.
+fn section(report: &mut String, text: String) {
+    println!("{text}");
+    report.push_str(&text);
+}
+
 fn table(rows: &[(String, String)]) -> String {
     let mut table = String::from("| measure | value |\n| --- | --- |\n");
     for (name, value) in rows {
@@ -310,61 +315,80 @@ async fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(15);
-        report.push_str(&format!(
-            "## Capture cost (the application's writes)\n\nA private cluster with fsync on. pgbench `-M prepared`, \
+        section(
+            &mut report,
+            format!(
+                "## Capture cost (the application's writes)\n\nA private cluster with fsync on. pgbench `-M prepared`, \
              random single-row UPDATEs of one text column, {seconds} s per run, triggers off (baseline) and on \
              alternated, 2 runs each, medians. No daemon runs: the writer's own cost (the change-log append, \
              the tenant lookup, the NOTIFY of the one writer that wins the wake-up lock). Then one UPDATE of \
              100,000 rows, alternated, medians. Then the application's transactions beside a daemon at debounce \
              0 working on the same keys (largest batch, provider answering in 20 ms), against the same rounds \
              with no daemon. `just bench triggers` reproduces this section.\n\n{}\n",
-            table(&trigger_overhead::rows(seconds).await)
-        ));
+                table(&trigger_overhead::rows(seconds).await)
+            ),
+        );
     }
     if run("latency") {
-        report.push_str(&format!(
-            "## Sync latency\n\n{WRITES} sequential single-row commits (~100/s at most), debounce windows 0, an \
-             OpenAI-compatible test server answering at once; latency is from the commit's return to the new \
-             chunk being visible on another connection (polled every 1 ms). {} build of kbsync.\n\n{}\n",
-            build_profile(),
-            table(&latency_rows().await)
-        ));
+        section(
+            &mut report,
+            format!(
+                "## Sync latency\n\nA private cluster with fsync on. {WRITES} sequential single-row commits (~100/s at \
+             most), debounce windows 0, an OpenAI-compatible test server answering at once; latency is from the \
+             commit's return to the new chunk being visible on another connection (polled every 1 ms). Then half \
+             as many while 64 pgbench clients edit 10,000 products of another tenant as fast as they can, all of \
+             it synced at debounce 0 too. {} build of kbsync.\n\n{}\n",
+                build_profile(),
+                table(&latency_rows().await)
+            ),
+        );
     }
     if run("backfill") {
-        report.push_str(&format!(
-            "## Backfill and scale-out\n\n{} build of kbsync, an OpenAI-compatible test server, one tenant's \
+        section(
+            &mut report,
+            format!(
+                "## Backfill and scale-out\n\n{} build of kbsync, an OpenAI-compatible test server, one tenant's \
              QAPairs queued at once by the triggers (daemons stopped), drained by the daemon(s).\n\n{}\n",
-            build_profile(),
-            table(&backfill::rows().await)
-        ));
+                build_profile(),
+                table(&backfill::rows().await)
+            ),
+        );
     }
     if run("coalescing") {
-        report.push_str(&format!(
-            "## Coalescing, no-op updates, fairness\n\nCounted by the test server (embedding inputs received).\n\n{}\n",
-            table(&coalescing::rows().await)
-        ));
+        section(
+            &mut report,
+            format!(
+                "## Coalescing, no-op updates, fairness\n\nCounted by the test server (embedding inputs received).\n\n{}\n",
+                table(&coalescing::rows().await)
+            ),
+        );
     }
     if run("model") {
         let model_rows = tokio::task::spawn_blocking(local_model_rows)
             .await
             .expect("local model bench");
-        report.push_str(&format!(
-            "## Local model (all-MiniLM-L6-v2, candle, CPU)\n\nBatches of 32 as the daemon sends them; dependencies \
+        section(
+            &mut report,
+            format!(
+                "## Local model (all-MiniLM-L6-v2, candle, CPU)\n\nBatches of 32 as the daemon sends them; dependencies \
              built with opt-level 3.\n\n{}\n",
-            table(&model_rows)
-        ));
+                table(&model_rows)
+            ),
+        );
     }
     if run("reconcile") {
-        report.push_str(&format!(
-            "## Reconcile sweep\n\nOne source (`bench_docs`, bigint key, one chunk per row; 1,000,000 rows unless KBSYNC_BENCH_RECONCILE_ROWS says otherwise) with its \
+        section(
+            &mut report,
+            format!(
+                "## Reconcile sweep\n\nOne source (`bench_docs`, bigint key, one chunk per row; 1,000,000 rows unless KBSYNC_BENCH_RECONCILE_ROWS says otherwise) with its \
              chunks loaded in SQL exactly as the daemon writes them (checked by a dry run finding nothing); \
              `kbsync reconcile` run as its own process ({} build, range_size 5000), peak RSS from its VmHWM. \
              Then 1% drift made with the triggers off and swept for real (keys queued, orphans deleted).\n\n{}\n",
-            build_profile(),
-            table(&reconcile_sweep::rows().await)
-        ));
+                build_profile(),
+                table(&reconcile_sweep::rows().await)
+            ),
+        );
     }
-    println!("{report}");
     if !asked.is_empty() {
         eprintln!("partial run: BENCHMARKS.md not written");
         return;

@@ -89,21 +89,21 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Move up to `limit` changes the capture triggers appended to `kbsync.changes` into
-/// the outbox, one entry per key: a key's changes fold into its entry (version + their
-/// number, the latest change time, a new change clears its retry state), as the
-/// triggers' upsert did before. Changes another daemon is moving are skipped. Entries
-/// are upserted in key order, the order `lock_for_acknowledge` locks them in, so that
-/// a fold and a batch's acknowledgement never deadlock. Returns the changes moved.
-pub async fn collect(
-    client: &impl GenericClient,
-    limit: i64,
-) -> Result<i64, tokio_postgres::Error> {
+/// Move every change the capture triggers appended to `kbsync.changes` (and that is
+/// visible now) into the outbox, one entry per key: a key's changes fold into its entry
+/// (version + their number, the latest change time, a new change clears its retry
+/// state), as the triggers' upsert did before. Changes another daemon is moving are
+/// skipped. All at once, not in pieces: the log has no index and no order, so a piece
+/// taken by position could pass over an old change again and again while writers refill
+/// the pages before it. Entries are upserted in key order, the order
+/// `lock_for_acknowledge` locks them in, so that a fold and a batch's acknowledgement
+/// never deadlock. Returns the changes moved.
+pub async fn collect(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
     let row = client
         .query_one(
             "WITH taken AS (
                 DELETE FROM kbsync.changes c
-                 WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM kbsync.changes LIMIT $1 FOR UPDATE SKIP LOCKED))
+                 WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM kbsync.changes FOR UPDATE SKIP LOCKED))
              RETURNING c.source, c.scope, c.source_key, c.deleted, c.tenant, c.changed_at),
              folded AS (
                 SELECT DISTINCT ON (source, scope, source_key)
@@ -125,7 +125,7 @@ pub async fn collect(
                        version = o.version + EXCLUDED.version, attempts = 0, next_attempt_at = NULL,
                        tenant = EXCLUDED.tenant)
              SELECT count(*) FROM taken",
-            &[&limit],
+            &[],
         )
         .await?;
     Ok(row.get(0))

@@ -17,8 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use kbsync_core::outbox;
 
-/// Most changes one fold statement moves; a bulk write's are moved in several.
-const COLLECT_LIMIT: i64 = 10_000;
 /// The least time between two folds: under a write storm every NOTIFY would start one.
 const MIN_SPACING: Duration = Duration::from_millis(10);
 /// The first follow-up after a fold that moved changes.
@@ -47,14 +45,7 @@ pub async fn run(
     let mut follow_up = fallback_poll;
     loop {
         notified.borrow_and_update();
-        let mut moved = 0;
-        loop {
-            let n = outbox::collect(client, COLLECT_LIMIT).await?;
-            moved += n;
-            if n < COLLECT_LIMIT {
-                break;
-            }
-        }
+        let moved = outbox::collect(client).await?;
         if moved > 0 {
             metrics::counter!("kbsync_changes_collected_total").increment(moved as u64);
         }
