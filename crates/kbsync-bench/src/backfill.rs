@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use kbsync_testkit::demo_state::outbox_len;
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config};
 use tokio_postgres::Client;
 
@@ -20,7 +21,7 @@ async fn queued(config: &TempConfig, n: i64) -> (TestDb, Client) {
     (db, client)
 }
 
-/// Wait until the outbox is empty; the elapsed time and the daemons' peak RSS (KiB).
+/// Wait until nothing is pending (`outbox_len`); the elapsed time and the daemons' peak RSS (KiB).
 async fn drain(client: &Client, daemons: &[DaemonProcess]) -> (Duration, u64) {
     let started = Instant::now();
     let mut peak = 0;
@@ -28,11 +29,7 @@ async fn drain(client: &Client, daemons: &[DaemonProcess]) -> (Duration, u64) {
         for d in daemons {
             peak = peak.max(vm_hwm(d.pid()));
         }
-        let left: i64 = client
-            .query_one("SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)", &[])
-            .await
-            .expect("outbox")
-            .get(0);
+        let left = outbox_len(client).await;
         if left == 0 {
             return (started.elapsed(), peak);
         }

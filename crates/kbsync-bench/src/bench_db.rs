@@ -1,8 +1,25 @@
 //! The databases the benchmarks run against: demo tables with kbsync installed, and
 //! QAPairs loaded in bulk.
 
-use kbsync_testkit::{TempConfig, TestDb};
+use std::time::{Duration, Instant};
+
+use kbsync_testkit::demo_state::outbox_len;
+use kbsync_testkit::{DaemonProcess, TempConfig, TestDb};
 use tokio_postgres::{Client, NoTls};
+
+/// Wait until nothing is pending (outbox entries and uncollected changes), at most
+/// `within`; a timeout shows the daemons' logs.
+pub async fn drained(client: &Client, daemons: &[&DaemonProcess], within: Duration) {
+    let deadline = Instant::now() + within;
+    while outbox_len(client).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the outbox did not drain in {within:?}:\n{}",
+            daemons.iter().map(|d| d.log()).collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 pub async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls)

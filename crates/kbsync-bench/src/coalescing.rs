@@ -6,26 +6,13 @@ use std::time::{Duration, Instant};
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, sync_config};
 use tokio_postgres::Client;
 
-use crate::bench_db::demo_db;
+use crate::bench_db::{demo_db, drained};
+use kbsync_testkit::demo_state::outbox_len;
 
 const DIMS: usize = 8;
 
 async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect(sql).get(0)
-}
-
-async fn drained(client: &Client) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while count(
-        client,
-        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
-    )
-    .await
-        > 0
-    {
-        assert!(Instant::now() < deadline, "the outbox did not drain");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 pub async fn rows() -> Vec<(String, String)> {
@@ -36,7 +23,7 @@ pub async fn rows() -> Vec<(String, String)> {
     let daemon = DaemonProcess::start(config.path(), db.url());
     db.kbsync_with_config(config.path(), &["demo", "data"])
         .assert_success();
-    drained(&client).await;
+    drained(&client, &[&daemon], Duration::from_secs(600)).await;
 
     // 10 edits of each of 20 products inside their 1 s window.
     let before = server.inputs_total();
@@ -55,7 +42,7 @@ pub async fn rows() -> Vec<(String, String)> {
         "SELECT count(*) FROM web_knowledge_product WHERE user_id = 1 AND name LIKE 'Classic%'",
     )
     .await;
-    drained(&client).await;
+    drained(&client, &[&daemon], Duration::from_secs(600)).await;
     out.push((
         format!("embedding inputs per row, 10 edits of each of {edited} rows inside the window (target 1)"),
         format!("{:.2}", (server.inputs_total() - before) as f64 / edited as f64),
@@ -63,11 +50,7 @@ pub async fn rows() -> Vec<(String, String)> {
 
     // 1,000 updates that touch no column of any text.
     let before = server.inputs_total();
-    let queued_before = count(
-        &client,
-        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
-    )
-    .await;
+    let queued_before = outbox_len(&client).await;
     for _ in 0..10 {
         client
             .batch_execute(
@@ -76,13 +59,8 @@ pub async fn rows() -> Vec<(String, String)> {
             .await
             .expect("touches");
     }
-    let queued = count(
-        &client,
-        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)",
-    )
-    .await
-        - queued_before;
-    drained(&client).await;
+    let queued = outbox_len(&client).await - queued_before;
+    drained(&client, &[&daemon], Duration::from_secs(600)).await;
     out.push((
         "embedding inputs for 1,000 updated_at touches (target 0)".into(),
         format!(

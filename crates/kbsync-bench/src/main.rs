@@ -98,7 +98,7 @@ async fn latency_rows() -> Vec<(String, String)> {
     tokio::spawn(conn);
 
     // Let the demo backfill drain first.
-    drain(&reader, &daemon).await;
+    bench_db::drained(&reader, &[&daemon], Duration::from_secs(300)).await;
     let (mut latencies, mut commits) = probe(&writer, &reader, &daemon, WRITES).await;
     latencies.sort();
     commits.sort();
@@ -136,7 +136,7 @@ async fn latency_rows() -> Vec<(String, String)> {
         )
         .await
         .expect("load products");
-    drain(&reader, &daemon).await;
+    bench_db::drained(&reader, &[&daemon], Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let script = dir.path().join("load.sql");
     std::fs::write(
@@ -170,27 +170,6 @@ async fn latency_rows() -> Vec<(String, String)> {
         ),
     ]);
     rows
-}
-
-/// Wait until nothing is pending (outbox and change log).
-async fn drain(reader: &tokio_postgres::Client, daemon: &DaemonProcess) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let n: i64 = reader
-            .query_one("SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)", &[])
-            .await
-            .expect("outbox")
-            .get(0);
-        if n == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backfill did not drain:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `n` sequential edits of one product (at most ~100/s), each timed from its commit's

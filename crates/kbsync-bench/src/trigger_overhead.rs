@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, PrivateCluster, run_kbsync, sync_config};
 use tokio_postgres::Client;
 
-use crate::bench_db::{connect, load_qapairs};
+use crate::bench_db::{connect, drained, load_qapairs};
 
 const QAPAIRS: i64 = 100_000;
 const PRODUCTS: i64 = 20_000;
@@ -325,17 +325,7 @@ async fn app_transactions_beside_the_daemon(cluster: &PrivateCluster) -> Vec<(St
 
     let (alone_tx, alone_stmt) = edit_rounds(&mut client, 0).await;
     let daemon = DaemonProcess::start(config.path(), &url);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let pending =
-        "SELECT (SELECT count(*) FROM kbsync.outbox) + (SELECT count(*) FROM kbsync.changes)";
-    while count(&client, pending).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the backfill did not drain:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drained(&client, &[&daemon], Duration::from_secs(120)).await;
     let batches_before = server.request_count();
     let (beside_tx, beside_stmt) = edit_rounds(&mut client, 1).await;
     let batches = server.request_count() - batches_before;

@@ -131,14 +131,6 @@ pub async fn collect(client: &impl GenericClient) -> Result<i64, tokio_postgres:
     Ok(row.get(0))
 }
 
-/// How many changes wait in `kbsync.changes` to be collected.
-pub async fn uncollected(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT count(*) FROM kbsync.changes", &[])
-        .await?
-        .get(0))
-}
-
 /// Claim up to `limit` entries of `source` whose window has closed: the last change
 /// is older than the source's debounce (delete window for deletes), or the first
 /// change older than max_wait. Entries claimed by someone whose lease ran out, and
