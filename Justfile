@@ -62,8 +62,9 @@ test:
       cargo test --workspace --no-fail-fast
     fi
 
-# The model-based convergence test over many seeds (200 unless SEEDS says otherwise).
-soak SEEDS="200":
+# The model-based convergence test over many seeds (200 unless SEEDS says otherwise), in
+# both capture modes, or in one: `just soak 200 logical` / `just soak 200 trigger`.
+soak SEEDS="200" CAPTURE="":
     #!/usr/bin/env bash
     set -euo pipefail
     if [ -z "${DATABASE_URL:-}" ]; then
@@ -71,7 +72,7 @@ soak SEEDS="200":
       DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
     fi
     cargo build --workspace
-    KBSYNC_CONVERGENCE_SEEDS={{SEEDS}} cargo test -p kbsync-tests --test convergence -- --nocapture
+    KBSYNC_CONVERGENCE_SEEDS={{SEEDS}} cargo test -p kbsync-tests --test convergence -- --nocapture {{CAPTURE}}
 
 # Benchmarks of the release build against a real PostgreSQL; prints a table and writes
 # BENCHMARKS.md (sections: triggers, latency, backfill, coalescing, model, reconcile;

@@ -12,7 +12,9 @@
 # pgvector 0.6.2), downloaded once into .kbsync/cache. PostgreSQL refuses to run as
 # root, so as root the server runs as the unprivileged user $KBSYNC_PG_USER (default
 # kbsyncpg), created if missing. fsync is off (a throwaway server for tests and demos)
-# unless KBSYNC_PG_FSYNC=on (the benchmarks' durable cluster).
+# unless KBSYNC_PG_FSYNC=on (the benchmarks' durable cluster). wal_level = logical, for
+# kbsync's logical-decoding capture (capture.mode = "logical"), unless
+# KBSYNC_PG_WAL_LEVEL says otherwise.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +25,7 @@ sockdir="$state/pgrun"   # socket and server log, owned by the cluster owner
 port="${KBSYNC_PG_PORT:-54329}"
 pguser_os="${KBSYNC_PG_USER:-kbsyncpg}"
 wheel_version="0.1.4"
+wal_level="${KBSYNC_PG_WAL_LEVEL:-logical}"   # replica: a server without logical decoding, for tests
 
 die() { echo "pg.sh: $*" >&2; exit 1; }
 log() { echo "pg.sh: $*" >&2; }
@@ -99,12 +102,18 @@ start() {
     as_owner "$bin/initdb" -D "$data" -U "$(db_superuser)" --auth=trust -E UTF8 --locale=C >"$state/initdb.log" 2>&1 \
       || { cat "$state/initdb.log" >&2; die "initdb failed"; }
   fi
+  # A cluster started by an older pg.sh runs without logical decoding: restart it.
+  if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1 \
+     && [ "$("$bin/psql" -XAtq -h 127.0.0.1 -p "$port" -U "$(db_superuser)" -d postgres -c 'SHOW wal_level' 2>/dev/null)" != "$wal_level" ]; then
+    log "restarting the server on port $port with wal_level = $wal_level"
+    as_owner "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+  fi
   if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     log "already running on port $port"
   else
     # Trust auth is safe here: the server listens on 127.0.0.1 and a private socket only.
     as_owner "$bin/pg_ctl" -D "$data" -l "$sockdir/postgres.log" -w -t 60 start \
-      -o "-p $port -k $sockdir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=${KBSYNC_PG_FSYNC:-off} -c shared_buffers=256MB" >/dev/null \
+      -o "-p $port -k $sockdir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=${KBSYNC_PG_FSYNC:-off} -c shared_buffers=256MB -c wal_level=$wal_level -c max_replication_slots=64 -c max_wal_senders=64" >/dev/null \
       || { tail -n 30 "$sockdir/postgres.log" >&2; die "PostgreSQL did not start (log: $sockdir/postgres.log)"; }
     log "started PostgreSQL $("$bin/postgres" --version | awk '{print $3}') with pgvector on 127.0.0.1:$port"
   fi

@@ -7,6 +7,9 @@
 //! computed from the source tables (demo_state::expected): nothing missing, nothing
 //! extra, no duplicate, no NULL embedding, the right tenant.
 //!
+//! It runs once per capture mode: triggers, and logical decoding (where a SIGKILL also
+//! drops the replication session between a decoded change and its confirmation).
+//!
 //! `KBSYNC_CONVERGENCE_SEEDS=N` runs seeds 1..=N (default 5; `just soak` runs 200);
 //! `KBSYNC_CONVERGENCE_SEED=S` runs seed S alone. The seed is printed before each run.
 
@@ -15,7 +18,7 @@
 use std::time::Duration;
 
 use kbsync_testkit::demo_state::converged;
-use kbsync_testkit::{DaemonProcess, FakeOpenAi, Fault, TestDb, sync_config};
+use kbsync_testkit::{DaemonProcess, FakeOpenAi, Fault, LOGICAL_CAPTURE, TestDb, sync_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
@@ -157,11 +160,17 @@ async fn run_workload(client: &Client, seed: u64, writer: u64) -> usize {
     applied
 }
 
-async fn one_seed(seed: u64) {
-    eprintln!("convergence seed {seed} (rerun alone: KBSYNC_CONVERGENCE_SEED={seed})");
+async fn one_seed(seed: u64, logical: bool) {
+    let mode = if logical { "logical" } else { "trigger" };
+    eprintln!(
+        "convergence seed {seed}, {mode} capture (rerun alone: KBSYNC_CONVERGENCE_SEED={seed})"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let server = FakeOpenAi::start(DIMS).await;
-    let config = sync_config(&server.base_url(), DIMS, "50ms", "50ms");
+    let mut config = sync_config(&server.base_url(), DIMS, "50ms", "50ms");
+    if logical {
+        config = config.edited(&[LOGICAL_CAPTURE]);
+    }
     let db = TestDb::create().await.with_demo_schema().await;
     db.kbsync_with_config(config.path(), &["install"])
         .assert_success();
@@ -240,8 +249,7 @@ async fn one_seed(seed: u64) {
     );
 }
 
-#[tokio::test]
-async fn random_workloads_with_faults_converge_exactly() {
+async fn seeds_converge(logical: bool) {
     let seeds: Vec<u64> = match std::env::var("KBSYNC_CONVERGENCE_SEED") {
         Ok(one) => vec![one.parse().expect("KBSYNC_CONVERGENCE_SEED is a number")],
         Err(_) => {
@@ -254,11 +262,21 @@ async fn random_workloads_with_faults_converge_exactly() {
     };
     let started = std::time::Instant::now();
     for &seed in &seeds {
-        one_seed(seed).await;
+        one_seed(seed, logical).await;
     }
     eprintln!(
         "{} seeds converged in {:.0} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test]
+async fn trigger_capture_random_workloads_with_faults_converge_exactly() {
+    seeds_converge(false).await;
+}
+
+#[tokio::test]
+async fn logical_capture_random_workloads_with_faults_converge_exactly() {
+    seeds_converge(true).await;
 }

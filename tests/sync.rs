@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{
-    DaemonProcess, FakeOpenAi, Fault, Installed, TEST_API_KEY, TestDb, sync_config, wait_for,
-    wait_for_daemon,
+    DaemonProcess, FakeOpenAi, Fault, Installed, TEST_API_KEY, TestDb, wait_for, wait_for_daemon,
 };
 
 const DIMS: usize = 8;
@@ -609,56 +608,6 @@ async fn two_daemons_share_2000_mixed_writes_without_duplicate_work() {
         first.log(),
         second.log()
     );
-}
-
-#[tokio::test]
-async fn the_daemon_reconnects_after_a_postgresql_restart_and_catches_up() {
-    let server = FakeOpenAi::start(DIMS).await;
-    let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
-    let cluster = kbsync_testkit::PrivateCluster::start();
-    let url = cluster.database_url("postgres");
-    let run = |args: &[&str]| {
-        kbsync_testkit::run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())])
-            .assert_success();
-    };
-    run(&["demo", "schema"]);
-    run(&["install"]);
-    run(&["demo", "data"]);
-    let daemon = DaemonProcess::start(config.path(), &url);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    converged(&client, &daemon).await;
-    drop(client);
-
-    cluster.stop();
-    cluster.restart();
-    // Written right after the restart, before the daemon's reconnect backoff ends.
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(
-            "UPDATE web_knowledge_product SET name = 'Written after the restart' WHERE id = md5('product-1-headlamp-1')::uuid;
-             DELETE FROM web_knowledge_qapair WHERE id = md5('qa-2-warranty-1')::uuid;",
-        )
-        .await
-        .unwrap();
-    converged(&client, &daemon).await;
-    wait_for(CONVERGE, "the listener to reconnect", || async {
-        (daemon.log().matches("listening").count() >= 2).then_some(())
-    })
-    .await;
-    // A change after the reconnect arrives through the new LISTEN.
-    client
-        .batch_execute(
-            "UPDATE web_knowledge_product SET name = 'After the reconnect' WHERE id = md5('product-2-sesame bagel-1')::uuid",
-        )
-        .await
-        .unwrap();
-    converged(&client, &daemon).await;
 }
 
 #[tokio::test]

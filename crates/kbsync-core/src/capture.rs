@@ -46,19 +46,7 @@ pub struct TriggerDef {
 pub fn function_sql(source: &Source, via_table: Option<&str>) -> String {
     let name = lit(&source.name);
     let key = &source.key;
-    // (join, tenant expression) for the transition-table row aliased `row`.
-    let tenant = |row: &str| match (&source.tenant_via, via_table) {
-        (None, _) => (
-            String::new(),
-            format!("COALESCE({row}.{}::text, '')", source.tenant_column),
-        ),
-        (Some((_, fk, references)), Some(table)) => (
-            format!(" LEFT JOIN {table} {row}_v ON {row}_v.{references} = {row}.{fk}"),
-            format!("COALESCE({row}_v.{}::text, '')", source.tenant_column),
-        ),
-        // Unreachable through install, which resolves every via table or fails.
-        (Some(_), None) => (String::new(), "''".to_owned()),
-    };
+    let tenant = |row: &str| tenant_of(source, via_table, &format!("{row}."), row);
     let append = |rows: &str| {
         format!(
             "INSERT INTO kbsync.changes (source, scope, source_key, deleted, tenant)
@@ -126,6 +114,82 @@ $kbsync$",
         truncate = append(&format!("VALUES ({name}, 'source', '', true, '')")),
         channel = lit(CHANNEL),
         wake_lock = WAKE_LOCK,
+    )
+}
+
+/// (join, tenant expression) for the row whose columns are `{prefix}column`; the via
+/// table, if any, is joined as `{alias}_v`.
+fn tenant_of(
+    source: &Source,
+    via_table: Option<&str>,
+    prefix: &str,
+    alias: &str,
+) -> (String, String) {
+    match (&source.tenant_via, via_table) {
+        (None, _) => (
+            String::new(),
+            format!("COALESCE({prefix}{}::text, '')", source.tenant_column),
+        ),
+        (Some((_, fk, references)), Some(table)) => (
+            format!(" LEFT JOIN {table} {alias}_v ON {alias}_v.{references} = {prefix}{fk}"),
+            format!("COALESCE({alias}_v.{}::text, '')", source.tenant_column),
+        ),
+        // Unreachable through install, which resolves every via table or fails.
+        (Some(_), None) => (String::new(), "''".to_owned()),
+    }
+}
+
+/// Logical capture: the statement that turns a source's decoded changes into
+/// `kbsync.changes` rows by the same rules as its trigger (filters, relevant columns,
+/// tenant through the via table, a changed key as a delete and an insert).
+///
+/// `$1` is a JSON array of `{op, at, full_old, old, new}`: op `I`/`U`/`D`/`T`; `at` the
+/// commit time (Unix seconds); `old`/`new` the row as `{column: text}` (pgoutput's text
+/// form, which `jsonb_populate_record` reads with each column's input function).
+/// Without a full old row (REPLICA IDENTITY other than FULL) an update cannot be
+/// compared and counts as a change, and a delete counts as eligible: never a change
+/// missed, at worst a key re-read for nothing.
+pub fn decoded_changes_sql(source: &Source, table: &str, via_table: Option<&str>) -> String {
+    let name = lit(&source.name);
+    let key = &source.key;
+    let (new_join, new_tenant) = tenant_of(source, via_table, "(c.n).", "n");
+    let (old_join, old_tenant) = tenant_of(source, via_table, "(c.d).", "d");
+    let cols = source.relevant_columns();
+    let row = |prefix: &str| {
+        let list: Vec<String> = cols.iter().map(|c| format!("{prefix}{c}")).collect();
+        format!("ROW({})", list.join(", "))
+    };
+    let new_ok = source.filter_sql("(c.n).");
+    let old_ok = source.filter_sql("(c.d).");
+    format!(
+        "INSERT INTO kbsync.changes (source, scope, source_key, deleted, tenant, changed_at)
+WITH c AS (
+    SELECT e.op, to_timestamp(e.at) AS at, COALESCE(e.full_old, false) AS full_old,
+           e.old IS NOT NULL AS has_old,
+           jsonb_populate_record(NULL::{table}, e.new) AS n,
+           jsonb_populate_record(NULL::{table}, e.old) AS d
+      FROM jsonb_to_recordset($1::jsonb) AS e(op text, at float8, full_old boolean, old jsonb, new jsonb))
+SELECT {name}, 'row', (c.n).{key}::text, false, {new_tenant}, c.at
+  FROM c{new_join}
+ WHERE c.op = 'I' AND {new_ok}
+UNION ALL
+SELECT {name}, 'row', (c.d).{key}::text, true, {old_tenant}, c.at
+  FROM c{old_join}
+ WHERE c.op = 'D' AND (c.d).{key} IS NOT NULL AND (NOT c.full_old OR {old_ok})
+UNION ALL
+SELECT {name}, 'row', (c.n).{key}::text, NOT {new_ok}, {new_tenant}, c.at
+  FROM c{new_join}
+ WHERE c.op = 'U' AND (NOT c.full_old
+                       OR (c.d).{key} IS DISTINCT FROM (c.n).{key}
+                       OR ({old_row} IS DISTINCT FROM {new_row} AND ({old_ok} OR {new_ok})))
+UNION ALL
+SELECT {name}, 'row', (c.d).{key}::text, true, {old_tenant}, c.at
+  FROM c{old_join}
+ WHERE c.op = 'U' AND c.has_old AND (c.d).{key} IS NOT NULL AND (c.d).{key} IS DISTINCT FROM (c.n).{key}
+UNION ALL
+SELECT {name}, 'source', '', true, '', c.at FROM c WHERE c.op = 'T'",
+        old_row = row("(c.d)."),
+        new_row = row("(c.n)."),
     )
 }
 

@@ -41,6 +41,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub embedding: EmbeddingConfig,
     #[serde(default)]
+    pub capture: CaptureConfig,
+    #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub reconcile: ReconcileConfig,
@@ -75,6 +77,44 @@ impl Default for SchedulingConfig {
             priority_tenants: Vec::new(),
             priority_tenants_sql: None,
             priority_refresh: defaults::priority_refresh(),
+        }
+    }
+}
+
+/// How changes to the source tables are captured (per database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Statement-level triggers append to `kbsync.changes` in the writer's
+    /// transaction. Works on every PostgreSQL. The default.
+    #[default]
+    Triggers,
+    /// No trigger: the daemon decodes the WAL through a publication and a logical
+    /// replication slot (pgoutput). Needs `wal_level = logical`.
+    Logical,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// "triggers" (default) or "logical".
+    #[serde(default)]
+    pub mode: CaptureMode,
+    /// Replication slot name (logical mode). Default "kbsync_<database oid>": slots
+    /// are cluster-wide, so each database gets its own.
+    pub slot: Option<String>,
+    /// Logical mode: WAL the slot may hold back before `/readyz` says not ready and
+    /// `kbsync status` warns, in MiB. Default 1024.
+    #[serde(default = "defaults::max_retained_wal_mb")]
+    pub max_retained_wal_mb: u64,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            mode: CaptureMode::default(),
+            slot: None,
+            max_retained_wal_mb: defaults::max_retained_wal_mb(),
         }
     }
 }
@@ -306,6 +346,9 @@ mod defaults {
     }
     pub fn max_concurrency() -> usize {
         4
+    }
+    pub fn max_retained_wal_mb() -> u64 {
+        1024
     }
     pub fn fallback_poll() -> Duration {
         Duration::from_secs(5)
@@ -558,6 +601,24 @@ impl Config {
             return Err((
                 "daemon.batch_size".into(),
                 format!("must be between 1 and {MAX_BATCH_SIZE} (keys written in one transaction)"),
+            ));
+        }
+        if let Some(slot) = &self.capture.slot
+            && (slot.is_empty()
+                || slot.len() > 63
+                || !slot
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        {
+            return Err((
+                "capture.slot".into(),
+                format!("{slot:?} is not a replication slot name: 1 to 63 of a-z, 0-9 and _"),
+            ));
+        }
+        if self.capture.max_retained_wal_mb == 0 {
+            return Err((
+                "capture.max_retained_wal_mb".into(),
+                "must be at least 1".into(),
             ));
         }
         if self.daemon.max_attempts == 0 {

@@ -1,13 +1,14 @@
 //! `kbsync install`: versioned migrations, the embedding column's dimension, and the
-//! capture triggers of the configured sources, planned against the live catalog and
-//! applied in one transaction. A plan of nothing means the database is up to date.
+//! capture (triggers, or a publication and a slot) of the configured sources, planned
+//! against the live catalog and applied in one transaction (slots aside). A plan of nothing means the database is up to date.
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::capture::{function_name, function_sql, trigger_defs};
-use crate::config::{Config, Source};
+use crate::config::{CaptureMode, Config, Source};
+use crate::replication;
 use crate::sql_ident::quote_literal;
 
 pub struct Migration {
@@ -61,6 +62,14 @@ pub enum InstallError {
         "tenant_knowledge.embedding is vector({current}) but embedding.dimensions is {wanted}. Stored embeddings cannot be reused by a model of another dimension. Either set embedding.dimensions = {current} again, or run `kbsync install --reset-embeddings`: it keeps every chunk's text, sets all embeddings to NULL, changes the column to vector({wanted}) and rebuilds the index; then `kbsync reconcile` re-embeds them with the new model"
     )]
     DimensionChanged { current: i32, wanted: u32 },
+    #[error(
+        "capture.mode = \"logical\" needs wal_level = logical, and this server has wal_level = {current}. Run `ALTER SYSTEM SET wal_level = logical` (or set it in postgresql.conf) and restart PostgreSQL; or keep capture.mode = \"triggers\""
+    )]
+    WalLevel { current: String },
+    #[error(
+        "replication slot {slot} is in use by a running kbsync daemon (logical capture); stop the daemons, run `kbsync install` again, then start them with capture.mode = \"triggers\""
+    )]
+    SlotActive { slot: String },
     #[error("sources.{source_name}: {problem}")]
     Source {
         source_name: String,
@@ -79,6 +88,9 @@ pub struct InstallOptions {
 pub struct Step {
     pub description: String,
     pub sql: String,
+    /// Runs on its own, between transactions: creating a logical replication slot is
+    /// refused in a transaction that has written anything.
+    pub outside_transaction: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,20 +103,43 @@ impl InstallPlan {
         self.steps.push(Step {
             description: description.into(),
             sql: sql.into(),
+            outside_transaction: false,
         });
     }
 
-    /// The whole plan as one SQL script, for `--dry-run`.
+    fn push_outside_transaction(&mut self, description: impl Into<String>, sql: impl Into<String>) {
+        self.steps.push(Step {
+            description: description.into(),
+            sql: sql.into(),
+            outside_transaction: true,
+        });
+    }
+
+    /// The steps in the order they run: runs of in-transaction steps share one
+    /// transaction; an outside step runs alone between them.
+    fn groups(&self) -> Vec<&[Step]> {
+        self.steps
+            .chunk_by(|a, b| !a.outside_transaction && !b.outside_transaction)
+            .collect()
+    }
+
+    /// The whole plan as an SQL script, for `--dry-run`.
     pub fn script(&self) -> String {
-        let mut out = String::from("BEGIN;\n");
-        for step in &self.steps {
-            out.push_str(&format!(
-                "\n-- {}\n{};\n",
-                step.description,
-                step.sql.trim_end_matches(';')
-            ));
+        let mut out = String::new();
+        for group in self.groups() {
+            let in_transaction = !group[0].outside_transaction;
+            if in_transaction {
+                out.push_str("BEGIN;\n");
+            }
+            for step in group {
+                out.push_str(&format!(
+                    "\n-- {}\n{};\n",
+                    step.description,
+                    step.sql.trim_end_matches(';')
+                ));
+            }
+            out.push_str(if in_transaction { "\nCOMMIT;\n" } else { "\n" });
         }
-        out.push_str("\nCOMMIT;\n");
         out
     }
 }
@@ -139,7 +174,7 @@ pub async fn plan(
     let mut plan = InstallPlan::default();
     plan_migrations(client, &mut plan).await?;
     plan_embedding_column(client, config, options, &mut plan).await?;
-    plan_capture(client, &config.sources(), &mut plan).await?;
+    plan_capture(client, config, &mut plan).await?;
     Ok(plan)
 }
 
@@ -279,11 +314,27 @@ async fn plan_embedding_column(
 /// The capture function and triggers each source should have, against what the
 /// catalog has; stale kbsync triggers and functions (sources no longer configured, or
 /// moved to another table) are dropped.
+///
+/// Logical mode wants no trigger but a publication, REPLICA IDENTITY FULL on each
+/// source table (so that updates and deletes carry the old row: the relevant-column
+/// and filter checks are then exactly the triggers'), and a slot. The order makes the
+/// two captures overlap instead of leaving a gap: switching to logical creates the
+/// publication and the slot before the triggers are dropped, switching back creates
+/// the triggers before the publication and slot are dropped. A change captured twice
+/// is folded into one outbox entry.
 async fn plan_capture(
     client: &impl GenericClient,
-    sources: &[Source],
+    config: &Config,
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
+    let sources = &config.sources();
+    let logical = config.capture.mode == CaptureMode::Logical;
+    if logical {
+        let current = replication::wal_level(client).await?;
+        if current != "logical" {
+            return Err(InstallError::WalLevel { current });
+        }
+    }
     let existing_functions: Vec<(String, Option<String>)> = client
         .query(
             "SELECT p.proname::text, obj_description(p.oid, 'pg_proc')
@@ -314,6 +365,7 @@ async fn plan_capture(
 
     // Desired: (trigger name, table regclass text, create sql)
     let mut desired_triggers = Vec::new();
+    let mut source_tables = Vec::new();
     // Source name → its tenant.via table, schema-qualified.
     let mut via_tables: std::collections::HashMap<String, String> =
         std::collections::HashMap::new();
@@ -361,12 +413,23 @@ async fn plan_capture(
             )
             .await?;
         }
-        for def in trigger_defs(source) {
-            desired_triggers.push((def.name, regclass.clone(), def.create_sql));
+        if !logical {
+            for def in trigger_defs(source) {
+                desired_triggers.push((def.name, regclass.clone(), def.create_sql));
+            }
         }
+        source_tables.push(regclass);
+    }
+    if logical {
+        plan_publication(client, &source_tables, plan).await?;
+        plan_slot(client, config, plan).await?;
     }
 
-    let wanted_functions: Vec<String> = sources.iter().map(|s| function_name(&s.name)).collect();
+    let wanted_functions: Vec<String> = if logical {
+        Vec::new()
+    } else {
+        sources.iter().map(|s| function_name(&s.name)).collect()
+    };
     for (name, table, _, _) in &existing_triggers {
         if !desired_triggers
             .iter()
@@ -388,7 +451,7 @@ async fn plan_capture(
             );
         }
     }
-    for source in sources {
+    for source in sources.iter().filter(|_| !logical) {
         let fname = function_name(&source.name);
         let sql = function_sql(source, via_tables.get(&source.name).map(String::as_str));
         let print = fingerprint(&sql);
@@ -416,6 +479,130 @@ async fn plan_capture(
                 format!("{sql};\nCOMMENT ON TRIGGER \"{name}\" ON {table} IS '{print}'"),
             ),
         }
+    }
+    if !logical {
+        plan_drop_logical(client, config, plan).await?;
+    }
+    Ok(())
+}
+
+/// The publication lists exactly the source tables, each with REPLICA IDENTITY FULL.
+async fn plan_publication(
+    client: &impl GenericClient,
+    source_tables: &[String],
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let mut wanted: Vec<String> = Vec::new();
+    for table in source_tables {
+        let row = client
+            .query_one(
+                "SELECT format('%I.%I', n.nspname, c.relname), c.relreplident::text
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = $1::text::regclass",
+                &[table],
+            )
+            .await?;
+        let qualified: String = row.get(0);
+        if row.get::<_, String>(1) != "f" {
+            plan.push(
+                format!(
+                    "REPLICA IDENTITY FULL on {qualified} (updates and deletes carry the old row)"
+                ),
+                format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL"),
+            );
+        }
+        if !wanted.contains(&qualified) {
+            wanted.push(qualified);
+        }
+    }
+    wanted.sort();
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&replication::PUBLICATION],
+        )
+        .await?
+        .get(0);
+    let list = wanted.join(", ");
+    let publication = replication::PUBLICATION;
+    if !exists {
+        plan.push(
+            format!("publication {publication} of the source tables"),
+            format!("CREATE PUBLICATION {publication} FOR TABLE {list}"),
+        );
+        return Ok(());
+    }
+    let current: Vec<String> = client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables
+              WHERE pubname = $1 ORDER BY 1",
+            &[&publication],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if current != wanted {
+        plan.push(
+            format!("publication {publication}: the source tables are now {list}"),
+            format!("ALTER PUBLICATION {publication} SET TABLE {list}"),
+        );
+    }
+    Ok(())
+}
+
+async fn plan_slot(
+    client: &impl GenericClient,
+    config: &Config,
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let slot = replication::slot_name(client, config).await?;
+    if replication::slot_state(client, &slot).await?.is_none() {
+        plan.push_outside_transaction(
+            format!("logical replication slot {slot} (pgoutput); the daemon decodes changes from here on"),
+            format!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+                quote_literal(&slot).unwrap_or_default()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Trigger mode: no publication, no slot (a slot nobody reads keeps WAL forever).
+async fn plan_drop_logical(
+    client: &impl GenericClient,
+    config: &Config,
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let publication = replication::PUBLICATION;
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await?
+        .get(0);
+    if exists {
+        plan.push(
+            format!("drop publication {publication} (capture is by triggers)"),
+            format!("DROP PUBLICATION {publication}"),
+        );
+    }
+    let slot = replication::slot_name(client, config).await?;
+    if let Some(state) = replication::slot_state(client, &slot).await? {
+        if state.active {
+            return Err(InstallError::SlotActive { slot });
+        }
+        plan.push_outside_transaction(
+            format!(
+                "drop replication slot {slot} (capture is by triggers; it would keep WAL forever)"
+            ),
+            format!(
+                "SELECT pg_drop_replication_slot({})",
+                quote_literal(&slot).unwrap_or_default()
+            ),
+        );
     }
     Ok(())
 }
@@ -446,25 +633,49 @@ async fn check_columns(
     Ok(())
 }
 
-/// Plan and apply in one transaction, under an advisory lock so that two installs
-/// never interleave. Returns the steps that were applied (empty: nothing to do).
+/// Plan and apply, under an advisory lock so that two installs never interleave:
+/// everything in one transaction, except creating or dropping a replication slot,
+/// which PostgreSQL runs only outside one (see `plan_capture` for the order). Returns the steps that were applied (empty: nothing to do).
 pub async fn apply(
     client: &mut Client,
     config: &Config,
     options: InstallOptions,
 ) -> Result<InstallPlan, InstallError> {
-    let tx = client.transaction().await?;
     // Literals in trigger DDL are escaped for standard strings.
-    tx.batch_execute("SET LOCAL standard_conforming_strings = on")
+    client
+        .batch_execute("SET standard_conforming_strings = on")
         .await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSTALL_LOCK])
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&INSTALL_LOCK])
         .await?;
-    let plan = plan(&tx, config, options).await?;
-    for step in &plan.steps {
-        tracing::debug!(step = %step.description, "install");
-        tx.batch_execute(&step.sql).await?;
+    let applied = apply_locked(client, config, options).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&INSTALL_LOCK])
+        .await?;
+    applied
+}
+
+async fn apply_locked(
+    client: &mut Client,
+    config: &Config,
+    options: InstallOptions,
+) -> Result<InstallPlan, InstallError> {
+    let plan = plan(&*client, config, options).await?;
+    for group in plan.groups() {
+        if group[0].outside_transaction {
+            for step in group {
+                tracing::debug!(step = %step.description, "install");
+                client.batch_execute(&step.sql).await?;
+            }
+            continue;
+        }
+        let tx = client.transaction().await?;
+        for step in group {
+            tracing::debug!(step = %step.description, "install");
+            tx.batch_execute(&step.sql).await?;
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(plan)
 }
 

@@ -11,5 +11,6 @@ pub mod install;
 pub mod knowledge;
 pub mod outbox;
 pub mod rate_limit;
+pub mod replication;
 pub mod source_rows;
 pub mod sql_ident;

@@ -1,6 +1,7 @@
-//! `kbsync run`: one listener task, one collector task and N worker tasks under one
-//! cancellation token. The listener hears NOTIFYs; the collector then moves what the
-//! capture triggers appended into the outbox and wakes the workers. Each worker
+//! `kbsync run`: one listener task, one collector task, in logical capture mode one
+//! decoder task, and N worker tasks under one cancellation token. The listener hears
+//! NOTIFYs; the collector then moves what the capture triggers (or the decoder)
+//! appended into the outbox and wakes the workers. Each worker
 //! loops: claim a ready batch from some source, process it while keeping its lease
 //! alive, and when nothing is ready sleep until a wake-up, the next window closing,
 //! or the fallback poll. Task failures are never silent: a worker that
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use kbsync_core::config::{Config, Source};
+use kbsync_core::config::{CaptureMode, Config, Source};
 use kbsync_core::db::{self, ErrorKind};
 use kbsync_core::embed::{EmbedError, Provider};
 use kbsync_core::install::schema_is_current;
@@ -29,7 +30,7 @@ use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
 use crate::batch::{self, BatchError, SourcePipeline};
 use crate::health::Health;
 use crate::http::{self, HttpState};
-use crate::{collector, listener, systemd, telemetry};
+use crate::{collector, decoder, listener, systemd, telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -156,6 +157,17 @@ impl Daemon {
         if !schema_is_current(&client).await? {
             return Err(DaemonError::SchemaNotInstalled);
         }
+        if self.config.capture.mode == CaptureMode::Logical {
+            let slot = kbsync_core::replication::slot_name(&client, &self.config).await?;
+            if kbsync_core::replication::slot_state(&client, &slot)
+                .await?
+                .is_none()
+            {
+                return Err(DaemonError::Source(format!(
+                    "capture.mode = \"logical\" but this database has no replication slot {slot}: run `kbsync install` with this config first (it creates the publication and the slot, and removes the capture triggers)"
+                )));
+            }
+        }
         let provider = Provider::from_config(&self.config)?;
         let mut pipelines = Vec::new();
         for source in self.config.sources() {
@@ -231,6 +243,17 @@ impl Daemon {
             wake_tx,
             work_cancel.clone(),
         ));
+        match shared.config.capture.mode {
+            CaptureMode::Triggers => shared.health.capture_ok("capture triggers"),
+            CaptureMode::Logical => {
+                tasks.spawn(decoder::run(
+                    shared.url.clone(),
+                    Arc::new(shared.config.clone()),
+                    shared.health.clone(),
+                    work_cancel.clone(),
+                ));
+            }
+        }
         if shared.config.reconcile.enabled {
             let schedule = shared
                 .config

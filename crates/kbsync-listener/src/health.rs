@@ -34,11 +34,15 @@ pub struct Readiness {
     pub database: Component,
     pub listener: Component,
     pub provider: Component,
+    /// Trigger capture: always ok. Logical capture: the decoder's connection to the
+    /// slot, and whether the slot holds back more WAL than `capture.max_retained_wal_mb`.
+    pub capture: Component,
 }
 
 pub struct Health {
     database: Mutex<Component>,
     provider: Mutex<Component>,
+    capture: Mutex<Component>,
     listener: watch::Receiver<bool>,
 }
 
@@ -55,6 +59,7 @@ impl Health {
         Self {
             database: Mutex::new(Component::new(None, "not connected yet")),
             provider: Mutex::new(Component::new(None, "no embedding call yet")),
+            capture: Mutex::new(Component::new(None, "not started yet")),
             listener,
         }
     }
@@ -75,8 +80,23 @@ impl Health {
         set(&self.provider, false, error);
     }
 
-    /// Ready: the database answered the last call, the listener is connected, and the
-    /// provider's last call (if any) succeeded.
+    /// `detail` replaces the last one even when the state stays ok (it carries the
+    /// slot's retained WAL).
+    pub fn capture_ok(&self, detail: &str) {
+        let mut current = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        if current.ok == Some(true) {
+            current.detail = detail.to_owned();
+        } else {
+            *current = Component::new(Some(true), detail);
+        }
+    }
+
+    pub fn capture_failed(&self, error: &str) {
+        set(&self.capture, false, error);
+    }
+
+    /// Ready: the database answered the last call, the listener is connected, the
+    /// provider's last call (if any) succeeded, and capture is not failing.
     pub fn readiness(&self) -> Readiness {
         let database = self
             .database
@@ -97,11 +117,20 @@ impl Health {
                 "not connected; reconnecting"
             },
         );
+        let capture = self
+            .capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         Readiness {
-            ready: database.ok == Some(true) && connected && provider.ok != Some(false),
+            ready: database.ok == Some(true)
+                && connected
+                && provider.ok != Some(false)
+                && capture.ok != Some(false),
             database,
             listener,
             provider,
+            capture,
         }
     }
 }

@@ -1,14 +1,17 @@
-//! The daemon: a listener that turns NOTIFYs into wake-ups, a collector that moves
-//! captured changes into the outbox, and workers that claim ready outbox entries (the
+//! The daemon: a listener that turns NOTIFYs into wake-ups, in logical capture mode a
+//! decoder that turns the replication slot's changes into captured changes, a
+//! collector that moves captured changes into the outbox, and workers that claim ready outbox entries (the
 //! debounce windows), process them (read rows → chunk → embed → write) and
 //! acknowledge them, until cancelled.
 
 mod batch;
 mod collector;
 mod daemon;
+mod decoder;
 pub mod health;
 mod http;
 mod listener;
+mod pgoutput;
 pub mod systemd;
 pub mod telemetry;
 

@@ -22,6 +22,9 @@ fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::pr
     if state.join("durable").exists() {
         cmd.env("KBSYNC_PG_FSYNC", "on");
     }
+    if let Ok(level) = std::fs::read_to_string(state.join("wal_level")) {
+        cmd.env("KBSYNC_PG_WAL_LEVEL", level.trim());
+    }
     if let Some(bin) = bin {
         cmd.env("KBSYNC_PG_BIN", bin);
     }
@@ -30,15 +33,20 @@ fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::pr
 
 impl PrivateCluster {
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
     /// With fsync on, as a production server runs (the shared test server has it off).
     pub fn start_durable() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(durable: bool) -> Self {
+    /// With another `wal_level` than the scripts' `logical` (e.g. "replica").
+    pub fn start_with_wal_level(level: &str) -> Self {
+        Self::start_with(false, Some(level))
+    }
+
+    fn start_with(durable: bool, wal_level: Option<&str>) -> Self {
         let bindir = Command::new(repo_root().join("scripts/pg.sh"))
             .arg("bindir")
             .output()
@@ -57,6 +65,9 @@ impl PrivateCluster {
         std::fs::create_dir_all(&state).expect("cluster state dir");
         if durable {
             std::fs::write(state.join("durable"), "fsync on\n").expect("durable marker");
+        }
+        if let Some(level) = wal_level {
+            std::fs::write(state.join("wal_level"), level).expect("wal_level marker");
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

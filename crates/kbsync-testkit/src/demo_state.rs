@@ -82,6 +82,39 @@ pub async fn outbox_len(client: &Client) -> i64 {
         .get(0)
 }
 
+/// Logical capture: wait until the daemon has decoded everything written to this
+/// database so far (the slot's confirmed position passed the WAL position of now) and
+/// the collector has folded it into the outbox.
+pub async fn decoded(client: &Client, within: Duration) {
+    let target: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("querying the test database")
+        .get(0);
+    let done = tokio::time::timeout(within, async {
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT COALESCE((SELECT bool_and(confirmed_flush_lsn >= $1::text::pg_lsn)
+                                        FROM pg_replication_slots WHERE database = current_database()), false),
+                            (SELECT count(*) FROM kbsync.changes)",
+                    &[&target],
+                )
+                .await
+                .expect("querying the test database");
+            if row.get::<_, bool>(0) && row.get::<_, i64>(1) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        done.is_ok(),
+        "the slot was not decoded up to {target} within {within:?}"
+    );
+}
+
 /// Wait until the outbox is drained and the knowledge table is exactly as expected,
 /// every chunk embedded by the test server's `test-embedding` model.
 pub async fn converged(client: &Client, daemon: &DaemonProcess) {

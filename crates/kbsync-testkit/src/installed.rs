@@ -18,8 +18,20 @@ impl Installed {
     /// Vectors of `dims` dimensions; every debounce window `window`, every delete
     /// window `delete_window`.
     pub async fn new(dims: usize, window: &str, delete_window: &str) -> Self {
+        Self::with_capture(dims, window, delete_window, false).await
+    }
+
+    /// `new`, with logical capture (a publication and a slot, no triggers).
+    pub async fn new_logical(dims: usize, window: &str, delete_window: &str) -> Self {
+        Self::with_capture(dims, window, delete_window, true).await
+    }
+
+    async fn with_capture(dims: usize, window: &str, delete_window: &str, logical: bool) -> Self {
         let server = FakeOpenAi::start(dims).await;
-        let config = sync_config(&server.base_url(), dims, window, delete_window);
+        let mut config = sync_config(&server.base_url(), dims, window, delete_window);
+        if logical {
+            config = config.edited(&[crate::LOGICAL_CAPTURE]);
+        }
         let db = TestDb::create().await.with_demo_schema().await;
         db.kbsync_with_config(config.path(), &["install"])
             .assert_success();

@@ -212,6 +212,10 @@ pub fn run_kbsync(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Command
     CommandOutput::from(cmd.output().expect("running the kbsync binary"))
 }
 
+/// The edit (for `TempConfig::edited`/`shipped_with`) that switches a config from the
+/// shipped trigger capture to logical capture.
+pub const LOGICAL_CAPTURE: (&str, &str) = ("mode = \"triggers\"", "mode = \"logical\"");
+
 /// A config file in a temporary directory (removed when dropped).
 pub struct TempConfig {
     _dir: tempfile::TempDir,

@@ -48,7 +48,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create or upgrade kbsync's schema and the capture triggers of the configured sources.
+    /// Create or upgrade kbsync's schema and the capture of the configured sources: triggers, or (capture.mode = "logical") a publication and a replication slot. Switching modes here drops the other mode's objects.
     Install {
         /// Print the SQL that would run and change nothing.
         #[arg(long)]

@@ -1,8 +1,10 @@
 //! `kbsync status`: what is behind and why — per source, eligible rows against rows
 //! with chunks, chunks without an embedding, the outbox backlog and its oldest change,
-//! parked keys; then the latest reconcile sweeps.
+//! parked keys; the capture (in logical mode the slot and the WAL it holds back); then
+//! the latest reconcile sweeps.
 
-use kbsync_core::config::Config;
+use kbsync_core::config::{CaptureMode, Config};
+use kbsync_core::replication;
 use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
 
@@ -15,6 +17,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     let cover = coverage(&client, config).await?;
     let runs = recent_runs(&client, 5).await?;
+    let capture = capture_status(&client, config).await?;
     if json {
         let runs: Vec<serde_json::Value> = runs
             .iter()
@@ -30,7 +33,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "sources": cover.sources, "reconcile_runs": runs,
+                "sources": cover.sources, "capture": capture.json, "reconcile_runs": runs,
             }))?
         );
         return Ok(());
@@ -63,6 +66,8 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             s.dead_letters
         );
     }
+    println!();
+    println!("capture: {}", capture.line);
     println!();
     println!("reconcile sweeps (latest first)");
     if runs.is_empty() {
@@ -115,4 +120,61 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+struct CaptureStatus {
+    line: String,
+    json: serde_json::Value,
+}
+
+async fn capture_status(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> anyhow::Result<CaptureStatus> {
+    if config.capture.mode == CaptureMode::Triggers {
+        return Ok(CaptureStatus {
+            line: "triggers".to_owned(),
+            json: serde_json::json!({"mode": "triggers"}),
+        });
+    }
+    let slot = replication::slot_name(client, config).await?;
+    let Some(state) = replication::slot_state(client, &slot).await? else {
+        return Ok(CaptureStatus {
+            line: format!(
+                "logical, slot {slot} MISSING: nothing is being captured; run `kbsync install` to create it, then `kbsync reconcile`"
+            ),
+            json: serde_json::json!({"mode": "logical", "slot": slot, "exists": false}),
+        });
+    };
+    let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
+    let limit = config.capture.max_retained_wal_mb;
+    let over = state.retained_bytes > (limit * 1024 * 1024) as i64;
+    let line = format!(
+        "logical, slot {slot} {}, WAL retained {:.1} MiB{}, not yet confirmed {:.1} MiB{}",
+        if state.active {
+            "(a daemon is decoding)"
+        } else {
+            "(NO daemon is decoding: WAL accumulates)"
+        },
+        mib(state.retained_bytes),
+        if over {
+            format!(" (OVER capture.max_retained_wal_mb = {limit})")
+        } else {
+            String::new()
+        },
+        mib(state.unconfirmed_bytes),
+        if state.wal_status.is_empty() {
+            String::new()
+        } else {
+            format!(", wal_status {}", state.wal_status)
+        },
+    );
+    Ok(CaptureStatus {
+        line,
+        json: serde_json::json!({
+            "mode": "logical", "slot": slot, "exists": true, "active": state.active,
+            "retained_bytes": state.retained_bytes, "unconfirmed_bytes": state.unconfirmed_bytes,
+            "wal_status": state.wal_status, "over_limit": over,
+        }),
+    })
 }

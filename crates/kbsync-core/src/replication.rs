@@ -1,0 +1,73 @@
+//! Logical capture's objects in the database: the publication of the source tables,
+//! the replication slot the daemon reads it through, and what the slot holds back.
+//! (The decoding itself is the daemon's: kbsync-listener's decoder.)
+
+use tokio_postgres::GenericClient;
+
+use crate::config::Config;
+
+/// The publication of the source tables (publications are per database).
+pub const PUBLICATION: &str = "kbsync";
+
+/// The slot name: `capture.slot`, else `kbsync_<database oid>`, since slots are
+/// cluster-wide and two databases on one server must not share one.
+pub async fn slot_name(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<String, tokio_postgres::Error> {
+    if let Some(slot) = &config.capture.slot {
+        return Ok(slot.clone());
+    }
+    let oid: u32 = client
+        .query_one(
+            "SELECT oid FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(format!("kbsync_{oid}"))
+}
+
+pub async fn wal_level(client: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
+    Ok(client.query_one("SHOW wal_level", &[]).await?.get(0))
+}
+
+/// What the slot looks like from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    pub name: String,
+    /// A daemon is connected to it.
+    pub active: bool,
+    /// WAL the server keeps for it (current position − restart_lsn), in bytes.
+    pub retained_bytes: i64,
+    /// WAL written since the daemon's last confirmed position, in bytes: how far
+    /// behind decoding is (0 when caught up and idle).
+    pub unconfirmed_bytes: i64,
+    /// `wal_status` (reserved, extended, unreserved, lost).
+    pub wal_status: String,
+}
+
+/// `None`: there is no such slot in this database.
+pub async fn slot_state(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<SlotState>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT active,
+                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8,
+                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8,
+                    COALESCE(wal_status, '')
+               FROM pg_replication_slots
+              WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotState {
+        name: slot.to_owned(),
+        active: r.get(0),
+        retained_bytes: r.get(1),
+        unconfirmed_bytes: r.get(2),
+        wal_status: r.get(3),
+    }))
+}
