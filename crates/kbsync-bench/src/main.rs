@@ -80,10 +80,14 @@ fn local_model_rows() -> Vec<(String, String)> {
     rows
 }
 
-/// Sync latency rows (see the module doc).
-async fn latency_rows() -> Vec<(String, String)> {
+/// Sync latency rows (see the module doc), with trigger or logical capture.
+async fn latency_rows(logical: bool) -> Vec<(String, String)> {
     let server = FakeOpenAi::start(8).await;
-    let config = sync_config(&server.base_url(), 8, "0s", "0s");
+    let mut config = sync_config(&server.base_url(), 8, "0s", "0s");
+    let mode = if logical { "logical" } else { "triggers" };
+    if logical {
+        config = config.edited(&[kbsync_testkit::LOGICAL_CAPTURE]);
+    }
     // fsync on, as in production: on a server whose commits cost nothing, 64 writers
     // are pure CPU and leave a 2-core machine's daemon next to none of it.
     let cluster = PrivateCluster::start_durable();
@@ -97,28 +101,31 @@ async fn latency_rows() -> Vec<(String, String)> {
     let (reader, conn) = tokio_postgres::connect(&url, NoTls).await.expect("reader");
     tokio::spawn(conn);
 
-    // Let the demo backfill drain first.
+    // Let the demo backfill drain first (in logical mode, once it is decoded).
+    if logical {
+        kbsync_testkit::demo_state::decoded(&reader, Duration::from_secs(300)).await;
+    }
     bench_db::drained(&reader, &[&daemon], Duration::from_secs(300)).await;
     let (mut latencies, mut commits) = probe(&writer, &reader, &daemon, WRITES).await;
     latencies.sort();
     commits.sort();
     let p50 = percentile(&latencies, 0.50);
     let mut rows = vec![
-        ("1 writer: commit → visible p50".to_owned(), ms(p50)),
+        (format!("{mode}, 1 writer: commit → visible p50"), ms(p50)),
         (
-            "1 writer: commit → visible p95".to_owned(),
+            format!("{mode}, 1 writer: commit → visible p95"),
             ms(percentile(&latencies, 0.95)),
         ),
         (
-            "1 writer: commit → visible p99 (target ≤ 50 ms)".to_owned(),
+            format!("{mode}, 1 writer: commit → visible p99 (target ≤ 50 ms)"),
             ms(percentile(&latencies, 0.99)),
         ),
         (
-            "baseline: commit round trip p50".to_owned(),
+            format!("{mode}, baseline: commit round trip p50"),
             ms(percentile(&commits, 0.50)),
         ),
         (
-            "ratio p50 latency / commit round trip".to_owned(),
+            format!("{mode}, ratio p50 latency / commit round trip"),
             format!(
                 "{:.1}x",
                 p50.as_secs_f64() / percentile(&commits, 0.50).as_secs_f64()
@@ -157,15 +164,15 @@ async fn latency_rows() -> Vec<(String, String)> {
     loaded.sort();
     rows.extend([
         (
-            "64 writers: commit → visible p50".to_owned(),
+            format!("{mode}, 64 writers: commit → visible p50"),
             ms(percentile(&loaded, 0.50)),
         ),
         (
-            "64 writers: commit → visible p99 (target ≤ 500 ms)".to_owned(),
+            format!("{mode}, 64 writers: commit → visible p99 (target ≤ 500 ms)"),
             ms(percentile(&loaded, 0.99)),
         ),
         (
-            "64 writers: texts embedded per second meanwhile".to_owned(),
+            format!("{mode}, 64 writers: texts embedded per second meanwhile"),
             format!("{synced_per_second:.0}"),
         ),
     ]);
@@ -298,10 +305,13 @@ async fn main() {
             &mut report,
             format!(
                 "## Capture cost (the application's writes)\n\nA private cluster with fsync on. pgbench `-M prepared`, \
-             random single-row UPDATEs of one text column, {seconds} s per run, triggers off (baseline) and on \
-             alternated, 2 runs each, medians. No daemon runs: the writer's own cost (the change-log append, \
-             the tenant lookup, the NOTIFY of the one writer that wins the wake-up lock). Then one UPDATE of \
-             100,000 rows, alternated, medians. Then the application's transactions beside a daemon at debounce \
+             random single-row UPDATEs of one text column, {seconds} s per run, three variants alternated, 2 runs \
+             each, medians: plain (kbsync's triggers disabled, REPLICA IDENTITY DEFAULT: the baseline), trigger \
+             capture, logical capture (`kbsync install` in logical mode: no trigger, REPLICA IDENTITY FULL; a \
+             daemon decodes the slot during the run, on the same 2 cores, and what it captured is checked after). \
+             With triggers no daemon runs: the writer's own cost (the change-log append, the tenant lookup, the \
+             NOTIFY of the one writer that wins the wake-up lock). Then one UPDATE of 100,000 rows in each \
+             variant, alternated, medians. Then the application's transactions beside a daemon at debounce \
              0 working on the same keys (largest batch, provider answering in 20 ms), against the same rounds \
              with no daemon. `just bench triggers` reproduces this section.\n\n{}\n",
                 table(&trigger_overhead::rows(seconds).await)
@@ -316,9 +326,14 @@ async fn main() {
              most), debounce windows 0, an OpenAI-compatible test server answering at once; latency is from the \
              commit's return to the new chunk being visible on another connection (polled every 1 ms). Then half \
              as many while 64 pgbench clients edit 10,000 products of another tenant as fast as they can, all of \
-             it synced at debounce 0 too. {} build of kbsync.\n\n{}\n",
+             it synced at debounce 0 too. Once with trigger capture, once with logical capture (a fresh cluster \
+             each). {} build of kbsync.\n\n{}\n",
                 build_profile(),
-                table(&latency_rows().await)
+                {
+                    let mut rows = latency_rows(false).await;
+                    rows.extend(latency_rows(true).await);
+                    table(&rows)
+                }
             ),
         );
     }

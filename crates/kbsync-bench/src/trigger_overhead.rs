@@ -1,13 +1,16 @@
 //! What kbsync's capture costs the application's writes (`just bench triggers`).
 //!
-//! On a private cluster with fsync on (as in production): pgbench `-M prepared`, random
-//! single-row UPDATEs of a text column, 1, 4, 16 and 64 clients, the table with its
-//! kbsync triggers disabled (the baseline) and enabled, alternated, `RUNS` runs each;
+//! On a private cluster with fsync on (as in production) and wal_level = logical:
+//! pgbench `-M prepared`, random single-row UPDATEs of a text column, 1, 4, 16 and 64
+//! clients, three variants alternated, `RUNS` runs each: plain (kbsync's triggers
+//! disabled, REPLICA IDENTITY DEFAULT: the baseline), trigger capture, and logical
+//! capture (installed by `kbsync install` in logical mode: no trigger, REPLICA
+//! IDENTITY FULL, a daemon decoding the slot throughout the run, on the same 2 cores);
 //! on the `faq` source (100,000 QAPairs: tenant through the page, filter on
 //! generation_status) and the `product` source (20,000 rows, tenant in the row, no
-//! filter). No daemon runs: this is the writer's own cost (the change-log append, the
-//! tenant lookup, the wake-up NOTIFY when it wins the wake-up lock). Then one UPDATE
-//! of 100,000 QAPairs, with and without, alternated.
+//! filter). In trigger mode no daemon runs: the cost measured is the writer's own
+//! (the change-log append, the tenant lookup, the wake-up NOTIFY when it wins the
+//! wake-up lock). Then one UPDATE of 100,000 QAPairs in each variant, alternated.
 //!
 //! Then, with a daemon at debounce 0 working on the very keys the application edits:
 //! how long the application's transactions take (100 products × 10 rounds in about
@@ -18,7 +21,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kbsync_testkit::{DaemonProcess, FakeOpenAi, PrivateCluster, run_kbsync, sync_config};
+use kbsync_testkit::demo_state::{decoded, outbox_len};
+use kbsync_testkit::{
+    DaemonProcess, FakeOpenAi, LOGICAL_CAPTURE, PrivateCluster, TempConfig, run_kbsync,
+    sync_config, sync_config_with_max_wait,
+};
 use tokio_postgres::Client;
 
 use crate::bench_db::{connect, drained, load_qapairs};
@@ -103,51 +110,115 @@ async fn execute_all(client: &Client, statements: &[&str]) {
     }
 }
 
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
+/// What captures the application's writes during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    Plain,
+    Triggers,
+    Logical,
 }
 
-/// One table's kbsync triggers on or off, the change log emptied and the table
-/// vacuumed, so that every run starts from the same state.
-async fn set_triggers(client: &Client, table: &str, on: bool) {
-    let toggle = if on {
-        format!("ALTER TABLE {table} ENABLE TRIGGER USER")
-    } else {
-        format!("ALTER TABLE {table} DISABLE TRIGGER USER")
+const VARIANTS: [Capture; 3] = [Capture::Plain, Capture::Triggers, Capture::Logical];
+
+/// The configs the bench installs and runs with: windows so long that a daemon only
+/// captures (nothing is embedded), trigger or logical capture.
+struct Configs {
+    triggers: TempConfig,
+    logical: TempConfig,
+}
+
+impl Configs {
+    fn new() -> Self {
+        let triggers = sync_config_with_max_wait("http://127.0.0.1:9/v1", 8, "1h", "1h", "2h");
+        let logical = triggers.edited(&[LOGICAL_CAPTURE]);
+        Self { triggers, logical }
+    }
+}
+
+/// Set up `capture` for `table` (by `kbsync install`, as a user switches), from an
+/// empty change log and outbox and a vacuumed table; in logical mode also start the
+/// daemon that decodes the slot.
+async fn set_capture(
+    client: &Client,
+    url: &str,
+    configs: &Configs,
+    table: &str,
+    capture: Capture,
+) -> Option<DaemonProcess> {
+    let config = match capture {
+        Capture::Logical => &configs.logical,
+        _ => &configs.triggers,
     };
-    let vacuum = format!("VACUUM {table}");
-    execute_all(
-        client,
-        &[&toggle, "TRUNCATE kbsync.changes", &vacuum, "CHECKPOINT"],
-    )
-    .await;
+    run_kbsync(config.path(), &["install"], &[("DATABASE_URL", url)]).assert_success();
+    let mut statements = vec![
+        "TRUNCATE kbsync.changes, kbsync.outbox".to_owned(),
+        format!("VACUUM {table}"),
+        "CHECKPOINT".to_owned(),
+    ];
+    match capture {
+        Capture::Plain => statements.insert(0, format!("ALTER TABLE {table} DISABLE TRIGGER USER")),
+        Capture::Triggers => {
+            statements.insert(0, format!("ALTER TABLE {table} ENABLE TRIGGER USER"))
+        }
+        Capture::Logical => {}
+    }
+    if capture != Capture::Logical {
+        // A logical install set FULL; the baseline and trigger capture log no old row.
+        statements.insert(0, format!("ALTER TABLE {table} REPLICA IDENTITY DEFAULT"));
+    }
+    let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+    execute_all(client, &refs).await;
+    if capture != Capture::Logical {
+        return None;
+    }
+    let daemon = DaemonProcess::start(config.path(), url);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !daemon.log().contains("decoding changes") {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not start decoding:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Some(daemon)
 }
 
-/// TPS medians (without, with) per client count for `script` on `table`, variants
-/// alternated (the first run starts without, the next with, and so on).
+/// After a run: what was captured (in logical mode once the daemon has decoded it
+/// all); the daemon stops.
+async fn captured(client: &Client, daemon: Option<DaemonProcess>) -> i64 {
+    if let Some(mut daemon) = daemon {
+        decoded(client, Duration::from_secs(300)).await;
+        daemon.terminate(Duration::from_secs(30)).await;
+    }
+    outbox_len(client).await
+}
+
+/// TPS medians per variant (plain, triggers, logical) per client count for `script`
+/// on `table`, variants alternated.
 async fn tps_by_clients(
     client: &Client,
     url: &str,
+    configs: &Configs,
     table: &str,
     script: &Path,
     seconds: u32,
-) -> Vec<(u32, f64, f64)> {
+) -> Vec<(u32, [f64; 3])> {
     let mut out = Vec::new();
     for clients in CLIENTS {
-        let (mut without, mut with) = (Vec::new(), Vec::new());
-        for run in 0..RUNS * 2 {
-            let on = run % 2 == 1;
-            set_triggers(client, table, on).await;
-            let tps = pgbench(url, script, clients, seconds);
-            if on {
-                let captured = count(client, "SELECT count(*) FROM kbsync.changes").await;
-                assert!(captured > 0, "the triggers captured nothing on {table}");
-                with.push(tps);
-            } else {
-                without.push(tps);
+        let mut tps: [Vec<f64>; 3] = Default::default();
+        for _ in 0..RUNS {
+            for (i, capture) in VARIANTS.into_iter().enumerate() {
+                let daemon = set_capture(client, url, configs, table, capture).await;
+                tps[i].push(pgbench(url, script, clients, seconds));
+                let n = captured(client, daemon).await;
+                match capture {
+                    Capture::Plain => assert_eq!(n, 0, "captured with capture off on {table}"),
+                    _ => assert!(n > 0, "{capture:?} captured nothing on {table}"),
+                }
             }
         }
-        out.push((clients, median(&mut without), median(&mut with)));
+        out.push((clients, tps.map(|mut v| median(&mut v))));
     }
     out
 }
@@ -161,9 +232,14 @@ fn script(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 pub async fn rows(seconds: u32) -> Vec<(String, String)> {
     let durable = PrivateCluster::start_durable();
     let url = durable.database_url("postgres");
-    let config = sync_config("http://127.0.0.1:9/v1", 8, "5s", "2s");
+    let configs = Configs::new();
     for args in [&["demo", "schema"][..], &["install"]] {
-        run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())]).assert_success();
+        run_kbsync(
+            configs.triggers.path(),
+            args,
+            &[("DATABASE_URL", url.as_str())],
+        )
+        .assert_success();
     }
     let client = connect(&url).await;
     load_qapairs(&client, QAPAIRS, "completed").await;
@@ -210,36 +286,56 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
         ),
         ("product (one table)", "web_knowledge_product", &product),
     ] {
-        for (clients, without, with) in tps_by_clients(&client, &url, table, script, seconds).await
+        for (clients, [plain, triggers, logical]) in
+            tps_by_clients(&client, &url, &configs, table, script, seconds).await
         {
             rows.push((
-                format!("{label}, {clients} clients: TPS triggers off / on, ratio"),
-                format!("{without:.0} / {with:.0}, **{:.2}**", with / without),
+                format!("{label}, {clients} clients: TPS plain / triggers / logical; ratios triggers, logical"),
+                format!(
+                    "{plain:.0} / {triggers:.0} / {logical:.0}; **{:.2}**, **{:.2}**",
+                    triggers / plain,
+                    logical / plain
+                ),
             ));
         }
     }
 
     let bulk = "UPDATE web_knowledge_qapair SET answer = answer || '.'";
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for run in 0..RUNS * 2 {
-        let on = run % 2 == 1;
-        set_triggers(&client, "web_knowledge_qapair", on).await;
-        let started = Instant::now();
-        client.batch_execute(bulk).await.expect(bulk);
-        let took = started.elapsed().as_secs_f64();
-        if on {
-            let captured = count(&client, "SELECT count(*) FROM kbsync.changes").await;
-            assert_eq!(captured, QAPAIRS, "the bulk update was not fully captured");
-            with.push(took);
-        } else {
-            without.push(took);
+    let mut took: [Vec<f64>; 3] = Default::default();
+    for _ in 0..RUNS {
+        for (i, capture) in VARIANTS.into_iter().enumerate() {
+            let daemon =
+                set_capture(&client, &url, &configs, "web_knowledge_qapair", capture).await;
+            let started = Instant::now();
+            client.batch_execute(bulk).await.expect(bulk);
+            took[i].push(started.elapsed().as_secs_f64());
+            let n = captured(&client, daemon).await;
+            let want = if capture == Capture::Plain {
+                0
+            } else {
+                QAPAIRS
+            };
+            assert_eq!(n, want, "the bulk update's capture ({capture:?})");
         }
     }
-    let (without, with) = (median(&mut without), median(&mut with));
+    let [plain, triggers, logical] = took.map(|mut v| median(&mut v));
     rows.push((
-        format!("one UPDATE of {QAPAIRS} QAPairs: seconds triggers off / on, ratio"),
-        format!("{without:.2} / {with:.2}, **{:.2}**", with / without),
+        format!("one UPDATE of {QAPAIRS} QAPairs: seconds plain / triggers / logical; ratios triggers, logical"),
+        format!(
+            "{plain:.2} / {triggers:.2} / {logical:.2}; **{:.2}**, **{:.2}**",
+            triggers / plain,
+            logical / plain
+        ),
     ));
+    // The rest runs with trigger capture.
+    set_capture(
+        &client,
+        &url,
+        &configs,
+        "web_knowledge_qapair",
+        Capture::Triggers,
+    )
+    .await;
     rows.extend(app_transactions_beside_the_daemon(&durable).await);
     rows
 }
