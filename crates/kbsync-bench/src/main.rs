@@ -106,7 +106,11 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
         kbsync_testkit::demo_state::decoded(&reader, Duration::from_secs(300)).await;
     }
     bench_db::drained(&reader, &[&daemon], Duration::from_secs(300)).await;
-    let (mut latencies, mut commits) = probe(&writer, &reader, &daemon, WRITES).await;
+    let (mut latencies, mut commits, lost) = probe(&writer, &reader, WRITES).await;
+    assert_eq!(
+        lost, 0,
+        "probes not visible within {PROBE_TIMEOUT:?} with one writer"
+    );
     latencies.sort();
     commits.sort();
     let p50 = percentile(&latencies, 0.50);
@@ -156,20 +160,27 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = server.inputs_total();
     let started = Instant::now();
-    let (mut loaded, _) = probe(&writer, &reader, &daemon, WRITES / 2).await;
+    let (mut loaded, _, late) = probe(&writer, &reader, WRITES / 2).await;
     let synced_per_second =
         (server.inputs_total() - before) as f64 / started.elapsed().as_secs_f64();
     let _ = load.kill();
     let _ = load.wait();
     loaded.sort();
+    // A probe not visible within the timeout counts as the timeout: the percentiles
+    // are then lower bounds, and say so.
+    let bound = if late > 0 { "≥ " } else { "" };
     rows.extend([
         (
             format!("{mode}, 64 writers: commit → visible p50"),
-            ms(percentile(&loaded, 0.50)),
+            format!("{bound}{}", ms(percentile(&loaded, 0.50))),
         ),
         (
             format!("{mode}, 64 writers: commit → visible p99 (target ≤ 500 ms)"),
-            ms(percentile(&loaded, 0.99)),
+            format!("{bound}{}", ms(percentile(&loaded, 0.99))),
+        ),
+        (
+            format!("{mode}, 64 writers: probes not visible within {PROBE_TIMEOUT:?}"),
+            format!("{late} of {}", WRITES / 2),
         ),
         (
             format!("{mode}, 64 writers: texts embedded per second meanwhile"),
@@ -179,14 +190,17 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
     rows
 }
 
+/// How long a probe is waited for.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `n` sequential edits of one product (at most ~100/s), each timed from its commit's
-/// return until another connection sees the new chunk; and each commit's round trip.
+/// return until another connection sees the new chunk; each commit's round trip; and
+/// how many were not visible within `PROBE_TIMEOUT` (counted as that long).
 async fn probe(
     writer: &tokio_postgres::Client,
     reader: &tokio_postgres::Client,
-    daemon: &DaemonProcess,
     n: usize,
-) -> (Vec<Duration>, Vec<Duration>) {
+) -> (Vec<Duration>, Vec<Duration>, usize) {
     let update = writer
         .prepare("UPDATE web_knowledge_product SET description = $1 WHERE id = md5('product-1-headlamp-1')::uuid")
         .await
@@ -197,6 +211,7 @@ async fn probe(
         .expect("prepare");
     let mut latencies = Vec::with_capacity(n);
     let mut commits = Vec::with_capacity(n);
+    let mut late = 0;
     for _ in 0..n {
         let marker = format!("latency-probe-{}", uuid::Uuid::new_v4().simple());
         let started = Instant::now();
@@ -206,7 +221,7 @@ async fn probe(
             .expect("update");
         let committed = Instant::now();
         commits.push(committed - started);
-        let deadline = committed + Duration::from_secs(30);
+        let deadline = committed + PROBE_TIMEOUT;
         loop {
             if !reader
                 .query(&probe, &[&marker])
@@ -217,16 +232,16 @@ async fn probe(
                 latencies.push(committed.elapsed());
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "write {marker} not visible after 30 s:\n{}",
-                daemon.log()
-            );
+            if Instant::now() >= deadline {
+                latencies.push(PROBE_TIMEOUT);
+                late += 1;
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    (latencies, commits)
+    (latencies, commits, late)
 }
 
 /// The profile the measured binaries were built with (they sit beside this one).

@@ -59,6 +59,9 @@ pub struct Daemon {
 
 struct Shared {
     config: Config,
+    /// The shortest debounce or delete window of any source: a change just captured
+    /// is ready no sooner than this.
+    shortest_window: Duration,
     url: String,
     provider: Provider,
     pipelines: Vec<SourcePipeline>,
@@ -215,7 +218,13 @@ impl Daemon {
         };
         let workers = self.config.embedding.max_concurrency;
         tracing::info!(workers, model = provider.model(), "kbsync daemon started");
+        let shortest_window = pipelines
+            .iter()
+            .map(|p| p.source.debounce.min(p.source.delete_debounce))
+            .min()
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
+            shortest_window,
             priority: std::sync::RwLock::new(priority),
             health: health.clone(),
             failure_policy: outbox::FailurePolicy::from_config(&self.config),
@@ -227,6 +236,8 @@ impl Daemon {
 
         let (notified_tx, notified_rx) = watch::channel(0u64);
         let (wake_tx, wake_rx) = watch::channel(0u64);
+        // The collector and, in logical mode, the decoder wake the workers.
+        let wake_tx = Arc::new(wake_tx);
         // Not a child of `cancel`: the tasks are told to stop only after we have
         // decided why we stop, so a task ending on shutdown is not taken for a failure.
         let work_cancel = CancellationToken::new();
@@ -240,7 +251,7 @@ impl Daemon {
         tasks.spawn(collect_changes(
             shared.clone(),
             notified_rx,
-            wake_tx,
+            wake_tx.clone(),
             work_cancel.clone(),
         ));
         match shared.config.capture.mode {
@@ -250,6 +261,7 @@ impl Daemon {
                     shared.url.clone(),
                     Arc::new(shared.config.clone()),
                     shared.health.clone(),
+                    wake_tx,
                     work_cancel.clone(),
                 ));
             }
@@ -352,7 +364,7 @@ async fn connect_with_retry(
 async fn collect_changes(
     shared: Arc<Shared>,
     mut notified: watch::Receiver<u64>,
-    wake_workers: watch::Sender<u64>,
+    wake_workers: Arc<watch::Sender<u64>>,
     cancel: CancellationToken,
 ) {
     let fallback_poll = shared.config.daemon.fallback_poll;
@@ -555,10 +567,23 @@ async fn worker(
                     continue 'connect;
                 }
             };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = wake.changed() => {}
-                _ = tokio::time::sleep(wait) => {}
+            // A wake-up means changes arrived; none of them can be ready before the
+            // shortest window has passed, so look then (at once with a window of 0),
+            // not at every wake-up: under a stream of writes that would be a claim
+            // and an outbox scan per worker per fold.
+            let mut deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = wake.changed() => {
+                        if changed.is_err() {
+                            tokio::time::sleep_until(deadline).await;
+                            break;
+                        }
+                        deadline = deadline.min(tokio::time::Instant::now() + shared.shortest_window);
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
             }
         }
     }

@@ -2,7 +2,12 @@
 //! decoder reads the publication's changes from the replication slot (pgoutput, over
 //! pgwire-replication) and appends to `kbsync.changes` what the trigger would have
 //! (`capture::decoded_changes_sql`: the same filters, relevant columns and tenant),
-//! then NOTIFYs, so the collector folds them into the outbox as in trigger mode.
+//! folds them into the outbox in the same transaction (`outbox::collect`, as the
+//! collector does in trigger mode) and wakes the workers.
+//!
+//! Its cost lands on the same server as the application's writes, so it is paid per
+//! batch, not per commit: changes that arrive within `GATHER` of each other go in one
+//! transaction of prepared statements.
 //!
 //! Nothing is lost on a crash: the slot's confirmed position is raised only after the
 //! transaction that appended a change has committed, so whatever was not appended is
@@ -17,12 +22,14 @@ use std::time::{Duration, Instant};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde_json::{Map, Value as Json};
 use thiserror::Error;
-use tokio_postgres::Client;
+use tokio::sync::watch;
+use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::capture;
 use kbsync_core::config::{Config, Source};
 use kbsync_core::db;
+use kbsync_core::outbox;
 use kbsync_core::replication::{self, SlotState};
 
 use crate::health::Health;
@@ -31,6 +38,10 @@ use crate::pgoutput::{self, Message, OldRow, Value};
 /// Appended in one transaction at most this many changes (a huge transaction is
 /// appended in pieces; its position is confirmed after the last).
 const MAX_PENDING: usize = 5_000;
+/// A lone change waits this long for others to share its transaction.
+const GATHER: Duration = Duration::from_millis(5);
+/// The longest a decoded change waits to be appended while more keep arriving.
+const MAX_DELAY: Duration = Duration::from_millis(20);
 /// How often the slot's retained WAL is measured (metric, readiness).
 const SLOT_CHECK: Duration = Duration::from_secs(5);
 /// A standing-by daemon tries to take the slot this often.
@@ -65,7 +76,8 @@ struct Target {
     source: String,
     schema: String,
     table: String,
-    sql: String,
+    /// `capture::decoded_changes_sql`, prepared on the decoder's connection.
+    append: Statement,
 }
 
 /// The statement per source, resolved against the catalog.
@@ -103,11 +115,12 @@ async fn targets(client: &Client, sources: &[Source]) -> Result<Vec<Target>, Dec
             ),
             None => None,
         };
+        let sql = capture::decoded_changes_sql(source, &qualified, via.as_deref());
         out.push(Target {
             source: source.name.clone(),
             schema,
             table,
-            sql: capture::decoded_changes_sql(source, &qualified, via.as_deref()),
+            append: client.prepare(&sql).await?,
         });
     }
     Ok(out)
@@ -119,8 +132,11 @@ struct Pending {
     /// Per target, the changes as `decoded_changes_sql` reads them.
     changes: Vec<Vec<Json>>,
     count: usize,
-    /// relation id → (target index, column names), for source tables only.
-    relations: HashMap<u32, (usize, Vec<String>)>,
+    /// relation id → (indexes of the targets on that table, column names), for
+    /// source tables only (two sources may read one table).
+    relations: HashMap<u32, (Vec<usize>, Vec<String>)>,
+    /// When the oldest change not yet appended arrived.
+    since: Option<Instant>,
     in_transaction: bool,
     commit_at: f64,
     /// End of the last transaction whose changes are all in `changes` or appended.
@@ -153,9 +169,23 @@ impl Pending {
         }
     }
 
-    fn push(&mut self, target: usize, change: Json) {
-        self.changes[target].push(change);
-        self.count += 1;
+    fn push(&mut self, targets: &[usize], change: Json) {
+        for &target in targets {
+            self.changes[target].push(change.clone());
+            self.count += 1;
+        }
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Under a steady stream the channel is never empty: append at least this often.
+    fn overdue(&self) -> bool {
+        self.since.is_some_and(|t| t.elapsed() >= MAX_DELAY)
+    }
+
+    /// When to append if nothing more arrives.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.since
+            .map(|t| tokio::time::Instant::from_std(t + GATHER))
     }
 
     /// Take in one decoded message.
@@ -171,24 +201,24 @@ impl Pending {
         let at = self.commit_at;
         match message {
             Message::Relation(rel) => {
-                if let Some(index) = targets
-                    .iter()
-                    .position(|t| t.schema == rel.schema && t.table == rel.name)
-                {
-                    self.relations.insert(rel.id, (index, rel.columns));
-                } else {
+                let indexes: Vec<usize> = (0..targets.len())
+                    .filter(|&i| targets[i].schema == rel.schema && targets[i].table == rel.name)
+                    .collect();
+                if indexes.is_empty() {
                     self.relations.remove(&rel.id);
+                } else {
+                    self.relations.insert(rel.id, (indexes, rel.columns));
                 }
             }
             Message::Insert { relation, new } => {
-                if let Some((index, columns)) = self.relations.get(&relation) {
+                if let Some((indexes, columns)) = self.relations.get(&relation) {
                     let c = change("I", at, None, Some(row_json(columns, &new, None)));
-                    let index = *index;
-                    self.push(index, c);
+                    let indexes = indexes.clone();
+                    self.push(&indexes, c);
                 }
             }
             Message::Update { relation, old, new } => {
-                if let Some((index, columns)) = self.relations.get(&relation) {
+                if let Some((indexes, columns)) = self.relations.get(&relation) {
                     let fill = match &old {
                         Some(OldRow::Full(values)) => Some(values.as_slice()),
                         _ => None,
@@ -200,22 +230,22 @@ impl Pending {
                         old.as_ref().map(|o| (o, columns.as_slice())),
                         Some(new),
                     );
-                    let index = *index;
-                    self.push(index, c);
+                    let indexes = indexes.clone();
+                    self.push(&indexes, c);
                 }
             }
             Message::Delete { relation, old } => {
-                if let Some((index, columns)) = self.relations.get(&relation) {
+                if let Some((indexes, columns)) = self.relations.get(&relation) {
                     let c = change("D", at, Some((&old, columns.as_slice())), None);
-                    let index = *index;
-                    self.push(index, c);
+                    let indexes = indexes.clone();
+                    self.push(&indexes, c);
                 }
             }
             Message::Truncate { relations } => {
                 for relation in relations {
-                    if let Some((index, _)) = self.relations.get(&relation) {
-                        let index = *index;
-                        self.push(index, change("T", at, None, None));
+                    if let Some((indexes, _)) = self.relations.get(&relation) {
+                        let indexes = indexes.clone();
+                        self.push(&indexes, change("T", at, None, None));
                     }
                 }
             }
@@ -224,12 +254,13 @@ impl Pending {
     }
 }
 
-/// Append what is pending in one transaction and wake the collector; returns the
-/// position that may now be confirmed.
+/// Append what is pending and fold it into the outbox, in one transaction, and wake
+/// the workers; returns the position that may now be confirmed.
 async fn append(
     client: &mut Client,
     targets: &[Target],
     pending: &mut Pending,
+    wake_workers: &watch::Sender<u64>,
 ) -> Result<Option<Lsn>, tokio_postgres::Error> {
     if pending.count > 0 {
         let tx = client.transaction().await?;
@@ -238,15 +269,19 @@ async fn append(
                 continue;
             }
             let batch = Json::Array(std::mem::take(changes));
-            let appended = tx.execute(target.sql.as_str(), &[&batch]).await?;
+            let appended = tx.execute(&target.append, &[&batch]).await?;
             metrics::counter!("kbsync_changes_decoded_total", "source" => target.source.clone())
                 .increment(appended);
         }
-        tx.execute("SELECT pg_notify($1, 'decoded')", &[&capture::CHANNEL])
-            .await?;
+        let moved = outbox::collect(&tx).await?;
         tx.commit().await?;
         pending.count = 0;
+        if moved > 0 {
+            metrics::counter!("kbsync_changes_collected_total").increment(moved as u64);
+            wake_workers.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
+    pending.since = None;
     Ok(pending.complete_up_to.take())
 }
 
@@ -328,10 +363,16 @@ fn record_slot(state: &SlotState, max_retained: i64, health: &Health) {
 /// Decode until cancelled, reconnecting after errors. Never returns an error: capture
 /// trouble is reported through the health (`/readyz`), the log and the metrics, while
 /// the workers carry on with what is in the outbox.
-pub async fn run(url: String, config: Arc<Config>, health: Arc<Health>, cancel: CancellationToken) {
+pub async fn run(
+    url: String,
+    config: Arc<Config>,
+    health: Arc<Health>,
+    wake_workers: Arc<watch::Sender<u64>>,
+    cancel: CancellationToken,
+) {
     let mut delays = db::reconnect_backoff();
     loop {
-        match decode(&url, &config, &health, &cancel).await {
+        match decode(&url, &config, &health, &wake_workers, &cancel).await {
             Ok(()) => return,
             Err(e) => {
                 health.capture_failed(&e.to_string());
@@ -350,6 +391,7 @@ async fn decode(
     url: &str,
     config: &Config,
     health: &Health,
+    wake_workers: &watch::Sender<u64>,
     cancel: &CancellationToken,
 ) -> Result<(), DecodeError> {
     let (mut client, _connection) = db::connect(url).await?;
@@ -397,14 +439,15 @@ async fn decode(
                 None => break Err(DecodeError::SlotMissing { slot: slot.clone() }),
             }
         }
-        // Append once nothing more is waiting: a burst of commits goes in one
-        // transaction, a lone commit goes at once.
+        // Append when nothing more came for GATHER (or, under a steady stream, every
+        // MAX_DELAY): a burst of commits goes in one transaction.
         let event = tokio::select! {
             biased;
             _ = cancel.cancelled() => break Ok(()),
             event = stream.recv() => event,
-            _ = std::future::ready(()), if pending.count > 0 || pending.complete_up_to.is_some() => {
-                if let Some(lsn) = append(&mut client, &targets, &mut pending).await? {
+            _ = tokio::time::sleep_until(pending.due().unwrap_or_else(tokio::time::Instant::now)),
+                if pending.due().is_some() => {
+                if let Some(lsn) = append(&mut client, &targets, &mut pending, wake_workers).await? {
                     stream.update_applied_lsn(lsn);
                 }
                 continue;
@@ -431,7 +474,7 @@ async fn decode(
                 if pending.count >= MAX_PENDING {
                     // Mid-transaction: appended, but confirmed only after its commit.
                     let complete = pending.complete_up_to.take();
-                    append(&mut client, &targets, &mut pending).await?;
+                    append(&mut client, &targets, &mut pending, wake_workers).await?;
                     if let Some(lsn) = complete {
                         stream.update_applied_lsn(lsn);
                     }
@@ -440,6 +483,13 @@ async fn decode(
             ReplicationEvent::Commit { end_lsn, .. } => {
                 pending.in_transaction = false;
                 pending.complete_up_to = Some(end_lsn);
+                pending.since.get_or_insert_with(Instant::now);
+                if pending.overdue()
+                    && let Some(lsn) =
+                        append(&mut client, &targets, &mut pending, wake_workers).await?
+                {
+                    stream.update_applied_lsn(lsn);
+                }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Idle and caught up: everything before wal_end has been seen, so the
