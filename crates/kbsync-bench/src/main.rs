@@ -106,7 +106,7 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
         kbsync_testkit::demo_state::decoded(&reader, Duration::from_secs(300)).await;
     }
     bench_db::drained(&reader, &[&daemon], Duration::from_secs(300)).await;
-    let (mut latencies, mut commits, lost) = probe(&writer, &reader, WRITES).await;
+    let (mut latencies, mut commits, lost) = probe(&writer, &reader, WRITES, None).await;
     assert_eq!(
         lost, 0,
         "probes not visible within {PROBE_TIMEOUT:?} with one writer"
@@ -155,12 +155,14 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
         "\\set n random(1, 10000)\nUPDATE web_knowledge_product SET description = 'Load ' || random() WHERE id = md5('load-' || :n)::uuid;\n",
     )
     .expect("pgbench script");
-    let mut load = trigger_overhead::pgbench_background(&url, &script, 64, 600);
+    let mut load = trigger_overhead::pgbench_background(&url, &script, 64, LOAD_SECONDS);
     // Let the load reach its pace first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = server.inputs_total();
     let started = Instant::now();
-    let (mut loaded, _, late) = probe(&writer, &reader, WRITES / 2).await;
+    // Probes start only while the load runs (a backlog behind can outlast it by far).
+    let until = Instant::now() + Duration::from_secs(u64::from(LOAD_SECONDS) - 3);
+    let (mut loaded, _, late) = probe(&writer, &reader, WRITES / 2, Some(until)).await;
     let synced_per_second =
         (server.inputs_total() - before) as f64 / started.elapsed().as_secs_f64();
     let _ = load.kill();
@@ -180,7 +182,7 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
         ),
         (
             format!("{mode}, 64 writers: probes not visible within {PROBE_TIMEOUT:?}"),
-            format!("{late} of {}", WRITES / 2),
+            format!("{late} of {}", loaded.len()),
         ),
         (
             format!("{mode}, 64 writers: texts embedded per second meanwhile"),
@@ -192,14 +194,18 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
 
 /// How long a probe is waited for.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the 64 writers write.
+const LOAD_SECONDS: u32 = 60;
 
-/// `n` sequential edits of one product (at most ~100/s), each timed from its commit's
-/// return until another connection sees the new chunk; each commit's round trip; and
-/// how many were not visible within `PROBE_TIMEOUT` (counted as that long).
+/// Up to `n` sequential edits of one product (at most ~100/s; none started after
+/// `until`), each timed from its commit's return until another connection sees the new
+/// chunk; each commit's round trip; and how many were not visible within
+/// `PROBE_TIMEOUT` (counted as that long).
 async fn probe(
     writer: &tokio_postgres::Client,
     reader: &tokio_postgres::Client,
     n: usize,
+    until: Option<Instant>,
 ) -> (Vec<Duration>, Vec<Duration>, usize) {
     let update = writer
         .prepare("UPDATE web_knowledge_product SET description = $1 WHERE id = md5('product-1-headlamp-1')::uuid")
@@ -213,6 +219,9 @@ async fn probe(
     let mut commits = Vec::with_capacity(n);
     let mut late = 0;
     for _ in 0..n {
+        if until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
         let marker = format!("latency-probe-{}", uuid::Uuid::new_v4().simple());
         let started = Instant::now();
         writer
@@ -340,8 +349,8 @@ async fn main() {
                 "## Sync latency\n\nA private cluster with fsync on. {WRITES} sequential single-row commits (~100/s at \
              most), debounce windows 0, an OpenAI-compatible test server answering at once; latency is from the \
              commit's return to the new chunk being visible on another connection (polled every 1 ms). Then half \
-             as many while 64 pgbench clients edit 10,000 products of another tenant as fast as they can, all of \
-             it synced at debounce 0 too. Once with trigger capture, once with logical capture (a fresh cluster \
+             as many (or as many as fit in the {LOAD_SECONDS} s of load) while 64 pgbench clients edit 10,000 \
+             products of another tenant as fast as they can, all of it synced at debounce 0 too. Once with trigger capture, once with logical capture (a fresh cluster \
              each). {} build of kbsync.\n\n{}\n",
                 build_profile(),
                 {

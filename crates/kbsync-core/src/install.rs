@@ -317,11 +317,12 @@ async fn plan_embedding_column(
 ///
 /// Logical mode wants no trigger but a publication, REPLICA IDENTITY FULL on each
 /// source table (so that updates and deletes carry the old row: the relevant-column
-/// and filter checks are then exactly the triggers'), and a slot. The order makes the
-/// two captures overlap instead of leaving a gap: switching to logical creates the
-/// publication and the slot before the triggers are dropped, switching back creates
-/// the triggers before the publication and slot are dropped. A change captured twice
-/// is folded into one outbox entry.
+/// and filter checks are then exactly the triggers'), and a slot. Switching to logical
+/// creates the publication and the slot before the triggers are dropped, so the two
+/// captures overlap (a change captured twice is one outbox entry). Switching back
+/// creates the triggers before the publication and slot are dropped, but the slot can
+/// only be dropped once no daemon holds it: what was committed after the daemons
+/// stopped and before the triggers existed is left to the sweep (the step says so).
 async fn plan_capture(
     client: &impl GenericClient,
     config: &Config,
@@ -596,7 +597,7 @@ async fn plan_drop_logical(
         }
         plan.push_outside_transaction(
             format!(
-                "drop replication slot {slot} (capture is by triggers; it would keep WAL forever)"
+                "drop replication slot {slot} (capture is by triggers now; a slot nobody reads keeps WAL forever). Changes committed after the last daemon stopped decoding and before the triggers existed were captured by neither: run `kbsync reconcile` now"
             ),
             format!(
                 "SELECT pg_drop_replication_slot({})",

@@ -146,23 +146,29 @@ async fn capture_status(
             json: serde_json::json!({"mode": "logical", "slot": slot, "exists": false}),
         });
     };
-    let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
+    let size = |b: i64| {
+        if b < 1024 * 1024 {
+            format!("{:.1} KiB", b as f64 / 1024.0)
+        } else {
+            format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+        }
+    };
     let limit = config.capture.max_retained_wal_mb;
     let over = state.retained_bytes > (limit * 1024 * 1024) as i64;
     let line = format!(
-        "logical, slot {slot} {}, WAL retained {:.1} MiB{}, not yet confirmed {:.1} MiB{}",
+        "logical, slot {slot} {}, WAL retained {}{}, not yet confirmed {}{}",
         if state.active {
             "(a daemon is decoding)"
         } else {
             "(NO daemon is decoding: WAL accumulates)"
         },
-        mib(state.retained_bytes),
+        size(state.retained_bytes),
         if over {
             format!(" (OVER capture.max_retained_wal_mb = {limit})")
         } else {
             String::new()
         },
-        mib(state.unconfirmed_bytes),
+        size(state.unconfirmed_bytes),
         if state.wal_status.is_empty() {
             String::new()
         } else {
