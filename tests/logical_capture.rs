@@ -12,7 +12,7 @@ use kbsync_core::outbox;
 use kbsync_testkit::demo_state::{converged, decoded};
 use kbsync_testkit::{
     DaemonProcess, FakeOpenAi, Installed, LOGICAL_CAPTURE, PrivateCluster, TempConfig, TestDb,
-    run_kbsync, sync_config, sync_config_with_max_wait, wait_for,
+    connect_url, run_kbsync, sync_config, sync_config_with_max_wait, wait_for,
 };
 use tokio_postgres::Client;
 
@@ -253,10 +253,7 @@ async fn a_server_without_wal_level_logical_gets_a_clear_error() {
         out.stderr
     );
     // Nothing was half-installed.
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = connect_url(&url).await;
     assert_eq!(
         count(
             &client,
@@ -409,20 +406,14 @@ async fn restart_and_catch_up(logical: bool) {
     run(&["install"]);
     run(&["demo", "data"]);
     let daemon = DaemonProcess::start(config.path(), &url);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = connect_url(&url).await;
     converged(&client, &daemon).await;
     drop(client);
 
     cluster.stop();
     cluster.restart();
     // Written right after the restart, before the daemon's reconnect backoff ends.
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = connect_url(&url).await;
     client
         .batch_execute(
             "UPDATE web_knowledge_product SET name = 'Written after the restart' WHERE id = md5('product-1-headlamp-1')::uuid;

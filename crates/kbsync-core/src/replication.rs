@@ -47,6 +47,14 @@ pub struct SlotState {
     pub wal_status: String,
 }
 
+impl SlotState {
+    /// Holds back more WAL than `limit_mb` MiB (`capture.max_retained_wal_mb`), or
+    /// the server has already invalidated it.
+    pub fn over_limit(&self, limit_mb: u64) -> bool {
+        self.retained_bytes > (limit_mb * 1024 * 1024) as i64 || self.wal_status == "lost"
+    }
+}
+
 /// `None`: there is no such slot in this database.
 pub async fn slot_state(
     client: &impl GenericClient,

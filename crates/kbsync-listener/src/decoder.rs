@@ -338,17 +338,17 @@ fn slot_missing(e: &pgwire_replication::PgWireError) -> bool {
     text.contains("42704") || (text.contains("replication slot") && text.contains("does not exist"))
 }
 
-fn record_slot(state: &SlotState, max_retained: i64, health: &Health) {
+fn record_slot(state: &SlotState, limit_mb: u64, health: &Health) {
     metrics::gauge!("kbsync_replication_slot_retained_bytes").set(state.retained_bytes as f64);
     metrics::gauge!("kbsync_replication_slot_unconfirmed_bytes")
         .set(state.unconfirmed_bytes as f64);
     let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
-    if state.retained_bytes > max_retained || state.wal_status == "lost" {
+    if state.over_limit(limit_mb) {
         health.capture_failed(&format!(
-            "replication slot {} holds back {:.1} MiB of WAL (capture.max_retained_wal_mb = {:.0}; wal_status {}): decoding is behind",
+            "replication slot {} holds back {:.1} MiB of WAL (capture.max_retained_wal_mb = {}; wal_status {}): decoding is behind",
             state.name,
             mib(state.retained_bytes),
-            mib(max_retained),
+            limit_mb,
             state.wal_status
         ));
     } else {
@@ -401,12 +401,12 @@ async fn decode(
     }
     let slot = replication::slot_name(&client, config).await?;
     let targets = targets(&client, &config.sources()).await?;
-    let max_retained = (config.capture.max_retained_wal_mb * 1024 * 1024) as i64;
+    let limit_mb = config.capture.max_retained_wal_mb;
     let mut stream = loop {
         let Some(state) = replication::slot_state(&client, &slot).await? else {
             return Err(DecodeError::SlotMissing { slot });
         };
-        record_slot(&state, max_retained, health);
+        record_slot(&state, limit_mb, health);
         let mut stream = ReplicationClient::connect(replication_config(url, &slot)?).await?;
         match stream.wait_started().await {
             Ok(()) => break stream,
@@ -435,7 +435,7 @@ async fn decode(
         if last_check.elapsed() >= SLOT_CHECK {
             last_check = Instant::now();
             match replication::slot_state(&client, &slot).await? {
-                Some(state) => record_slot(&state, max_retained, health),
+                Some(state) => record_slot(&state, limit_mb, health),
                 None => break Err(DecodeError::SlotMissing { slot: slot.clone() }),
             }
         }

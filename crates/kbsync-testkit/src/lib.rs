@@ -50,7 +50,8 @@ pub fn admin_url() -> String {
     }
 }
 
-async fn connect_url(url: &str) -> Client {
+/// A connection to `url`, driven on its own task; panics with the fix when it fails.
+pub async fn connect_url(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .unwrap_or_else(|e| {

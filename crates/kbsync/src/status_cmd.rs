@@ -154,7 +154,7 @@ async fn capture_status(
         }
     };
     let limit = config.capture.max_retained_wal_mb;
-    let over = state.retained_bytes > (limit * 1024 * 1024) as i64;
+    let over = state.over_limit(limit);
     let line = format!(
         "logical, slot {slot} {}, WAL retained {}{}, not yet confirmed {}{}",
         if state.active {
