@@ -42,6 +42,24 @@ async fn import(client: &Client, tenant: i32, n: i32) {
         .unwrap();
 }
 
+/// Wait until tenant B's one product edit has its chunk.
+async fn b_edit_written(client: &Client) {
+    wait_for(
+        Duration::from_secs(120),
+        "tenant B's edit to be written",
+        || async {
+            (count(
+                client,
+                "SELECT count(*) FROM tenant_knowledge WHERE tenant_id = '2'",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn one_tenants_edit_is_not_held_up_by_another_tenants_20k_backlog() {
     let server = FakeOpenAi::start(DIMS).await;
@@ -61,20 +79,7 @@ async fn one_tenants_edit_is_not_held_up_by_another_tenants_20k_backlog() {
         20_001
     );
     let daemon = DaemonProcess::start(config.path(), db.url());
-    wait_for(
-        Duration::from_secs(120),
-        "tenant B's edit to be written",
-        || async {
-            (count(
-                &client,
-                "SELECT count(*) FROM tenant_knowledge WHERE tenant_id = '2'",
-            )
-            .await
-                == 1)
-                .then_some(())
-        },
-    )
-    .await;
+    b_edit_written(&client).await;
     let a_before_b = count(
         &client,
         "SELECT count(*) FROM tenant_knowledge
@@ -85,6 +90,73 @@ async fn one_tenants_edit_is_not_held_up_by_another_tenants_20k_backlog() {
         a_before_b < 2_000,
         "{a_before_b} of tenant A's 20,000 rows were written before tenant B's one edit\n{}",
         daemon.log()
+    );
+}
+
+/// Batches are sized by time (`daemon.batch_duration`, 200 ms), not only by count: an
+/// edit that arrives behind another tenant's backlog waits for a short batch in
+/// progress, not for 256 slow keys.
+#[tokio::test]
+async fn an_edit_behind_a_slow_backlog_waits_for_a_short_batch_not_a_full_one() {
+    let server = FakeOpenAi::start(DIMS).await;
+    let config = sync_config(&server.base_url(), DIMS, "0s", "0s");
+    let (db, client) = empty_shop(&config).await;
+    // Every chunk written costs at least 10 ms (a loaded database): at most 100 keys/s
+    // per worker, so batches sized to take 200 ms hold at most 20 keys.
+    client
+        .batch_execute(
+            "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
+             CREATE TRIGGER slow_write BEFORE INSERT ON tenant_knowledge
+               FOR EACH ROW EXECUTE FUNCTION slow_write();",
+        )
+        .await
+        .unwrap();
+    import(&client, 1, 3_000).await;
+    let daemon = DaemonProcess::start(config.path(), db.url());
+    let a_written = "SELECT count(*) FROM tenant_knowledge WHERE tenant_id = '1'";
+    // Past the first batch of each of the two workers (256 keys each, before any
+    // batch was measured).
+    wait_for(
+        Duration::from_secs(60),
+        "the workers' first batches",
+        || async { (count(&client, a_written).await > 2 * 256 + 40).then_some(()) },
+    )
+    .await;
+    client
+        .batch_execute(
+            "INSERT INTO web_knowledge_product (id, user_id, name) VALUES (md5('b-edit')::uuid, 2, 'One edit of tenant B')",
+        )
+        .await
+        .unwrap();
+    let a_at_commit = count(&client, a_written).await;
+    b_edit_written(&client).await;
+    let a_meanwhile = count(&client, a_written).await - a_at_commit;
+    let log = daemon.log();
+    let sizes: Vec<usize> = log
+        .lines()
+        .filter(|l| l.contains("batch done"))
+        .filter_map(|l| {
+            let at = l.find("keys=")? + "keys=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    // Only each worker's first batch, before anything was measured, may be large.
+    let large = sizes.iter().filter(|&&n| n > 20).count();
+    assert!(large <= 2, "batch sizes {sizes:?}\n{log}");
+    // B's edit rode in a short batch: a 256-key batch would have brought 255 of A's
+    // keys with it, and the batches in progress when B committed theirs.
+    assert!(
+        a_meanwhile < 150,
+        "{a_meanwhile} of tenant A's rows were written between B's commit and B's chunk; batch sizes {sizes:?}"
+    );
+    assert!(
+        count(&client, a_written).await < 3_000,
+        "tenant A's backlog was already drained"
     );
 }
 

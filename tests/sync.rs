@@ -356,6 +356,61 @@ async fn a_10_mb_page_is_chunked_in_order_within_the_cap_and_an_edit_re_embeds_l
 }
 
 #[tokio::test]
+async fn a_text_already_embedded_for_another_key_is_reused_not_sent_again() {
+    let s = setup("100ms").await;
+    let daemon = s.daemon();
+    s.seed();
+    converged(&s.client, &daemon).await;
+    let before = s.server.inputs_total();
+    // Another tenant lists the very same product: same text, another key.
+    s.client
+        .batch_execute(
+            "CREATE TEMP TABLE copy AS SELECT * FROM web_knowledge_product WHERE id = md5('product-1-headlamp-1')::uuid;
+             UPDATE copy SET id = md5('copied headlamp')::uuid, user_id = 2;
+             INSERT INTO web_knowledge_product SELECT * FROM copy;",
+        )
+        .await
+        .unwrap();
+    converged(&s.client, &daemon).await;
+    assert_eq!(
+        s.server.inputs_total(),
+        before,
+        "the copied text was sent to the provider again"
+    );
+    let same: bool = s
+        .client
+        .query_one(
+            "SELECT o.embedding = c.embedding AND o.content = c.content AND c.tenant_id = '2'
+               FROM tenant_knowledge o, tenant_knowledge c
+              WHERE o.source_key = md5('product-1-headlamp-1')::uuid::text
+                AND c.source_key = md5('copied headlamp')::uuid::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(same, "the copy's chunk has the original's text and vector");
+    // A chunk whose stored text no longer matches its hash is never a source.
+    s.client
+        .batch_execute(
+            "UPDATE tenant_knowledge SET content = 'tampered' WHERE source_key = md5('product-1-headlamp-1')::uuid::text;
+             DELETE FROM tenant_knowledge WHERE source_key = md5('copied headlamp')::uuid::text;",
+        )
+        .await
+        .unwrap();
+    s.db.kbsync_with_config(s.config.path(), &["reconcile"])
+        .assert_success();
+    converged(&s.client, &daemon).await;
+    // Both keys need the text again; the tampered chunk is no source, so it is sent
+    // once (one batch, or the second batch reuses the first's).
+    assert_eq!(
+        s.server.inputs_total(),
+        before + 1,
+        "the text embedded exactly once for both keys"
+    );
+}
+
+#[tokio::test]
 async fn writes_made_while_the_daemon_is_stopped_are_all_processed_once() {
     let s = setup("100ms").await;
     s.seed();

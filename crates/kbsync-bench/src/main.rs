@@ -329,10 +329,12 @@ async fn main() {
             &mut report,
             format!(
                 "## Capture cost (the application's writes)\n\nA private cluster with fsync on. pgbench `-M prepared`, \
-             random single-row UPDATEs of one text column, {seconds} s per run, three variants alternated, 2 runs \
+             random single-row UPDATEs of one text column, {seconds} s per run, four variants alternated, 2 runs \
              each, medians: plain (kbsync's triggers disabled, REPLICA IDENTITY DEFAULT: the baseline), trigger \
              capture, logical capture (`kbsync install` in logical mode: no trigger, REPLICA IDENTITY FULL; a \
-             daemon decodes the slot during the run, on the same 2 cores, and what it captured is checked after). \
+             daemon decodes the slot during the run, on the same 2 cores, and what it captured is checked after), \
+             and a pgai-shaped reference (the trigger pgai 0.12's vectorizer creates: row-level plpgsql, one \
+             INSERT of the key into a queue table indexed on the key, no NOTIFY). \
              With triggers no daemon runs: the writer's own cost (the change-log append, the tenant lookup, the \
              NOTIFY of the one writer that wins the wake-up lock). Then one UPDATE of 100,000 rows in each \
              variant, alternated, medians. Then the application's transactions beside a daemon at debounce \

@@ -2,10 +2,13 @@
 //!
 //! On a private cluster with fsync on (as in production) and wal_level = logical:
 //! pgbench `-M prepared`, random single-row UPDATEs of a text column, 1, 4, 16 and 64
-//! clients, three variants alternated, `RUNS` runs each: plain (kbsync's triggers
-//! disabled, REPLICA IDENTITY DEFAULT: the baseline), trigger capture, and logical
+//! clients, four variants alternated, `RUNS` runs each: plain (kbsync's triggers
+//! disabled, REPLICA IDENTITY DEFAULT: the baseline), trigger capture, logical
 //! capture (installed by `kbsync install` in logical mode: no trigger, REPLICA
-//! IDENTITY FULL, a daemon decoding the slot throughout the run, on the same 2 cores);
+//! IDENTITY FULL, a daemon decoding the slot throughout the run, on the same 2 cores),
+//! and, as the reference the issue compares against, a pgai-shaped capture (the
+//! trigger pgai 0.12's vectorizer creates: row-level, one INSERT of the key into a
+//! queue table with an index on the key, no NOTIFY; nothing consumes the queue);
 //! on the `faq` source (100,000 QAPairs: tenant through the page, filter on
 //! generation_status) and the `product` source (20,000 rows, tenant in the row, no
 //! filter). In trigger mode no daemon runs: the cost measured is the writer's own
@@ -116,9 +119,38 @@ enum Capture {
     Plain,
     Triggers,
     Logical,
+    PgaiShaped,
 }
 
-const VARIANTS: [Capture; 3] = [Capture::Plain, Capture::Triggers, Capture::Logical];
+const VARIANTS: [Capture; 4] = [
+    Capture::Plain,
+    Capture::Triggers,
+    Capture::Logical,
+    Capture::PgaiShaped,
+];
+
+/// The reference capture, shaped like the trigger pgai 0.12's vectorizer puts on a
+/// source table (`ai._vectorizer_create_source_trigger`): a row-level plpgsql trigger
+/// that inserts the key into a queue table indexed on the key. Created disabled.
+fn pgai_shaped_sql(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS bench_pgai_queue (id uuid NOT NULL, queued_at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX IF NOT EXISTS bench_pgai_queue_id ON bench_pgai_queue (id);
+         CREATE OR REPLACE FUNCTION bench_pgai_enqueue() RETURNS trigger
+         LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+         BEGIN
+             IF TG_OP = 'DELETE' THEN
+                 INSERT INTO public.bench_pgai_queue (id) VALUES (OLD.id);
+             ELSE
+                 INSERT INTO public.bench_pgai_queue (id) VALUES (NEW.id);
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER bench_pgai AFTER INSERT OR UPDATE OR DELETE ON {table}
+             FOR EACH ROW EXECUTE FUNCTION bench_pgai_enqueue();
+         ALTER TABLE {table} DISABLE TRIGGER bench_pgai;"
+    )
+}
 
 /// The configs the bench installs and runs with: windows so long that a daemon only
 /// captures (nothing is embedded), trigger or logical capture.
@@ -151,16 +183,23 @@ async fn set_capture(
     };
     run_kbsync(config.path(), &["install"], &[("DATABASE_URL", url)]).assert_success();
     let mut statements = vec![
-        "TRUNCATE kbsync.changes, kbsync.outbox".to_owned(),
+        "TRUNCATE kbsync.changes, kbsync.outbox, bench_pgai_queue".to_owned(),
         format!("VACUUM {table}"),
         "CHECKPOINT".to_owned(),
     ];
     match capture {
         Capture::Plain => statements.insert(0, format!("ALTER TABLE {table} DISABLE TRIGGER USER")),
         Capture::Triggers => {
-            statements.insert(0, format!("ALTER TABLE {table} ENABLE TRIGGER USER"))
+            statements.insert(0, format!("ALTER TABLE {table} DISABLE TRIGGER bench_pgai"));
+            statements.insert(0, format!("ALTER TABLE {table} ENABLE TRIGGER USER"));
         }
-        Capture::Logical => {}
+        Capture::PgaiShaped => {
+            statements.insert(0, format!("ALTER TABLE {table} ENABLE TRIGGER bench_pgai"));
+            statements.insert(0, format!("ALTER TABLE {table} DISABLE TRIGGER USER"));
+        }
+        Capture::Logical => {
+            statements.insert(0, format!("ALTER TABLE {table} DISABLE TRIGGER bench_pgai"))
+        }
     }
     if capture != Capture::Logical {
         // A logical install set FULL; the baseline and trigger capture log no old row.
@@ -185,16 +224,23 @@ async fn set_capture(
 }
 
 /// After a run: what was captured (in logical mode once the daemon has decoded it
-/// all); the daemon stops.
-async fn captured(client: &Client, daemon: Option<DaemonProcess>) -> i64 {
+/// all; the pgai-shaped capture's distinct queued keys); the daemon stops.
+async fn captured(client: &Client, capture: Capture, daemon: Option<DaemonProcess>) -> i64 {
     if let Some(mut daemon) = daemon {
         decoded(client, Duration::from_secs(300)).await;
         daemon.terminate(Duration::from_secs(30)).await;
     }
+    if capture == Capture::PgaiShaped {
+        return client
+            .query_one("SELECT count(DISTINCT id) FROM bench_pgai_queue", &[])
+            .await
+            .expect("counting the queue")
+            .get(0);
+    }
     outbox_len(client).await
 }
 
-/// TPS medians per variant (plain, triggers, logical) per client count for `script`
+/// TPS medians per variant (plain, triggers, logical, pgai-shaped) per client count for `script`
 /// on `table`, variants alternated.
 async fn tps_by_clients(
     client: &Client,
@@ -203,15 +249,15 @@ async fn tps_by_clients(
     table: &str,
     script: &Path,
     seconds: u32,
-) -> Vec<(u32, [f64; 3])> {
+) -> Vec<(u32, [f64; 4])> {
     let mut out = Vec::new();
     for clients in CLIENTS {
-        let mut tps: [Vec<f64>; 3] = Default::default();
+        let mut tps: [Vec<f64>; 4] = Default::default();
         for _ in 0..RUNS {
             for (i, capture) in VARIANTS.into_iter().enumerate() {
                 let daemon = set_capture(client, url, configs, table, capture).await;
                 tps[i].push(pgbench(url, script, clients, seconds));
-                let n = captured(client, daemon).await;
+                let n = captured(client, capture, daemon).await;
                 match capture {
                     Capture::Plain => assert_eq!(n, 0, "captured with capture off on {table}"),
                     _ => assert!(n > 0, "{capture:?} captured nothing on {table}"),
@@ -242,6 +288,12 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
         .assert_success();
     }
     let client = connect(&url).await;
+    for table in ["web_knowledge_qapair", "web_knowledge_product"] {
+        client
+            .batch_execute(&pgai_shaped_sql(table))
+            .await
+            .expect("the pgai-shaped reference trigger");
+    }
     load_qapairs(&client, QAPAIRS, "completed").await;
     client
         .execute(
@@ -286,22 +338,23 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
         ),
         ("product (one table)", "web_knowledge_product", &product),
     ] {
-        for (clients, [plain, triggers, logical]) in
+        for (clients, [plain, triggers, logical, pgai]) in
             tps_by_clients(&client, &url, &configs, table, script, seconds).await
         {
             rows.push((
-                format!("{label}, {clients} clients: TPS plain / triggers / logical; ratios triggers, logical"),
+                format!("{label}, {clients} clients: TPS plain / triggers / logical / pgai-shaped; ratios triggers, logical, pgai-shaped"),
                 format!(
-                    "{plain:.0} / {triggers:.0} / {logical:.0}; **{:.2}**, **{:.2}**",
+                    "{plain:.0} / {triggers:.0} / {logical:.0} / {pgai:.0}; **{:.2}**, **{:.2}**, {:.2}",
                     triggers / plain,
-                    logical / plain
+                    logical / plain,
+                    pgai / plain
                 ),
             ));
         }
     }
 
     let bulk = "UPDATE web_knowledge_qapair SET answer = answer || '.'";
-    let mut took: [Vec<f64>; 3] = Default::default();
+    let mut took: [Vec<f64>; 4] = Default::default();
     for _ in 0..RUNS {
         for (i, capture) in VARIANTS.into_iter().enumerate() {
             let daemon =
@@ -309,7 +362,7 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
             let started = Instant::now();
             client.batch_execute(bulk).await.expect(bulk);
             took[i].push(started.elapsed().as_secs_f64());
-            let n = captured(&client, daemon).await;
+            let n = captured(&client, capture, daemon).await;
             let want = if capture == Capture::Plain {
                 0
             } else {
@@ -318,13 +371,14 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
             assert_eq!(n, want, "the bulk update's capture ({capture:?})");
         }
     }
-    let [plain, triggers, logical] = took.map(|mut v| median(&mut v));
+    let [plain, triggers, logical, pgai] = took.map(|mut v| median(&mut v));
     rows.push((
-        format!("one UPDATE of {QAPAIRS} QAPairs: seconds plain / triggers / logical; ratios triggers, logical"),
+        format!("one UPDATE of {QAPAIRS} QAPairs: seconds plain / triggers / logical / pgai-shaped; ratios triggers, logical, pgai-shaped"),
         format!(
-            "{plain:.2} / {triggers:.2} / {logical:.2}; **{:.2}**, **{:.2}**",
+            "{plain:.2} / {triggers:.2} / {logical:.2} / {pgai:.2}; **{:.2}**, **{:.2}**, {:.2}",
             triggers / plain,
-            logical / plain
+            logical / plain,
+            pgai / plain
         ),
     ));
     // The rest runs with trigger capture.

@@ -198,9 +198,15 @@ pub struct DaemonConfig {
     /// Default 5m.
     #[serde(default = "defaults::claim_lease", with = "humantime_serde")]
     pub claim_lease: Duration,
-    /// Keys processed per batch. Default 256, at most `MAX_BATCH_SIZE`.
+    /// Keys processed per batch at most. Default 256, at most `MAX_BATCH_SIZE`.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
+    /// Claims are sized so that a batch takes about this long (each worker measures its
+    /// keys per second, not counting a remote provider's response time), between 1 key
+    /// and `batch_size`. A new edit then waits for at most one batch in progress, however
+    /// large the backlog it arrives behind. Default 200ms.
+    #[serde(default = "defaults::batch_duration", with = "humantime_serde")]
+    pub batch_duration: Duration,
     /// Failed attempts before a key is parked in the dead-letter table. Default 5.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
@@ -215,6 +221,7 @@ impl Default for DaemonConfig {
             fallback_poll: defaults::fallback_poll(),
             claim_lease: defaults::claim_lease(),
             batch_size: defaults::batch_size(),
+            batch_duration: defaults::batch_duration(),
             max_attempts: defaults::max_attempts(),
             drain_timeout: defaults::drain_timeout(),
         }
@@ -358,6 +365,9 @@ mod defaults {
     }
     pub fn batch_size() -> usize {
         256
+    }
+    pub fn batch_duration() -> Duration {
+        Duration::from_millis(200)
     }
     pub fn max_attempts() -> u32 {
         5
@@ -623,6 +633,12 @@ impl Config {
         }
         if self.daemon.max_attempts == 0 {
             return Err(("daemon.max_attempts".into(), "must be at least 1".into()));
+        }
+        if self.daemon.batch_duration.is_zero() {
+            return Err((
+                "daemon.batch_duration".into(),
+                "must be more than 0s (batches are sized to take about this long)".into(),
+            ));
         }
         if self.daemon.fallback_poll.is_zero() {
             return Err(("daemon.fallback_poll".into(), "must be more than 0s".into()));

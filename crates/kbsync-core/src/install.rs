@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "change_log",
         sql: include_str!("../../../sql/migrations/0004_change_log.sql"),
     },
+    Migration {
+        version: 5,
+        name: "embeddings_by_text",
+        sql: include_str!("../../../sql/migrations/0005_embeddings_by_text.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).

@@ -23,6 +23,26 @@ pub struct StoredChunk {
     pub intact: bool,
 }
 
+/// Stored embeddings of `model` for these content hashes, whichever key or tenant
+/// holds them (an embedding depends on the text and the model only). A chunk whose
+/// text no longer matches its hash (edited by hand) is never a source.
+pub async fn embeddings_by_hash(
+    client: &impl GenericClient,
+    model: &str,
+    hashes: &[&[u8]],
+) -> Result<HashMap<Vec<u8>, Vector>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT ON (content_hash) content_hash, embedding
+               FROM public.tenant_knowledge
+              WHERE content_hash = ANY($1) AND embedding_model = $2 AND embedding IS NOT NULL
+                AND content_hash = sha256(convert_to(content, 'UTF8'))",
+            &[&hashes, &model],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Stored chunks of `keys`, by key.
 pub async fn stored_chunks(
     client: &impl GenericClient,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use kbsync_core::chunk::{Chunk, Chunker, content_hash};
 use kbsync_core::config::{Config, Source};
 use kbsync_core::db;
-use kbsync_core::embed::{EmbedError, Provider};
+use kbsync_core::embed::{EmbedError, InputOutcome, Provider};
 use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
 use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
 use kbsync_core::source_rows::{SourceQuery, SourceRow};
@@ -74,6 +74,9 @@ pub struct BatchReport {
     pub chunks_deleted: u64,
     pub failed: usize,
     pub dead_lettered: u64,
+    /// Time spent waiting for a remote provider's answers: its latency and rate
+    /// limits, which a smaller batch would not shorten per key.
+    pub remote_embedding_time: std::time::Duration,
 }
 
 /// What a key's chunks need.
@@ -199,11 +202,46 @@ pub async fn process(
         );
     }
 
-    let outcomes = if inputs.is_empty() {
+    // Texts another key (or an earlier batch) already has embedded with this model.
+    let hashes: Vec<[u8; 32]> = inputs.iter().map(|t| content_hash(t)).collect();
+    let mut outcomes: Vec<Option<InputOutcome>> = vec![None; inputs.len()];
+    if !inputs.is_empty() {
+        let wanted: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
+        let known = knowledge::embeddings_by_hash(&*client, &model, &wanted).await?;
+        for (outcome, hash) in outcomes.iter_mut().zip(&hashes) {
+            *outcome = known.get(hash.as_slice()).map(|v| Ok(v.to_vec()));
+        }
+    }
+    let to_embed: Vec<String> = inputs
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, known)| known.is_none())
+        .map(|(text, _)| text.clone())
+        .collect();
+    metrics::counter!("kbsync_embeddings_reused_total", "source" => source.name.clone())
+        .increment((inputs.len() - to_embed.len()) as u64);
+    let embedding_started = std::time::Instant::now();
+    let mut embedded = if to_embed.is_empty() {
         Vec::new()
     } else {
-        provider.embed(&inputs).await?
+        provider.embed(&to_embed).await?
+    }
+    .into_iter();
+    // The local model's time is CPU work per text, which a smaller batch does shorten.
+    let remote_embedding_time = match provider {
+        Provider::OpenAi(_) => embedding_started.elapsed(),
+        Provider::Local(_) => std::time::Duration::ZERO,
     };
+    let outcomes: Vec<InputOutcome> = outcomes
+        .into_iter()
+        .map(|known| {
+            known.unwrap_or_else(|| {
+                embedded.next().unwrap_or_else(|| {
+                    Err("the provider returned fewer vectors than inputs".into())
+                })
+            })
+        })
+        .collect();
 
     // Assemble writes; a key with any refused chunk fails as a whole.
     let mut writes: Vec<ChunkWrite> = Vec::new();
@@ -291,7 +329,8 @@ pub async fn process(
         }
     };
     Ok(BatchReport {
-        inputs_embedded: inputs.len(),
+        inputs_embedded: to_embed.len(),
+        remote_embedding_time,
         ..committed
     })
 }
@@ -345,6 +384,7 @@ impl BatchReport {
         self.chunks_deleted += other.chunks_deleted;
         self.failed += other.failed;
         self.dead_lettered += other.dead_lettered;
+        self.remote_embedding_time += other.remote_embedding_time;
     }
 }
 
@@ -420,6 +460,7 @@ async fn commit(
         chunks_deleted,
         failed: failures.len(),
         dead_lettered,
+        remote_embedding_time: std::time::Duration::ZERO,
     })
 }
 

@@ -28,6 +28,7 @@ use kbsync_core::outbox;
 use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
 
 use crate::batch::{self, BatchError, SourcePipeline};
+use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
 use crate::{collector, decoder, listener, systemd, telemetry};
@@ -425,6 +426,7 @@ async fn worker(
         };
         let mut first_source = n;
         let mut unclaimable_passes: u32 = 0;
+        let mut sizer = BatchSizer::new(daemon.batch_size, daemon.batch_duration);
         loop {
             if cancel.is_cancelled() {
                 return;
@@ -451,7 +453,7 @@ async fn worker(
                         &pipeline.source,
                         token,
                         daemon.claim_lease,
-                        daemon.batch_size as i64,
+                        sizer.next() as i64,
                         tier,
                     )
                     .await
@@ -479,6 +481,7 @@ async fn worker(
                         token,
                         &claimed,
                     );
+                    let started = std::time::Instant::now();
                     let result = with_lease(&lease_client, token, daemon.claim_lease, work)
                         .instrument(span.clone())
                         .await;
@@ -490,6 +493,12 @@ async fn worker(
                             }
                             provider_failures = 0;
                             db_failures = -1;
+                            sizer.record(
+                                claimed.len(),
+                                started
+                                    .elapsed()
+                                    .saturating_sub(report.remote_embedding_time),
+                            );
                             tracing::info!(
                                 source = %pipeline.source.name,
                                 keys = claimed.len(),

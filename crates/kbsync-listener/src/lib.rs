@@ -5,6 +5,7 @@
 //! acknowledge them, until cancelled.
 
 mod batch;
+mod batch_sizing;
 mod collector;
 mod daemon;
 mod decoder;

@@ -76,6 +76,10 @@ fn describe() {
     );
     describe_counter!("kbsync_embedding_inputs_total", "Texts sent to be embedded");
     describe_counter!(
+        "kbsync_embeddings_reused_total",
+        "Texts not sent: the same text was already stored with the model (another key's, another tenant's)"
+    );
+    describe_counter!(
         "kbsync_embedding_tokens_total",
         "Tokens of the texts sent to be embedded"
     );
