@@ -102,7 +102,8 @@ async fn an_edit_behind_a_slow_backlog_waits_for_a_short_batch_not_a_full_one() 
     let config = sync_config(&server.base_url(), DIMS, "0s", "0s");
     let (db, client) = empty_shop(&config).await;
     // Every chunk written costs at least 10 ms (a loaded database): at most 100 keys/s
-    // per worker, so batches sized to take 200 ms hold at most 20 keys.
+    // per worker, so batches sized to take 200 ms (or twice their fixed cost, far less
+    // here) hold about 20 keys.
     client
         .batch_execute(
             "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS
@@ -146,12 +147,12 @@ async fn an_edit_behind_a_slow_backlog_waits_for_a_short_batch_not_a_full_one() 
         })
         .collect();
     // Only each worker's first batch, before anything was measured, may be large.
-    let large = sizes.iter().filter(|&&n| n > 20).count();
+    let large = sizes.iter().filter(|&&n| n > 40).count();
     assert!(large <= 2, "batch sizes {sizes:?}\n{log}");
     // B's edit rode in a short batch: a 256-key batch would have brought 255 of A's
     // keys with it, and the batches in progress when B committed theirs.
     assert!(
-        a_meanwhile < 150,
+        a_meanwhile < 200,
         "{a_meanwhile} of tenant A's rows were written between B's commit and B's chunk; batch sizes {sizes:?}"
     );
     assert!(

@@ -1,36 +1,49 @@
-//! How many keys a worker claims: about as many as it processes in
-//! `daemon.batch_duration`. A batch is visible only when it commits, so an edit that
-//! arrives behind a large backlog (another tenant's import, 64 writers editing at
-//! once) waits for the batch in progress and then its own; sizing batches by time, not
-//! by count, bounds that wait whatever the per-key cost is (a loaded database, long
-//! texts, the local model's CPU time).
+//! How many keys a worker claims. A batch is visible only when it commits, so an edit
+//! that arrives behind a large backlog (another tenant's import, 64 writers editing at
+//! once) waits for the batch in progress and then its own: batches are sized to take
+//! about `daemon.batch_duration`, whatever the per-key cost is (a loaded database, long
+//! texts, the local model's CPU time). But every batch also pays a fixed cost (its
+//! claim, reads and write round trips; on a saturated server each of them waits for
+//! CPU), and batches shorter than that cost would spend most of their time on it: a
+//! batch is given at least twice its fixed cost, so that at least half of the time
+//! goes to the keys. Both costs are estimated from the worker's recent batches.
 
 use std::time::Duration;
 
-/// One worker's claim size, from the throughput of its own recent batches.
+/// How fast past batches are forgotten: each older batch weighs this much less.
+const DECAY: f64 = 0.8;
+
+/// One worker's claim size, from a fit of `time = fixed + keys × per_key` over its
+/// recent batches (least squares, exponentially weighted).
 #[derive(Debug)]
 pub struct BatchSizer {
     max: usize,
-    target: Duration,
-    keys_per_second: Option<f64>,
+    target: f64,
+    /// Weighted sums: batches, keys, seconds, keys², keys × seconds.
+    sums: [f64; 5],
+    fixed: f64,
+    per_key: Option<f64>,
 }
 
 impl BatchSizer {
     pub fn new(max: usize, target: Duration) -> Self {
         Self {
             max,
-            target,
-            keys_per_second: None,
+            target: target.as_secs_f64(),
+            sums: [0.0; 5],
+            fixed: 0.0,
+            per_key: None,
         }
     }
 
-    /// Keys to claim next: `max` until a batch has been measured, then what the
-    /// measured rate processes in the target time, between 1 and `max`.
+    /// Keys to claim next: `max` until a batch has been measured; then as many as fit
+    /// in the target time, or in twice the fixed cost when that is longer.
     pub fn next(&self) -> usize {
-        match self.keys_per_second {
-            None => self.max,
-            Some(rate) => ((rate * self.target.as_secs_f64()) as usize).clamp(1, self.max),
-        }
+        let Some(per_key) = self.per_key else {
+            return self.max;
+        };
+        let duration = self.target.max(2.0 * self.fixed);
+        (((duration - self.fixed) / per_key) as usize).clamp(1, self.max)
     }
 
     /// A batch of `keys` took `elapsed` (time that a smaller batch would not shorten
@@ -39,14 +52,25 @@ impl BatchSizer {
         if keys == 0 {
             return;
         }
-        // A batch shorter than the clock can tell counts as 0.1 ms: fast, not infinite.
-        let rate = keys as f64 / elapsed.as_secs_f64().max(1e-4);
-        // Half the weight to the newest batch: follows a change of load within a few
-        // batches without swinging on one slow or fast one.
-        self.keys_per_second = Some(match self.keys_per_second {
-            None => rate,
-            Some(old) => 0.5 * old + 0.5 * rate,
-        });
+        let (n, t) = (keys as f64, elapsed.as_secs_f64());
+        for (sum, value) in self.sums.iter_mut().zip([1.0, n, t, n * n, n * t]) {
+            *sum = DECAY * *sum + value;
+        }
+        let [w, sn, st, snn, snt] = self.sums;
+        let (mean_n, mean_t) = (sn / w, st / w);
+        let variance = snn / w - mean_n * mean_n;
+        // A floor per key: a batch shorter than the clock can tell is fast, not free.
+        const FLOOR: f64 = 1e-6;
+        if variance > (0.1 * mean_n).powi(2) {
+            // Batches of different sizes: fit both costs.
+            let per_key = ((snt / w - mean_n * mean_t) / variance).max(FLOOR);
+            self.fixed = (mean_t - per_key * mean_n).max(0.0);
+            self.per_key = Some(per_key);
+        } else {
+            // Batches of one size tell nothing about the split: keep the fixed cost
+            // and give the rest of the change to the keys.
+            self.per_key = Some(((t - self.fixed) / n).max(FLOOR));
+        }
     }
 }
 
@@ -56,12 +80,13 @@ mod tests {
 
     const TARGET: Duration = Duration::from_millis(200);
 
-    /// Simulates batches that cost `fixed` plus `per_key` for each key.
-    fn settle(sizer: &mut BatchSizer, fixed: Duration, per_key: Duration, rounds: usize) {
-        for _ in 0..rounds {
+    /// Batches that cost `fixed` plus `per_key` for each key; the size settled on.
+    fn settle(sizer: &mut BatchSizer, fixed: Duration, per_key: Duration) -> usize {
+        for _ in 0..30 {
             let keys = sizer.next();
             sizer.record(keys, fixed + per_key * keys as u32);
         }
+        sizer.next()
     }
 
     #[test]
@@ -72,39 +97,28 @@ mod tests {
     #[test]
     fn slow_keys_shrink_batches_to_the_target_duration() {
         let mut sizer = BatchSizer::new(256, TARGET);
-        // 20 ms per key (a saturated database): 256 keys would take 5 s.
-        settle(
-            &mut sizer,
-            Duration::from_millis(5),
-            Duration::from_millis(20),
-            20,
-        );
-        let keys = sizer.next();
-        let took = Duration::from_millis(5) + Duration::from_millis(20) * keys as u32;
-        assert!(
-            (8..=10).contains(&keys) && took <= Duration::from_millis(250),
-            "{keys} keys, {took:?}"
-        );
+        // 20 ms per key: 256 keys would take 5 s; 200 ms holds 9 after the fixed 5 ms.
+        let keys = settle(&mut sizer, Duration::from_millis(5), Duration::from_millis(20));
+        assert!((8..=10).contains(&keys), "{keys}");
+    }
+
+    #[test]
+    fn a_large_fixed_cost_gets_a_batch_twice_as_long() {
+        let mut sizer = BatchSizer::new(256, TARGET);
+        // A saturated server: 180 ms per batch whatever its size, 5 ms per key. A
+        // 200 ms batch would hold 4 keys and spend 90% on the fixed cost; 360 ms holds 36.
+        let keys = settle(&mut sizer, Duration::from_millis(180), Duration::from_millis(5));
+        assert!((33..=39).contains(&keys), "{keys}");
     }
 
     #[test]
     fn fast_keys_grow_batches_back_to_the_maximum() {
         let mut sizer = BatchSizer::new(256, TARGET);
-        settle(
-            &mut sizer,
-            Duration::from_millis(5),
-            Duration::from_millis(50),
-            10,
-        );
-        assert!(sizer.next() < 8, "{}", sizer.next());
+        let slow = settle(&mut sizer, Duration::from_millis(5), Duration::from_millis(50));
+        assert!(slow < 8, "{slow}");
         // The load goes away: 0.1 ms per key.
-        settle(
-            &mut sizer,
-            Duration::from_millis(5),
-            Duration::from_micros(100),
-            10,
-        );
-        assert_eq!(sizer.next(), 256);
+        let fast = settle(&mut sizer, Duration::from_millis(5), Duration::from_micros(100));
+        assert_eq!(fast, 256);
     }
 
     #[test]
