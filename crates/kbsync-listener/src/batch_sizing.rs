@@ -98,7 +98,11 @@ mod tests {
     fn slow_keys_shrink_batches_to_the_target_duration() {
         let mut sizer = BatchSizer::new(256, TARGET);
         // 20 ms per key: 256 keys would take 5 s; 200 ms holds 9 after the fixed 5 ms.
-        let keys = settle(&mut sizer, Duration::from_millis(5), Duration::from_millis(20));
+        let keys = settle(
+            &mut sizer,
+            Duration::from_millis(5),
+            Duration::from_millis(20),
+        );
         assert!((8..=10).contains(&keys), "{keys}");
     }
 
@@ -107,17 +111,29 @@ mod tests {
         let mut sizer = BatchSizer::new(256, TARGET);
         // A saturated server: 180 ms per batch whatever its size, 5 ms per key. A
         // 200 ms batch would hold 4 keys and spend 90% on the fixed cost; 360 ms holds 36.
-        let keys = settle(&mut sizer, Duration::from_millis(180), Duration::from_millis(5));
+        let keys = settle(
+            &mut sizer,
+            Duration::from_millis(180),
+            Duration::from_millis(5),
+        );
         assert!((33..=39).contains(&keys), "{keys}");
     }
 
     #[test]
     fn fast_keys_grow_batches_back_to_the_maximum() {
         let mut sizer = BatchSizer::new(256, TARGET);
-        let slow = settle(&mut sizer, Duration::from_millis(5), Duration::from_millis(50));
+        let slow = settle(
+            &mut sizer,
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        );
         assert!(slow < 8, "{slow}");
         // The load goes away: 0.1 ms per key.
-        let fast = settle(&mut sizer, Duration::from_millis(5), Duration::from_micros(100));
+        let fast = settle(
+            &mut sizer,
+            Duration::from_millis(5),
+            Duration::from_micros(100),
+        );
         assert_eq!(fast, 256);
     }
 
