@@ -137,6 +137,8 @@ pub async fn process(
 
     // Plan every key; collect the distinct texts that need a new embedding.
     let mut inputs: Vec<String> = Vec::new();
+    // Each input's content hash, computed once by the chunker.
+    let mut hashes: Vec<[u8; 32]> = Vec::new();
     let mut input_by_hash: HashMap<[u8; 32], usize> = HashMap::new();
     let mut plans: HashMap<String, KeyPlan> = HashMap::new();
     for key in &keys {
@@ -184,6 +186,7 @@ pub async fn process(
                     let at = *input_by_hash.entry(chunk.hash).or_insert(next);
                     if at == next {
                         inputs.push(chunk.content.clone());
+                        hashes.push(chunk.hash);
                     }
                     sources.push(EmbeddingSource::Input(at));
                 }
@@ -203,7 +206,6 @@ pub async fn process(
     }
 
     // Texts another key (or an earlier batch) already has embedded with this model.
-    let hashes: Vec<[u8; 32]> = inputs.iter().map(|t| content_hash(t)).collect();
     let mut outcomes: Vec<Option<InputOutcome>> = vec![None; inputs.len()];
     if !inputs.is_empty() {
         let wanted: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
