@@ -411,6 +411,42 @@ async fn a_text_already_embedded_for_another_key_is_reused_not_sent_again() {
 }
 
 #[tokio::test]
+async fn two_workers_that_need_the_same_new_text_at_once_send_it_once() {
+    let s = setup("100ms").await;
+    // One key per batch, so that the two keys go to the two workers; a slow provider,
+    // so that the second asks while the first's request is still out.
+    let config = s.config.edited(&[("batch_size = 256", "batch_size = 1")]);
+    let daemon = s.daemon_with(&config);
+    s.seed();
+    converged(&s.client, &daemon).await;
+    s.server.set_latency(Duration::from_millis(700));
+    s.client
+        .batch_execute(
+            "INSERT INTO web_knowledge_product (id, user_id, name, description)
+             VALUES (md5('twin 1')::uuid, 1, 'Twin lamp', 'Listed by two shops alike'),
+                    (md5('twin 2')::uuid, 2, 'Twin lamp', 'Listed by two shops alike')",
+        )
+        .await
+        .unwrap();
+    converged(&s.client, &daemon).await;
+    assert_eq!(
+        s.inputs_containing("Listed by two shops alike"),
+        1,
+        "both workers paid for the same text"
+    );
+    let copies: i64 = s
+        .client
+        .query_one(
+            "SELECT count(DISTINCT tenant_id) FROM tenant_knowledge WHERE content LIKE '%Listed by two shops alike%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 2, "each shop's product has its chunk");
+}
+
+#[tokio::test]
 async fn writes_made_while_the_daemon_is_stopped_are_all_processed_once() {
     let s = setup("100ms").await;
     s.seed();

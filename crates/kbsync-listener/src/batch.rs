@@ -20,6 +20,8 @@ use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
 use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
 use kbsync_core::source_rows::{SourceQuery, SourceRow};
 
+use crate::texts_in_flight::TextsInFlight;
+
 #[derive(Debug, Error)]
 pub enum BatchError {
     #[error(transparent)]
@@ -106,6 +108,7 @@ pub async fn process(
     client: &mut Client,
     pipeline: &SourcePipeline,
     provider: &Provider,
+    in_flight: &TextsInFlight,
     policy: &FailurePolicy,
     token: Uuid,
     claimed: &[Claimed],
@@ -205,44 +208,61 @@ pub async fn process(
         );
     }
 
-    // Texts another key (or an earlier batch) already has embedded with this model.
+    // Texts another batch of this daemon is embedding right now are waited for; of
+    // the rest, those another key (or an earlier batch) already has embedded with
+    // this model are read back. Registered first, looked up second, unregistered
+    // after this batch's write has committed (the end of this function): see
+    // texts_in_flight.
+    let registration = in_flight.register(&hashes);
+    let mut awaited = registration.1;
+    let registration = registration.0;
     let mut outcomes: Vec<Option<InputOutcome>> = vec![None; inputs.len()];
-    if !inputs.is_empty() {
-        let wanted: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
-        let known = knowledge::embeddings_by_hash(&*client, &model, &wanted).await?;
+    let owned: Vec<&[u8]> = hashes
+        .iter()
+        .filter(|h| registration.owns(h))
+        .map(|h| h.as_slice())
+        .collect();
+    if !owned.is_empty() {
+        let known = knowledge::embeddings_by_hash(&*client, &model, &owned).await?;
         for (outcome, hash) in outcomes.iter_mut().zip(&hashes) {
-            *outcome = known.get(hash.as_slice()).map(|v| Ok(v.to_vec()));
+            if let Some(vector) = known.get(hash.as_slice()) {
+                registration.publish(hash, vector.as_slice());
+                *outcome = Some(Ok(vector.to_vec()));
+            }
         }
     }
-    let to_embed: Vec<String> = inputs
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, known)| known.is_none())
-        .map(|(text, _)| text.clone())
-        .collect();
-    metrics::counter!("kbsync_embeddings_reused_total", "source" => source.name.clone())
-        .increment((inputs.len() - to_embed.len()) as u64);
+    let waiting: HashSet<usize> = awaited.iter().map(|(at, _)| *at).collect();
     let embedding_started = std::time::Instant::now();
-    let mut embedded = if to_embed.is_empty() {
-        Vec::new()
-    } else {
-        provider.embed(&to_embed).await?
+    let mut sent = 0;
+    let own_inputs: Vec<usize> = (0..inputs.len())
+        .filter(|at| outcomes[*at].is_none() && !waiting.contains(at))
+        .collect();
+    embed_into(provider, &inputs, &own_inputs, &mut outcomes, &mut sent).await?;
+    for at in &own_inputs {
+        if let Some(Ok(vector)) = &outcomes[*at] {
+            registration.publish(&hashes[*at], vector);
+        }
     }
-    .into_iter();
+    // Only after publishing its own: two batches waiting for each other's texts
+    // both get theirs.
+    for (at, text) in awaited.drain(..) {
+        outcomes[at] = text.vector().await.map(Ok);
+    }
+    let unpublished: Vec<usize> = (0..inputs.len())
+        .filter(|at| outcomes[*at].is_none())
+        .collect();
+    embed_into(provider, &inputs, &unpublished, &mut outcomes, &mut sent).await?;
+    metrics::counter!("kbsync_embeddings_reused_total", "source" => source.name.clone())
+        .increment((inputs.len() - sent) as u64);
     // The local model's time is CPU work per text, which a smaller batch does shorten.
     let remote_embedding_time = match provider {
         Provider::OpenAi(_) => embedding_started.elapsed(),
         Provider::Local(_) => std::time::Duration::ZERO,
     };
+    // Every input has an outcome by now: stored, published, or embedded here.
     let outcomes: Vec<InputOutcome> = outcomes
         .into_iter()
-        .map(|known| {
-            known.unwrap_or_else(|| {
-                embedded.next().unwrap_or_else(|| {
-                    Err("the provider returned fewer vectors than inputs".into())
-                })
-            })
-        })
+        .map(|o| o.unwrap_or_else(|| Err("no vector was obtained for this text".into())))
         .collect();
 
     // Assemble writes; a key with any refused chunk fails as a whole.
@@ -331,7 +351,7 @@ pub async fn process(
         }
     };
     Ok(BatchReport {
-        inputs_embedded: to_embed.len(),
+        inputs_embedded: sent,
         remote_embedding_time,
         ..committed
     })
@@ -464,6 +484,31 @@ async fn commit(
         dead_lettered,
         remote_embedding_time: std::time::Duration::ZERO,
     })
+}
+
+/// Embeds `inputs[at]` for every `at` in `which` into `outcomes[at]`, counting the
+/// texts sent.
+async fn embed_into(
+    provider: &Provider,
+    inputs: &[String],
+    which: &[usize],
+    outcomes: &mut [Option<InputOutcome>],
+    sent: &mut usize,
+) -> Result<(), EmbedError> {
+    if which.is_empty() {
+        return Ok(());
+    }
+    let texts: Vec<String> = which.iter().map(|at| inputs[*at].clone()).collect();
+    let mut embedded = provider.embed(&texts).await?.into_iter();
+    for at in which {
+        outcomes[*at] = Some(
+            embedded
+                .next()
+                .unwrap_or_else(|| Err("the provider returned fewer vectors than inputs".into())),
+        );
+    }
+    *sent += which.len();
+    Ok(())
 }
 
 fn only_ours<T: Clone>(items: &[T], all_ours: bool, keep: impl Fn(&T) -> bool) -> Cow<'_, [T]> {

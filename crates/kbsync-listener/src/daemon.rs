@@ -31,6 +31,7 @@ use crate::batch::{self, BatchError, SourcePipeline};
 use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
+use crate::texts_in_flight::TextsInFlight;
 use crate::{collector, decoder, listener, systemd, telemetry};
 
 #[derive(Debug, Error)]
@@ -65,6 +66,8 @@ struct Shared {
     shortest_window: Duration,
     url: String,
     provider: Provider,
+    /// Texts a worker is embedding: another worker that needs one waits for it.
+    texts_in_flight: TextsInFlight,
     pipelines: Vec<SourcePipeline>,
     failure_policy: outbox::FailurePolicy,
     health: Arc<Health>,
@@ -232,6 +235,7 @@ impl Daemon {
             config: self.config,
             url: self.url,
             provider,
+            texts_in_flight: TextsInFlight::default(),
             pipelines,
         });
 
@@ -477,6 +481,7 @@ async fn worker(
                         &mut client,
                         pipeline,
                         &shared.provider,
+                        &shared.texts_in_flight,
                         &shared.failure_policy,
                         token,
                         &claimed,

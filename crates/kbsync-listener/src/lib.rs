@@ -15,5 +15,6 @@ mod listener;
 mod pgoutput;
 pub mod systemd;
 pub mod telemetry;
+mod texts_in_flight;
 
 pub use daemon::{Daemon, DaemonError};
