@@ -2,10 +2,14 @@
 //! zero-latency provider (rows/s, chunks/s, the daemon's peak RSS), against a binary
 //! COPY of the very same chunk rows into a copy of tenant_knowledge (the physical
 //! limit of writing them); then, provider-bound (50 ms per request), one daemon vs two.
+//! And the HNSW index at 1536 dimensions: a backfill with the index maintained row by
+//! row, with it deferred and built in bulk (the shipped config), and without any index
+//! plus one plain `CREATE INDEX` afterwards (the baseline).
 
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use kbsync_core::knowledge_index::{self, IndexState};
 use kbsync_testkit::demo_state::outbox_len;
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config};
 use tokio_postgres::Client;
@@ -160,4 +164,127 @@ pub async fn rows() -> Vec<(String, String)> {
         ));
     }
     out
+}
+
+/// How the HNSW index is treated during a backfill.
+#[derive(Clone, Copy, PartialEq)]
+enum IndexHandling {
+    /// `index.defer_above = 0`: maintained row by row (the install before deferral).
+    RowByRow,
+    /// The shipped config: dropped for the backlog, built concurrently afterwards.
+    Deferred,
+    /// No index during the backfill, one plain `CREATE INDEX` after it: the baseline.
+    BuiltAfter,
+}
+
+/// (seconds until every chunk is written, seconds until the index is valid, daemon
+/// peak RSS in KiB) for `n` FAQs at `dims` dimensions.
+async fn backfill_with_index(handling: IndexHandling, n: i64, dims: usize) -> (f64, f64, u64) {
+    let server = FakeOpenAi::start(dims).await;
+    let mut config = sync_config(&server.base_url(), dims, "0s", "0s");
+    if handling != IndexHandling::Deferred {
+        config = config.edited(&[("defer_above = 10000", "defer_above = 0")]);
+    }
+    let (db, client) = queued(&config, n).await;
+    if handling == IndexHandling::BuiltAfter {
+        client
+            .batch_execute(&format!("DROP INDEX {}", knowledge_index::HNSW_INDEX))
+            .await
+            .expect("dropping the HNSW index");
+    }
+    let started = Instant::now();
+    let daemon = DaemonProcess::start(config.path(), db.url());
+    let (_, mut peak) = drain(&client, std::slice::from_ref(&daemon)).await;
+    let written = started.elapsed().as_secs_f64();
+    if handling == IndexHandling::BuiltAfter {
+        // The same memory and workers as the daemon's build.
+        let index = kbsync_core::config::IndexConfig::default();
+        client
+            .batch_execute(&format!(
+                "SET maintenance_work_mem = '{}MB'; SET max_parallel_maintenance_workers = {}; {}",
+                index.build_memory_mb,
+                index.build_workers,
+                knowledge_index::create_sql(false)
+            ))
+            .await
+            .expect("CREATE INDEX");
+    }
+    loop {
+        peak = peak.max(vm_hwm(daemon.pid()));
+        if knowledge_index::state(&client).await.expect("index state") == IndexState::Valid {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "the index was not valid within 20 minutes:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let valid = started.elapsed().as_secs_f64();
+    let chunks: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tenant_knowledge WHERE embedding IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("chunks")
+        .get(0);
+    assert_eq!(chunks, n, "backfill incomplete");
+    (written, valid, peak)
+}
+
+/// The backfill at 1536 dimensions, three ways, alternated, 2 runs each, medians.
+pub async fn index_rows() -> Vec<(String, String)> {
+    let n: i64 = 20_000;
+    let dims = 1536;
+    let ways = [
+        IndexHandling::RowByRow,
+        IndexHandling::Deferred,
+        IndexHandling::BuiltAfter,
+    ];
+    let mut results: [Vec<(f64, f64, u64)>; 3] = Default::default();
+    for _ in 0..2 {
+        for (i, way) in ways.iter().enumerate() {
+            results[i].push(backfill_with_index(*way, n, dims).await);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
+    };
+    let [row_by_row, deferred, built_after] = results.map(|runs| {
+        let mut written: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let mut valid: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        let peak = runs.iter().map(|r| r.2).max().unwrap_or(0);
+        (median(&mut written), median(&mut valid), peak)
+    });
+    let rate = |s: f64| n as f64 / s;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    vec![
+        (
+            format!("backfill of {n} FAQs at {dims} dimensions, index maintained row by row (index.defer_above = 0): rows/s until every chunk is written and the index valid"),
+            format!("{:.0} ({:.1} s; peak RSS {:.0} MiB)", rate(row_by_row.1), row_by_row.1, mib(row_by_row.2)),
+        ),
+        (
+            "  index deferred and built concurrently afterwards (shipped config): rows/s until every chunk is written (target ≥ 2,500)".into(),
+            format!("**{:.0}** ({:.1} s)", rate(deferred.0), deferred.0),
+        ),
+        (
+            "  … until the index is valid".into(),
+            format!("{:.1} s (peak RSS {:.0} MiB)", deferred.1, mib(deferred.2)),
+        ),
+        (
+            "  baseline: no index during the backfill, then one plain CREATE INDEX (same memory and workers)".into(),
+            format!("{:.1} s written, {:.1} s with the index ({:.0} rows/s written)", built_after.0, built_after.1, rate(built_after.0)),
+        ),
+        (
+            "  ratio deferred / baseline, until the index is valid (target ≤ 1.3)".into(),
+            format!("**{:.2}**", deferred.1 / built_after.1),
+        ),
+        (
+            "  speed-up deferred / row by row, until the index is valid (target ≥ 3)".into(),
+            format!("**{:.2}**", row_by_row.1 / deferred.1),
+        ),
+    ]
 }

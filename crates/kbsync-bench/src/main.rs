@@ -370,7 +370,11 @@ async fn main() {
                 "## Backfill and scale-out\n\n{} build of kbsync, an OpenAI-compatible test server, one tenant's \
              QAPairs queued at once by the triggers (daemons stopped), drained by the daemon(s).\n\n{}\n",
                 build_profile(),
-                table(&backfill::rows().await)
+                {
+                    let mut rows = backfill::index_rows().await;
+                    rows.extend(backfill::rows().await);
+                    table(&rows)
+                }
             ),
         );
     }

@@ -50,6 +50,8 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub scheduling: SchedulingConfig,
+    #[serde(default)]
+    pub index: IndexConfig,
     /// Sources by name; the name is the chunk type stored in `tenant_knowledge.source`.
     pub sources: BTreeMap<String, SourceConfig>,
 }
@@ -228,6 +230,37 @@ impl Default for DaemonConfig {
     }
 }
 
+/// The HNSW index on `tenant_knowledge.embedding`, which the daemon drops for a large
+/// backlog and builds back in bulk once the backlog is worked off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// A backlog of at least this many outbox entries, and at least half the chunks
+    /// stored, is written without the index; it is rebuilt (concurrently) when fewer
+    /// than a tenth of this are left. 0: the daemon never touches the index. Default
+    /// 10000.
+    #[serde(default = "defaults::defer_above")]
+    pub defer_above: u64,
+    /// `maintenance_work_mem` for the build, in MB: the HNSW graph must fit (about
+    /// 4 × dimensions + 300 bytes per chunk), or pgvector builds far slower. Default 1024.
+    #[serde(default = "defaults::build_memory_mb")]
+    pub build_memory_mb: u64,
+    /// `max_parallel_maintenance_workers` for the build. Default 1 (with the leader,
+    /// two processes).
+    #[serde(default = "defaults::build_workers")]
+    pub build_workers: u32,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            defer_above: defaults::defer_above(),
+            build_memory_mb: defaults::build_memory_mb(),
+            build_workers: defaults::build_workers(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconcileConfig {
@@ -371,6 +404,15 @@ mod defaults {
     }
     pub fn max_attempts() -> u32 {
         5
+    }
+    pub fn defer_above() -> u64 {
+        10_000
+    }
+    pub fn build_memory_mb() -> u64 {
+        1024
+    }
+    pub fn build_workers() -> u32 {
+        1
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
@@ -629,6 +671,19 @@ impl Config {
             return Err((
                 "capture.max_retained_wal_mb".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if !(1..=1024 * 1024).contains(&self.index.build_memory_mb) {
+            return Err((
+                "index.build_memory_mb".into(),
+                "must be between 1 and 1048576 (maintenance_work_mem for the index build, in MB)"
+                    .into(),
+            ));
+        }
+        if self.index.build_workers > 64 {
+            return Err((
+                "index.build_workers".into(),
+                "must be at most 64 (max_parallel_maintenance_workers)".into(),
             ));
         }
         if self.daemon.max_attempts == 0 {

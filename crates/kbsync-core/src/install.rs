@@ -49,7 +49,7 @@ pub const MIGRATIONS: &[Migration] = &[
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
 const INSTALL_LOCK: i64 = 0x6b62_7379_6e63_0001;
-const HNSW_INDEX: &str = "tenant_knowledge_embedding_hnsw";
+use crate::knowledge_index::{self, HNSW_INDEX};
 
 #[derive(Debug, Error)]
 pub enum InstallError {
@@ -270,9 +270,7 @@ async fn plan_embedding_column(
         .get(0);
     let set_type =
         format!("ALTER TABLE public.tenant_knowledge ALTER COLUMN embedding TYPE vector({wanted})");
-    let create_index = format!(
-        "CREATE INDEX {HNSW_INDEX} ON public.tenant_knowledge USING hnsw (embedding vector_cosine_ops)"
-    );
+    let create_index = knowledge_index::create_sql(false);
     match current {
         None | Some(-1) => {
             plan.push(format!("embedding column: vector({wanted})"), set_type);
@@ -285,7 +283,9 @@ async fn plan_embedding_column(
             plan.push("HNSW index (cosine) on the embedding", create_index);
         }
         Some(dim) if dim == wanted as i32 => {
-            if !has_index {
+            // A running daemon that manages the index builds it (concurrently) once its
+            // backlog is small; a blocking build here would stop its writes meanwhile.
+            if !has_index && !knowledge_index::managed_by_a_daemon(client).await? {
                 plan.push("HNSW index (cosine) on the embedding", create_index);
             }
         }

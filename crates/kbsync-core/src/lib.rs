@@ -9,6 +9,7 @@ pub mod db;
 pub mod embed;
 pub mod install;
 pub mod knowledge;
+pub mod knowledge_index;
 pub mod outbox;
 pub mod rate_limit;
 pub mod replication;

@@ -32,7 +32,7 @@ use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
 use crate::texts_in_flight::TextsInFlight;
-use crate::{collector, decoder, listener, systemd, telemetry};
+use crate::{collector, decoder, index_manager, listener, systemd, telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -271,6 +271,9 @@ impl Daemon {
                 ));
             }
         }
+        if shared.config.index.defer_above > 0 {
+            tasks.spawn(keep_index(shared.clone(), work_cancel.clone()));
+        }
         if shared.config.reconcile.enabled {
             let schedule = shared
                 .config
@@ -395,6 +398,30 @@ async fn collect_changes(
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
+        }
+    }
+}
+
+/// The embedding index's keeper on a connection of its own, reconnecting after a
+/// database error. An error it cannot get past (say, the role may not drop the index)
+/// is logged each time and retried slowly: the index is only an optimisation, and sync
+/// goes on without the keeper.
+async fn keep_index(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        let Some(client) = connect_with_retry(&shared.url, &cancel, &shared.health).await else {
+            return;
+        };
+        let Err(e) = index_manager::run(&client, &shared.config.index, &cancel).await else {
+            return;
+        };
+        let delay = match db::classify(&e) {
+            ErrorKind::Fatal => Duration::from_secs(60),
+            _ => Duration::from_secs(1),
+        };
+        tracing::warn!(error = %db::describe(&e), ?delay, "managing the embedding index failed; trying again");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

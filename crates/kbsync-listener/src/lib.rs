@@ -11,6 +11,7 @@ mod daemon;
 mod decoder;
 pub mod health;
 mod http;
+mod index_manager;
 mod listener;
 mod pgoutput;
 pub mod systemd;

@@ -57,6 +57,19 @@ fn describe() {
         "Batches processed, by outcome (ok, provider_error, database_error)"
     );
     describe_counter!("kbsync_chunks_written_total", "Chunks inserted or updated");
+    describe_gauge!(
+        "kbsync_embedding_index",
+        "The HNSW embedding index's state as this daemon's index keeper last saw it: 1 for the current of valid, building, invalid, missing"
+    );
+    describe_counter!(
+        "kbsync_index_deferrals_total",
+        "Times the embedding index was dropped for a backlog, to be built in bulk afterwards"
+    );
+    describe_histogram!(
+        "kbsync_index_build_seconds",
+        Unit::Seconds,
+        "Time of each concurrent build of the embedding index"
+    );
     describe_counter!(
         "kbsync_chunks_deleted_total",
         "Chunks deleted (rows gone, filtered out, or texts that got shorter)"

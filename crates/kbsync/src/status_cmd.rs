@@ -1,9 +1,11 @@
 //! `kbsync status`: what is behind and why — per source, eligible rows against rows
 //! with chunks, chunks without an embedding, the outbox backlog and its oldest change,
-//! parked keys; the capture (in logical mode the slot and the WAL it holds back); then
-//! the latest reconcile sweeps.
+//! parked keys; the capture (in logical mode the slot and the WAL it holds back); the
+//! embedding index (valid, deferred for a backlog, building); then the latest
+//! reconcile sweeps.
 
 use kbsync_core::config::{CaptureMode, Config};
+use kbsync_core::knowledge_index::{self, IndexState};
 use kbsync_core::replication;
 use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
@@ -18,6 +20,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let cover = coverage(&client, config).await?;
     let runs = recent_runs(&client, 5).await?;
     let capture = capture_status(&client, config).await?;
+    let index = index_status(&client, config).await?;
     if json {
         let runs: Vec<serde_json::Value> = runs
             .iter()
@@ -33,7 +36,8 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "sources": cover.sources, "capture": capture.json, "reconcile_runs": runs,
+                "sources": cover.sources, "capture": capture.json, "index": index.json,
+                "reconcile_runs": runs,
             }))?
         );
         return Ok(());
@@ -68,6 +72,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     println!();
     println!("capture: {}", capture.line);
+    println!("embedding index: {}", index.line);
     println!();
     println!("reconcile sweeps (latest first)");
     if runs.is_empty() {
@@ -122,24 +127,75 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct CaptureStatus {
+/// One line of the report and its JSON form.
+struct StatusPart {
     line: String,
     json: serde_json::Value,
+}
+
+/// The HNSW index's state, and what the index keeper will do next.
+async fn index_status(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> anyhow::Result<StatusPart> {
+    let state = knowledge_index::state(client).await?;
+    let managed = knowledge_index::managed_by_a_daemon(client).await?;
+    let defer_above = config.index.defer_above;
+    let build_below = knowledge_index::build_below(defer_above);
+    let keeper = if defer_above == 0 {
+        "index.defer_above = 0: kbsync leaves it to you"
+    } else if managed {
+        "kept by a running daemon"
+    } else {
+        "no daemon is keeping it"
+    };
+    let line = match &state {
+        IndexState::Valid => format!("valid ({keeper})"),
+        IndexState::Building { phase, .. } => format!(
+            "building, {}{phase}; search is an exact scan until it is valid",
+            state
+                .percent()
+                .map(|p| format!("{p:.0}% of "))
+                .unwrap_or_default()
+        ),
+        IndexState::Missing if defer_above > 0 => {
+            let backlog = knowledge_index::backlog(client, build_below).await?;
+            format!(
+                "none: deferred for the backlog; built when fewer than {build_below} entries are pending (now {}{backlog}); search is an exact scan meanwhile ({keeper})",
+                if backlog >= build_below {
+                    "at least "
+                } else {
+                    ""
+                }
+            )
+        }
+        IndexState::Missing => format!("none: search is an exact scan ({keeper})"),
+        IndexState::Invalid => format!(
+            "INVALID (an interrupted build): maintained on every write, used by no query; a daemon keeping the index drops and rebuilds it ({keeper})"
+        ),
+    };
+    Ok(StatusPart {
+        line,
+        json: serde_json::json!({
+            "state": state.name(), "percent": state.percent(), "kept_by_a_daemon": managed,
+            "defer_above": defer_above,
+        }),
+    })
 }
 
 async fn capture_status(
     client: &tokio_postgres::Client,
     config: &Config,
-) -> anyhow::Result<CaptureStatus> {
+) -> anyhow::Result<StatusPart> {
     if config.capture.mode == CaptureMode::Triggers {
-        return Ok(CaptureStatus {
+        return Ok(StatusPart {
             line: "triggers".to_owned(),
             json: serde_json::json!({"mode": "triggers"}),
         });
     }
     let slot = replication::slot_name(client, config).await?;
     let Some(state) = replication::slot_state(client, &slot).await? else {
-        return Ok(CaptureStatus {
+        return Ok(StatusPart {
             line: format!(
                 "logical, slot {slot} MISSING: nothing is being captured; run `kbsync install` to create it, then `kbsync reconcile`"
             ),
@@ -175,7 +231,7 @@ async fn capture_status(
             format!(", wal_status {}", state.wal_status)
         },
     );
-    Ok(CaptureStatus {
+    Ok(StatusPart {
         line,
         json: serde_json::json!({
             "mode": "logical", "slot": slot, "exists": true, "active": state.active,
