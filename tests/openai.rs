@@ -43,14 +43,19 @@ fn texts(n: usize) -> Vec<String> {
 async fn float_and_base64_answers_give_the_same_vectors_in_input_order() {
     let server = FakeOpenAi::start(DIMS).await;
     let (p, _k) = provider(&server, "");
+    let (asks_floats, _k2) = provider(&server, "encoding_format = \"float\"");
     let inputs = texts(5);
-    let floats = p.embed(&inputs).await.unwrap();
-    server.answer_base64(true);
     let decoded = p.embed(&inputs).await.unwrap();
+    let floats = asks_floats.embed(&inputs).await.unwrap();
+    // A server that answers base64 whatever it was asked is read too.
+    server.answer_base64(true);
+    let forced = asks_floats.embed(&inputs).await.unwrap();
+    assert_eq!(server.encoding_formats(), ["base64", "float", "float"]);
     for (i, input) in inputs.iter().enumerate() {
         let want = server.vector_for(input);
         assert_eq!(floats[i].as_ref().unwrap(), &want);
         assert_eq!(decoded[i].as_ref().unwrap(), &want);
+        assert_eq!(forced[i].as_ref().unwrap(), &want);
     }
     assert_eq!(server.authorizations()[0], "Bearer sk-file-key-42");
 }
@@ -230,6 +235,22 @@ async fn a_wrong_dimension_or_count_is_an_error_not_retried() {
     let err = p.embed(&texts(2)).await.unwrap_err();
     assert!(err.to_string().contains("vectors for 2 inputs"), "{err}");
     assert_eq!(server.request_count(), 2);
+}
+
+#[tokio::test]
+async fn the_requests_of_one_call_overlap_up_to_max_concurrency() {
+    let server = FakeOpenAi::start(DIMS).await;
+    server.set_latency(Duration::from_millis(500));
+    let (p, _k) = provider(&server, "max_inputs_per_request = 2\nmax_concurrency = 4");
+    let inputs = texts(24);
+    let vectors = p.embed(&inputs).await.unwrap();
+    // Twelve requests in waves of four: four arrive together, never a fifth before
+    // one of them has been answered.
+    assert_eq!(server.request_count(), 12);
+    assert_eq!(server.most_requests_within(Duration::from_millis(300)), 4);
+    for (input, vector) in inputs.iter().zip(&vectors) {
+        assert_eq!(vector.as_ref().unwrap(), &server.vector_for(input));
+    }
 }
 
 #[tokio::test]

@@ -148,6 +148,23 @@ pub enum ProviderKind {
     Openai,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    #[default]
+    Base64,
+    Float,
+}
+
+impl EncodingFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncodingFormat::Base64 => "base64",
+            EncodingFormat::Float => "float",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingConfig {
@@ -170,6 +187,12 @@ pub struct EmbeddingConfig {
     /// `openai`: send `dimensions` in requests (text-embedding-3 models can shorten).
     #[serde(default)]
     pub send_dimensions: bool,
+    /// `openai`: how vectors come back: `base64` (little-endian f32, a third of the
+    /// bytes of JSON floats and no float parsing; what OpenAI's own clients ask for) or
+    /// `float`, for a server that refuses base64. An answer in either form is read.
+    /// Default base64.
+    #[serde(default)]
+    pub encoding_format: EncodingFormat,
     /// `openai`: at most this many inputs per request. Default 2048 (OpenAI's cap;
     /// text-embeddings-inference defaults to 32).
     #[serde(default = "defaults::max_inputs_per_request")]

@@ -39,6 +39,8 @@ struct Inner {
     /// When each request arrived.
     arrivals: Vec<std::time::Instant>,
     authorizations: Vec<String>,
+    /// Each request's `encoding_format` ("" when it sent none).
+    encoding_formats: Vec<String>,
     faults: VecDeque<Fault>,
     poison: Vec<String>,
     latency: Duration,
@@ -155,6 +157,11 @@ impl FakeOpenAi {
         most
     }
 
+    /// Every request's `encoding_format`, in arrival order.
+    pub fn encoding_formats(&self) -> Vec<String> {
+        self.inner().encoding_formats.clone()
+    }
+
     /// Every request's inputs, in arrival order (including refused ones).
     pub fn requests(&self) -> Vec<Vec<String>> {
         self.inner().requests.clone()
@@ -245,6 +252,12 @@ async fn embeddings(
         let mut inner = shared.inner.lock().expect("fake server state");
         inner.requests.push(inputs.clone());
         inner.arrivals.push(std::time::Instant::now());
+        inner.encoding_formats.push(
+            body["encoding_format"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
         if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
             inner.authorizations.push(auth.to_owned());
         }

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use base64::Engine;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use super::{EmbedError, InputOutcome};
 use crate::chunk::TokenCounter;
-use crate::config::{Config, OPENAI_TOKEN_LIMIT};
+use crate::config::{Config, EncodingFormat, OPENAI_TOKEN_LIMIT};
 use crate::rate_limit::SharedRateLimit;
 
 /// Longest server-directed wait we honour before retrying.
@@ -40,6 +41,9 @@ pub struct OpenAiClient {
     max_tokens: usize,
     counter: TokenCounter,
     permits: Arc<Semaphore>,
+    encoding_format: EncodingFormat,
+    /// `max_concurrency`: requests of one `embed` call in flight at once.
+    concurrency: usize,
     /// Shared by every worker of the process: no request goes out before this instant,
     /// set from the server's `x-ratelimit-*` headers when a budget is used up.
     not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -182,6 +186,8 @@ impl OpenAiClient {
             max_tokens: e.max_tokens_per_request,
             counter: TokenCounter::cl100k(),
             permits: Arc::new(Semaphore::new(e.max_concurrency)),
+            concurrency: e.max_concurrency,
+            encoding_format: e.encoding_format,
             not_before: std::sync::Mutex::new(None),
             rate_limit,
         })
@@ -228,8 +234,16 @@ impl OpenAiClient {
         if !current.is_empty() {
             batches.push(current);
         }
-        for batch in batches {
-            self.embed_isolating(inputs, batch, &mut outcomes).await?;
+        // The requests overlap, up to max_concurrency (the permits bound all of this
+        // daemon's requests together): with 50 ms per request, one after the other
+        // would leave the provider idle most of the time.
+        let mut requests = futures_util::stream::iter(batches)
+            .map(|batch| self.embed_isolating(inputs, batch))
+            .buffer_unordered(self.concurrency);
+        while let Some(done) = requests.next().await {
+            for (i, outcome) in done? {
+                outcomes[i] = Some(outcome);
+            }
         }
         Ok(outcomes
             .into_iter()
@@ -243,16 +257,14 @@ impl OpenAiClient {
         &self,
         inputs: &[String],
         batch: Vec<usize>,
-        outcomes: &mut [Option<InputOutcome>],
-    ) -> Result<(), EmbedError> {
+    ) -> Result<Vec<(usize, InputOutcome)>, EmbedError> {
+        let mut outcomes = Vec::with_capacity(batch.len());
         let mut pending = vec![batch];
         while let Some(batch) = pending.pop() {
             let texts: Vec<&str> = batch.iter().map(|&i| inputs[i].as_str()).collect();
             match self.request_with_retries(&texts).await {
                 Ok(vectors) => {
-                    for (&i, v) in batch.iter().zip(vectors) {
-                        outcomes[i] = Some(Ok(v));
-                    }
+                    outcomes.extend(batch.iter().zip(vectors).map(|(&i, v)| (i, Ok(v))));
                 }
                 Err(e) if e.rejects_input() && batch.len() > 1 => {
                     let (a, b) = batch.split_at(batch.len() / 2);
@@ -260,7 +272,7 @@ impl OpenAiClient {
                     pending.push(a.to_vec());
                 }
                 Err(e) if e.rejects_input() => {
-                    outcomes[batch[0]] = Some(Err(e.to_string()));
+                    outcomes.push((batch[0], Err(e.to_string())));
                 }
                 Err(RequestError::Status {
                     status, message, ..
@@ -285,7 +297,7 @@ impl OpenAiClient {
                 Err(e) => return Err(EmbedError::Unavailable(e.to_string())),
             }
         }
-        Ok(())
+        Ok(outcomes)
     }
 
     async fn request_with_retries(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RequestError> {
@@ -354,7 +366,7 @@ impl OpenAiClient {
         let mut body = serde_json::json!({
             "model": self.model,
             "input": texts,
-            "encoding_format": "float",
+            "encoding_format": self.encoding_format.as_str(),
         });
         if self.send_dimensions {
             body["dimensions"] = serde_json::json!(self.dimensions);
