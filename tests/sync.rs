@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{
-    DaemonProcess, FakeOpenAi, Fault, Installed, Listener, TEST_API_KEY, TestDb, wait_for,
-    wait_for_daemon,
+    DaemonProcess, FakeOpenAi, Fault, Installed, TEST_API_KEY, TestDb, wait_for, wait_for_daemon,
 };
 
 const DIMS: usize = 8;
@@ -445,45 +444,6 @@ async fn two_workers_that_need_the_same_new_text_at_once_send_it_once() {
         .unwrap()
         .get(0);
     assert_eq!(copies, 2, "each shop's product has its chunk");
-}
-
-#[tokio::test]
-async fn a_stream_of_writes_notifies_only_when_the_daemon_has_gone_quiet() {
-    let s = setup("100ms").await;
-    let daemon = s.daemon();
-    s.seed();
-    converged(&s.client, &daemon).await;
-    let mut listener = Listener::start(s.db.url(), "kbsync").await;
-    // One writer, one transaction after the other: each would win the wake-up lock
-    // and NOTIFY, were the daemon not holding it while it folds.
-    let writes = 300;
-    for i in 0..writes {
-        s.client
-            .execute(
-                "UPDATE web_knowledge_product SET description = $1 WHERE id = md5('product-1-headlamp-1')::uuid",
-                &[&format!("Edited {i} times over")],
-            )
-            .await
-            .unwrap();
-    }
-    let notes = listener.drain(Duration::from_millis(500)).await;
-    assert!(
-        !notes.is_empty() && notes.len() <= writes / 10,
-        "{} NOTIFYs for {writes} writes",
-        notes.len()
-    );
-    converged(&s.client, &daemon).await;
-    let last: i64 = s
-        .client
-        .query_one(
-            "SELECT count(*) FROM tenant_knowledge WHERE source_key = md5('product-1-headlamp-1')::uuid::text AND content LIKE $1",
-            &[&format!("%Edited {} times over%", writes - 1)],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(last, 1, "the last write is in the knowledge base");
-    drop(listener.client);
 }
 
 #[tokio::test]

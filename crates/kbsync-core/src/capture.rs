@@ -17,9 +17,7 @@
 //!   `pg_try_advisory_xact_lock(WAKE_LOCK)`, which never waits and is held until its
 //!   transaction ends. The others commit without the NOTIFY lock; their changes are
 //!   found by the fold that the winner's NOTIFY starts, or by the follow-up folds the
-//!   daemon runs while changes keep arriving (see the daemon's collector). During
-//!   those follow-ups the daemon holds the lock itself, so that a stream of writes
-//!   NOTIFYs only when the daemon has gone quiet.
+//!   daemon runs while changes keep arriving (see the daemon's collector).
 
 use crate::config::Source;
 use crate::sql_ident::quote_literal;
@@ -30,21 +28,6 @@ pub const CHANNEL: &str = "kbsync";
 /// The advisory lock a capturing transaction must win to send the wake-up NOTIFY
 /// ("kbsync" + 2; 1 is the install lock). Per database, as advisory locks are.
 pub const WAKE_LOCK: i64 = 0x6b62_7379_6e63_0002;
-
-/// Take (`hold`) or release the wake-up lock on the daemon's own session: while the
-/// daemon holds it, no writer NOTIFYs (the daemon is folding often anyway; see the
-/// collector). Returns whether it was taken, or was held and is released.
-pub async fn hold_wake_lock(
-    client: &impl tokio_postgres::GenericClient,
-    hold: bool,
-) -> Result<bool, tokio_postgres::Error> {
-    let sql = if hold {
-        "SELECT pg_catalog.pg_try_advisory_lock($1)"
-    } else {
-        "SELECT pg_catalog.pg_advisory_unlock($1)"
-    };
-    Ok(client.query_one(sql, &[&WAKE_LOCK]).await?.get(0))
-}
 
 pub fn function_name(source: &str) -> String {
     format!("capture_{source}")

@@ -8,14 +8,6 @@
 //! moved something and double, up to the fallback poll, while nothing new arrives: a
 //! change whose transaction stayed open for a while after writing is found about
 //! twice that while later, and never later than the fallback poll.
-//!
-//! While follow-ups come often (changes keep arriving), the collector holds the
-//! wake-up lock itself, on its own session: every writer then loses it and commits
-//! without a NOTIFY, since the next follow-up finds its change anyway. A stream of
-//! writes thus sends a NOTIFY only when the daemon has gone quiet, not one per
-//! transaction (each NOTIFY costs the writer the cluster-wide NOTIFY lock at commit,
-//! and two process wake-ups on the daemon's side). The lock goes with the session:
-//! a collector that loses its connection or stops leaves it free.
 
 use std::time::Duration;
 
@@ -23,14 +15,12 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use kbsync_core::{capture, outbox};
+use kbsync_core::outbox;
 
 /// The least time between two folds: under a write storm every NOTIFY would start one.
 const MIN_SPACING: Duration = Duration::from_millis(10);
 /// The first follow-up after a fold that moved changes.
 const FIRST_FOLLOW_UP: Duration = Duration::from_millis(10);
-/// The collector holds the wake-up lock while its follow-ups come at least this often.
-const AWAKE_WHILE: Duration = Duration::from_millis(40);
 
 /// The wait before the next follow-up fold, after a fold that moved `moved` changes.
 fn next_follow_up(previous: Duration, moved: i64, fallback_poll: Duration) -> Duration {
@@ -53,7 +43,6 @@ pub async fn run(
     // the workers look at the outbox too.
     let mut told = true;
     let mut follow_up = fallback_poll;
-    let mut holds_wake_lock = false;
     loop {
         notified.borrow_and_update();
         let moved = outbox::collect(client).await?;
@@ -66,11 +55,6 @@ pub async fn run(
             wake_workers.send_modify(|n| *n = n.wrapping_add(1));
         }
         follow_up = next_follow_up(follow_up, moved, fallback_poll);
-        let awake = follow_up <= AWAKE_WHILE;
-        if awake != holds_wake_lock {
-            // Taking it fails while a writer holds it for its NOTIFY: the next fold tries again.
-            holds_wake_lock = capture::hold_wake_lock(client, awake).await? && awake;
-        }
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(MIN_SPACING) => {}
@@ -106,7 +90,6 @@ mod tests {
         }
         assert_eq!(waits[1], Duration::from_millis(20));
         assert_eq!(waits[2], Duration::from_millis(40));
-        assert!(waits[2] <= AWAKE_WHILE && waits[3] > AWAKE_WHILE);
         assert_eq!(*waits.last().unwrap_or(&Duration::ZERO), poll);
         assert!(waits.windows(2).all(|w| w[0] <= w[1]));
         // A short fallback poll caps even the first follow-up.
