@@ -88,6 +88,25 @@ fn broken_configs_name_the_file_the_field_and_the_problem() {
             "daemon.batch_size",
             "between 1 and 10000",
         ),
+        // the index build's memory and workers
+        (
+            "build_memory_mb = 1024",
+            "build_memory_mb = 0",
+            "index.build_memory_mb",
+            "between 1 and 1048576",
+        ),
+        (
+            "build_workers = 1",
+            "build_workers = 65",
+            "index.build_workers",
+            "at most 64",
+        ),
+        (
+            "defer_above = 10000",
+            "defer_above = -1",
+            "index.defer_above",
+            "invalid value",
+        ),
         // bad cron
         (
             "schedule = \"0 0 3 * * *\"",
