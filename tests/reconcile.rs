@@ -172,9 +172,10 @@ async fn one_sweep_repairs_every_kind_of_drift_and_a_second_finds_nothing() {
           WHERE id = md5('product-1-headlamp-3')::uuid;
          -- chunk set: a left-over second chunk
          INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
-                                       embedding, embedding_model, metadata, source_text_hash, chunking, chunk_count)
+                                       embedding, embedding_model, metadata, source_text_hash, chunking, chunk_count,
+                                       source_text_hash64, content_hash64)
          SELECT tenant_id, source, source_key, 1, content, content_hash, embedding, embedding_model, metadata,
-                source_text_hash, chunking, chunk_count
+                source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64
            FROM tenant_knowledge WHERE source = 'product' AND source_key = md5('product-1-headlamp-4')::uuid::text;
          -- missing embedding
          UPDATE tenant_knowledge SET embedding = NULL WHERE source = 'manual' AND source_key = '1';
@@ -511,5 +512,288 @@ async fn the_schedule_in_the_config_runs_the_sweep_inside_the_daemon() {
         daemon.log().contains("scheduled reconcile sweep done"),
         "{}",
         daemon.log()
+    );
+}
+
+/// The sweep's first pass must notice every kind of drift on its own: a drift it
+/// missed would never reach the key-by-key comparison. Each drift is made alone,
+/// checked with a dry run, and undone; the demo gets a long page first, so that keys
+/// cut into several chunks are covered too.
+#[tokio::test]
+async fn the_fingerprint_notices_every_kind_of_drift_alone() {
+    let s = synced().await;
+    let long: String = (0..6)
+        .map(|p| {
+            (0..80)
+                .map(|i| format!("para{p}word{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    s.client
+        .execute(
+            "UPDATE web_knowledge_websitepage SET content = $1 WHERE id = md5('page-2-shipping')::uuid",
+            &[&long],
+        )
+        .await
+        .unwrap();
+    const LONG: &str = "source = 'page' AND source_key = md5('page-2-shipping')::uuid::text";
+    let mut daemon = s.daemon(&s.config);
+    wait_for(WAIT, "the long page cut into several chunks", || async {
+        let chunks = s
+            .count(&format!(
+                "SELECT count(*) FROM tenant_knowledge WHERE {LONG} AND embedding IS NOT NULL AND chunk_count > 2"
+            ))
+            .await;
+        (outbox_len(&s.client).await == 0 && chunks > 2).then_some(())
+    })
+    .await;
+    daemon.terminate(WAIT).await;
+
+    let in_sync = s.sweep(&s.config, &["--dry-run"]);
+    assert!(!in_sync.found_drift(), "{in_sync:?}");
+    for src in &in_sync.sources {
+        assert!(
+            src.in_sync_by_fingerprint,
+            "{}: an in-sync source did not match its fingerprint",
+            src.source
+        );
+    }
+
+    let faq_key = "md5('qa-1-shipping-1')::uuid";
+    let knowledge =
+        |set: &str, cond: &str| format!("UPDATE tenant_knowledge SET {set} WHERE {cond}");
+    let product_chunk = format!("source = 'product' AND source_key = {PRODUCT_1}::text");
+    let copy_of = |cond: &str, index: &str, key: &str| {
+        format!(
+            "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
+                                           embedding, embedding_model, metadata, source_text_hash, chunking, chunk_count,
+                                           source_text_hash64, content_hash64)
+             SELECT tenant_id, source, {key}, {index}, content, content_hash, embedding, embedding_model, metadata,
+                    source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64
+               FROM tenant_knowledge WHERE {cond} AND chunk_index = 0"
+        )
+    };
+    // (what, source it shows in, the drift, how to undo it when the saved chunks
+    // are put back)
+    let cases: Vec<(&str, &str, String, String)> = vec![
+        (
+            "a row's text",
+            "faq",
+            format!("UPDATE web_knowledge_qapair SET answer = answer || '!' WHERE id = {faq_key}"),
+            format!(
+                "UPDATE web_knowledge_qapair SET answer = left(answer, -1) WHERE id = {faq_key}"
+            ),
+        ),
+        (
+            "a row's text made blank",
+            "manual",
+            "UPDATE ai_model_aiprompts SET manual_prompt = ' ' || chr(160) WHERE id = 1".into(),
+            "UPDATE ai_model_aiprompts SET manual_prompt = (SELECT content FROM tenant_knowledge
+                WHERE source = 'manual' AND source_key = '1' AND chunk_index = 0) WHERE id = 1"
+                .into(),
+        ),
+        (
+            "a row leaving the filter",
+            "faq",
+            format!(
+                "UPDATE web_knowledge_qapair SET generation_status = 'pending' WHERE id = {faq_key}"
+            ),
+            format!(
+                "UPDATE web_knowledge_qapair SET generation_status = 'completed' WHERE id = {faq_key}"
+            ),
+        ),
+        (
+            "a row's metadata",
+            "product",
+            format!(
+                "UPDATE web_knowledge_product SET in_stock = NOT in_stock WHERE id = {PRODUCT_1}"
+            ),
+            format!(
+                "UPDATE web_knowledge_product SET in_stock = NOT in_stock WHERE id = {PRODUCT_1}"
+            ),
+        ),
+        (
+            "a row's tenant",
+            "product",
+            format!(
+                "UPDATE web_knowledge_product SET user_id = user_id % 2 + 1 WHERE id = {PRODUCT_1}"
+            ),
+            format!(
+                "UPDATE web_knowledge_product SET user_id = user_id % 2 + 1 WHERE id = {PRODUCT_1}"
+            ),
+        ),
+        (
+            "a chunk's content",
+            "product",
+            knowledge("content = content || '!'", &product_chunk),
+            String::new(),
+        ),
+        (
+            "a chunk deleted",
+            "product",
+            format!("DELETE FROM tenant_knowledge WHERE {product_chunk}"),
+            String::new(),
+        ),
+        (
+            "a NULL embedding",
+            "product",
+            knowledge("embedding = NULL", &product_chunk),
+            String::new(),
+        ),
+        (
+            "another model",
+            "product",
+            knowledge("embedding_model = 'other'", &product_chunk),
+            String::new(),
+        ),
+        (
+            "another chunking",
+            "product",
+            knowledge("chunking = 'other'", &product_chunk),
+            String::new(),
+        ),
+        (
+            "a chunk's tenant",
+            "product",
+            knowledge("tenant_id = tenant_id || '0'", &product_chunk),
+            String::new(),
+        ),
+        (
+            "a chunk's metadata",
+            "product",
+            knowledge("metadata = metadata || '{\"x\": 1}'", &product_chunk),
+            String::new(),
+        ),
+        (
+            "chunks without the 64-bit hashes",
+            "product",
+            knowledge("source_text_hash64 = NULL", &product_chunk),
+            String::new(),
+        ),
+        (
+            "a left-over second chunk",
+            "product",
+            copy_of(&product_chunk, "1", "source_key"),
+            String::new(),
+        ),
+        (
+            "a chunk of a key with no row",
+            "product",
+            copy_of(&product_chunk, "0", "md5('ghost')::uuid::text"),
+            String::new(),
+        ),
+        (
+            "a middle chunk deleted",
+            "page",
+            format!("DELETE FROM tenant_knowledge WHERE {LONG} AND chunk_index = 1"),
+            String::new(),
+        ),
+        (
+            "a last chunk deleted",
+            "page",
+            format!(
+                "DELETE FROM tenant_knowledge WHERE {LONG} AND chunk_index = (SELECT max(chunk_index) FROM tenant_knowledge WHERE {LONG})"
+            ),
+            String::new(),
+        ),
+        (
+            "a later chunk's tenant",
+            "page",
+            knowledge(
+                "tenant_id = tenant_id || '0'",
+                &format!("{LONG} AND chunk_index = 2"),
+            ),
+            String::new(),
+        ),
+        (
+            "a later chunk's text hash",
+            "page",
+            knowledge(
+                "source_text_hash64 = source_text_hash64 + 1",
+                &format!("{LONG} AND chunk_index = 2"),
+            ),
+            String::new(),
+        ),
+        (
+            "a later chunk's count",
+            "page",
+            knowledge(
+                "chunk_count = chunk_count + 1",
+                &format!("{LONG} AND chunk_index = 1"),
+            ),
+            String::new(),
+        ),
+        (
+            "every chunk's count one more",
+            "page",
+            knowledge("chunk_count = chunk_count + 1", LONG),
+            String::new(),
+        ),
+    ];
+    s.client
+        .batch_execute("CREATE TABLE saved_knowledge AS SELECT * FROM tenant_knowledge")
+        .await
+        .unwrap();
+    for (what, name, drift, undo) in &cases {
+        s.behind_kbsyncs_back(drift).await;
+        let report = s.sweep(&s.config, &["--dry-run"]);
+        let found = source(&report, name);
+        assert!(
+            !found.in_sync_by_fingerprint && found.found_drift(),
+            "{what}: not noticed ({found:?})"
+        );
+        s.behind_kbsyncs_back(&format!(
+            "{undo};
+             DELETE FROM tenant_knowledge;
+             INSERT INTO tenant_knowledge OVERRIDING SYSTEM VALUE SELECT * FROM saved_knowledge;"
+        ))
+        .await;
+        let back = s.sweep(&s.config, &["--dry-run"]);
+        assert!(
+            back.sources.iter().all(|s| s.in_sync_by_fingerprint),
+            "{what}: undoing it did not bring the fingerprint back ({back:?})"
+        );
+    }
+}
+
+/// Chunks written before migration 0006 have no 64-bit hashes: the first sweep
+/// queues their keys once, the daemon rewrites them reusing every embedding, and the
+/// next sweep matches by fingerprint.
+#[tokio::test]
+async fn chunks_from_before_the_64_bit_hashes_are_rewritten_once_without_embedding_calls() {
+    let s = synced().await;
+    s.client
+        .batch_execute(
+            "UPDATE tenant_knowledge SET source_text_hash64 = NULL, content_hash64 = NULL",
+        )
+        .await
+        .unwrap();
+    let keys = s
+        .count("SELECT count(DISTINCT (source, source_key)) FROM tenant_knowledge")
+        .await;
+    let sent_before = s.server.inputs_total();
+    let first = s.sweep(&s.config, &[]);
+    let hashes: u64 = first.sources.iter().map(|s| s.stale.hashes).sum();
+    assert_eq!(hashes, keys as u64, "{first:?}");
+    let mut daemon = s.daemon(&s.config);
+    wait_for(WAIT, "every chunk rewritten with its 64-bit hashes", || async {
+        let old = s
+            .count("SELECT count(*) FROM tenant_knowledge WHERE source_text_hash64 IS NULL OR content_hash64 IS NULL")
+            .await;
+        (old == 0 && outbox_len(&s.client).await == 0).then_some(())
+    })
+    .await;
+    daemon.terminate(WAIT).await;
+    assert_eq!(
+        s.server.inputs_total(),
+        sent_before,
+        "rewriting the hashes sent texts to the provider"
+    );
+    let second = s.sweep(&s.config, &["--dry-run"]);
+    assert!(
+        second.sources.iter().all(|s| s.in_sync_by_fingerprint) && !second.found_drift(),
+        "{second:?}"
     );
 }

@@ -407,7 +407,9 @@ async fn main() {
                 "## Reconcile sweep\n\nOne source (`bench_docs`, bigint key, one chunk per row; 1,000,000 rows unless KBSYNC_BENCH_RECONCILE_ROWS says otherwise) with its \
              chunks loaded in SQL exactly as the daemon writes them (checked by a dry run finding nothing); \
              `kbsync reconcile` run as its own process ({} build, range_size 5000), peak RSS from its VmHWM. \
-             Then 1% drift made with the triggers off and swept for real (keys queued, orphans deleted).\n\n{}\n",
+             A source in sync is settled by the sweep's fingerprint pass (one statement, a parallel scan of each table); \
+             a source with drift is then compared key by key. Then 1% drift made with the triggers off and swept for real \
+             (keys queued, orphans deleted).\n\n{}\n",
                 build_profile(),
                 table(&reconcile_sweep::rows().await)
             ),

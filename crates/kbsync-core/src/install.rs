@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "embeddings_by_text",
         sql: include_str!("../../../sql/migrations/0005_embeddings_by_text.sql"),
     },
+    Migration {
+        version: 6,
+        name: "sweep_hashes",
+        sql: include_str!("../../../sql/migrations/0006_sweep_hashes.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).

@@ -18,6 +18,10 @@ pub struct StoredChunk {
     pub source_text_hash: Option<Vec<u8>>,
     pub chunking: Option<String>,
     pub chunk_count: Option<i32>,
+    /// The 64-bit hashes the reconcile sweep compares (migration 0006); None for a
+    /// chunk written before them, which is then rewritten (its embedding reused).
+    pub source_text_hash64: Option<i64>,
+    pub has_content_hash64: bool,
     /// The content still hashes to `hash`. A chunk altered behind kbsync's back is
     /// neither reused nor left as it is.
     pub intact: bool,
@@ -53,7 +57,8 @@ pub async fn stored_chunks(
         .query(
             "SELECT source_key, chunk_index, content_hash, embedding, embedding_model, tenant_id, metadata,
                     source_text_hash, chunking, chunk_count,
-                    content_hash = sha256(convert_to(content, 'UTF8'))
+                    content_hash = sha256(convert_to(content, 'UTF8')),
+                    source_text_hash64, content_hash64 IS NOT NULL
                FROM public.tenant_knowledge WHERE source = $1 AND source_key = ANY($2)
               ORDER BY source_key, chunk_index",
             &[&source, &keys],
@@ -72,6 +77,8 @@ pub async fn stored_chunks(
             chunking: r.get(8),
             chunk_count: r.get(9),
             intact: r.get(10),
+            source_text_hash64: r.get(11),
+            has_content_hash64: r.get(12),
         });
     }
     Ok(by_key)
@@ -90,6 +97,8 @@ pub struct ChunkWrite {
     pub metadata: serde_json::Value,
     /// What the key's chunks were cut from and how (see the 0002 migration).
     pub source_text_hash: Vec<u8>,
+    /// `SourceRow::text_hash64` (the content's own 64-bit hash is computed in SQL).
+    pub source_text_hash64: i64,
     pub chunking: String,
     pub chunk_count: i32,
 }
@@ -116,23 +125,30 @@ pub async fn write_batch(
             .iter()
             .map(|w| w.source_text_hash.as_slice())
             .collect();
+        let text_hashes64: Vec<i64> = writes.iter().map(|w| w.source_text_hash64).collect();
         let chunkings: Vec<&str> = writes.iter().map(|w| w.chunking.as_str()).collect();
         let counts: Vec<i32> = writes.iter().map(|w| w.chunk_count).collect();
         written = client
             .execute(
                 "INSERT INTO public.tenant_knowledge AS k
                         (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
-                         source_text_hash, chunking, chunk_count)
-                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[],
-                                          $10::bytea[], $11::text[], $12::int[])
+                         source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64)
+                 SELECT $1, w.tenant_id, w.source_key, w.chunk_index, w.content, w.content_hash, w.embedding, w.embedding_model,
+                        w.metadata, w.source_text_hash, w.chunking, w.chunk_count, w.source_text_hash64,
+                        hashtextextended(w.content COLLATE \"C\", 0)
+                   FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[],
+                               $10::bytea[], $11::text[], $12::int[], $13::bigint[])
+                        AS w(tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
+                             source_text_hash, chunking, chunk_count, source_text_hash64)
                  ON CONFLICT (source, source_key, chunk_index) DO UPDATE
                     SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content,
                         content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
                         embedding_model = EXCLUDED.embedding_model, metadata = EXCLUDED.metadata,
                         source_text_hash = EXCLUDED.source_text_hash, chunking = EXCLUDED.chunking,
-                        chunk_count = EXCLUDED.chunk_count, updated_at = now()",
+                        chunk_count = EXCLUDED.chunk_count, source_text_hash64 = EXCLUDED.source_text_hash64,
+                        content_hash64 = EXCLUDED.content_hash64, updated_at = now()",
                 &[&source, &tenants, &keys, &indexes, &contents, &hashes, &embeddings, &models, &metadata,
-                  &text_hashes, &chunkings, &counts],
+                  &text_hashes, &chunkings, &counts, &text_hashes64],
             )
             .await?;
     }

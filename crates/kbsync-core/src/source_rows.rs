@@ -15,6 +15,9 @@ pub struct SourceRow {
     pub key: String,
     pub tenant: String,
     pub text: String,
+    /// `RowSql::text_hash64` of the row: what the chunks record as the text they were
+    /// cut from, for the reconcile sweep's comparison.
+    pub text_hash64: i64,
     pub metadata: serde_json::Value,
 }
 
@@ -103,6 +106,12 @@ impl RowSql {
         })
     }
 
+    /// The row text's 64-bit hash, as migration 0006 defines it: bytewise (COLLATE
+    /// "C", so a case-insensitive collation cannot make two texts hash alike).
+    pub fn text_hash64(&self) -> String {
+        format!("hashtextextended(({}) COLLATE \"C\", 0)", self.text)
+    }
+
     /// `t.key OP param`, with the text value (or text array) `param` cast to the key's
     /// own type so that the table's index on the key is used.
     pub fn key_compare(&self, op: &str, param: &str, array: bool) -> String {
@@ -138,12 +147,13 @@ impl SourceQuery {
             .map(|c| format!("t.{c}::text"))
             .collect();
         let load_sql = format!(
-            "SELECT {key}::text, {tenant}::text, {metadata}{sep}{columns}
+            "SELECT {key}::text, {tenant}::text, {metadata}, {text_hash64}{sep}{columns}
                FROM {from}
               WHERE {key_match} AND {eligible}",
             key = sql.key,
             tenant = sql.tenant,
             metadata = sql.metadata,
+            text_hash64 = sql.text_hash64(),
             sep = if columns.is_empty() { "" } else { ", " },
             columns = columns.join(", "),
             from = sql.from,
@@ -169,12 +179,13 @@ impl SourceQuery {
             .iter()
             .map(|row| {
                 let values: Vec<Option<String>> = (0..self.text_columns.len())
-                    .map(|i| row.get(3 + i))
+                    .map(|i| row.get(4 + i))
                     .collect();
                 SourceRow {
                     key: row.get(0),
                     tenant: row.get(1),
                     metadata: row.get(2),
+                    text_hash64: row.get(3),
                     text: self.build_text(&values),
                 }
             })

@@ -85,6 +85,7 @@ pub struct BatchReport {
 struct KeyPlan {
     tenant: String,
     text_hash: [u8; 32],
+    text_hash64: i64,
     metadata: serde_json::Value,
     chunks: Vec<Chunk>,
     /// Per chunk: a stored embedding that can be reused, or the index into the
@@ -174,6 +175,8 @@ pub async fn process(
                 s.tenant == row.tenant
                     && s.metadata == row.metadata
                     && s.source_text_hash.as_deref() == Some(text_hash.as_slice())
+                    && s.source_text_hash64 == Some(row.text_hash64)
+                    && s.has_content_hash64
                     && s.chunking.as_deref() == Some(pipeline.chunker.fingerprint())
                     && s.chunk_count == Some(chunk_count)
             }));
@@ -200,6 +203,7 @@ pub async fn process(
             KeyPlan {
                 tenant: row.tenant.clone(),
                 text_hash,
+                text_hash64: row.text_hash64,
                 metadata: row.metadata.clone(),
                 chunks,
                 sources,
@@ -321,6 +325,7 @@ pub async fn process(
                 model: model.clone(),
                 metadata: plan.metadata.clone(),
                 source_text_hash: plan.text_hash.to_vec(),
+                source_text_hash64: plan.text_hash64,
                 chunking: pipeline.chunker.fingerprint().to_owned(),
                 chunk_count: count as i32,
             });
@@ -632,6 +637,7 @@ mod tests {
             key: key.to_owned(),
             tenant: "1".to_owned(),
             text: text.to_owned(),
+            text_hash64: 0,
             metadata: serde_json::Value::Null,
         };
         (key.to_owned(), row)

@@ -1,7 +1,9 @@
 //! The reconciliation sweep: kbsync's safety net, usable without the daemon.
 //!
-//! Per source, in key ranges (one short statement per range; never one query per
-//! row, never a table in memory):
+//! Per source: first one statement compares the source with its chunks by
+//! fingerprint ([`fingerprint`]); a source that matches is done. Otherwise, in key
+//! ranges (one short statement per range; never one query per row, never a table in
+//! memory):
 //! 1. rows → chunks: eligible rows with missing or stale chunks, or chunks without an
 //!    embedding, are queued in the outbox the triggers write, for the daemon
 //!    ([`missing_and_stale`]);
@@ -14,6 +16,7 @@
 
 pub mod coverage;
 mod dead_letters;
+mod fingerprint;
 mod missing_and_stale;
 mod orphans;
 pub mod report;
@@ -202,27 +205,39 @@ async fn sweep_sources(
         let mut found = SourceReport::new(&source.name);
         let fingerprint = chunk::fingerprint_for(source, config);
 
-        progress.step(
-            &source.name,
-            "rows",
-            estimated_rows(&*client, &rows.table).await?,
-        );
-        let scan = missing_and_stale::RowScan::new(&rows);
-        missing_and_stale::sweep(
+        progress.step(&source.name, "fingerprint", None);
+        let compared = fingerprint::compare(
             &*client,
             source,
-            &scan,
-            &scope,
+            &fingerprint::FingerprintScan::new(&rows),
+            scope.tenant,
             &fingerprint,
             &config.embedding.model,
-            &mut found,
-            progress,
         )
         .await?;
+        if compared.in_sync {
+            found.in_sync_by_fingerprint = true;
+            found.rows = compared.rows;
+            found.chunks = compared.chunks;
+        } else {
+            progress.step(&source.name, "rows", Some(compared.rows));
+            let scan = missing_and_stale::RowScan::new(&rows);
+            missing_and_stale::sweep(
+                &*client,
+                source,
+                &scan,
+                &scope,
+                &fingerprint,
+                &config.embedding.model,
+                &mut found,
+                progress,
+            )
+            .await?;
 
-        progress.step(&source.name, "chunks", None);
-        let scan = orphans::OrphanScan::new(&rows);
-        orphans::sweep(client, source, &scan, &scope, &mut found, progress).await?;
+            progress.step(&source.name, "chunks", Some(compared.chunks));
+            let scan = orphans::OrphanScan::new(&rows);
+            orphans::sweep(client, source, &scan, &scope, &mut found, progress).await?;
+        }
 
         let scan = dead_letters::DeadLetterScan::new(&rows);
         dead_letters::sweep(&*client, source, &scan, &scope, &mut found).await?;
@@ -262,19 +277,4 @@ async fn sweep_sources(
             .collect();
     }
     Ok(())
-}
-
-/// The planner's row estimate (free; -1 before the first ANALYZE).
-async fn estimated_rows(
-    client: &impl tokio_postgres::GenericClient,
-    table: &str,
-) -> Result<Option<u64>, tokio_postgres::Error> {
-    let estimate: Option<f32> = client
-        .query_opt(
-            "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)",
-            &[&table],
-        )
-        .await?
-        .map(|r| r.get(0));
-    Ok(estimate.filter(|n| *n >= 0.0).map(|n| n as u64))
 }

@@ -16,6 +16,13 @@ use crate::{Progress, ReconcileError, Scope};
 const NON_BLANK: &str =
     r"'[^\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]'";
 
+/// True when the text `text` (SQL) has a character that is not white space. The
+/// regular expression costs ~0.3 us a row; a text that starts with a printable
+/// ASCII character (almost all) is decided by its first character alone.
+pub(crate) fn has_text(text: &str) -> String {
+    format!("CASE WHEN ascii({text}) BETWEEN 33 AND 126 THEN true ELSE {text} ~ {NON_BLANK} END")
+}
+
 /// The statements for one source.
 pub(crate) struct RowScan {
     /// $1 lower bound (exclusive, NULL: start) → the upper bound of a range of
@@ -38,8 +45,7 @@ impl RowScan {
         let detect = format!(
             "WITH cur AS (
                 SELECT {key}::text AS key, {tenant}::text AS tenant, {metadata} AS metadata,
-                       sha256(convert_to({text}, 'UTF8')) AS text_hash,
-                       {text} ~ {NON_BLANK} AS has_text
+                       {text_hash64} AS text_hash64, {has_text} AS has_text
                   FROM {from}
                  WHERE ($1::text IS NULL OR {after}) AND ($2::text IS NULL OR {upto})
                    AND {eligible} AND ($3::text IS NULL OR {tenant}::text = $3)),
@@ -47,7 +53,9 @@ impl RowScan {
                 SELECT cur.key,
                        CASE
                          WHEN k.n IS NULL THEN CASE WHEN cur.has_text THEN 'missing' END
-                         WHEN NOT cur.has_text OR k.bad_text THEN 'text'
+                         WHEN NOT cur.has_text THEN 'text'
+                         WHEN k.old_hashes THEN 'hashes'
+                         WHEN k.bad_text THEN 'text'
                          WHEN k.bad_chunking THEN 'chunking'
                          WHEN k.bad_model THEN 'model'
                          WHEN k.bad_tenant THEN 'tenant'
@@ -58,8 +66,9 @@ impl RowScan {
                   FROM cur
                   LEFT JOIN LATERAL (
                        SELECT count(*) AS n,
-                              bool_or(k.source_text_hash IS DISTINCT FROM cur.text_hash
-                                      OR k.content_hash <> sha256(convert_to(k.content, 'UTF8'))) AS bad_text,
+                              bool_or(k.source_text_hash64 IS NULL OR k.content_hash64 IS NULL) AS old_hashes,
+                              bool_or(k.source_text_hash64 <> cur.text_hash64
+                                      OR k.content_hash64 <> hashtextextended(k.content COLLATE \"C\", 0)) AS bad_text,
                               bool_or(k.chunking IS DISTINCT FROM $5) AS bad_chunking,
                               bool_or(k.embedding_model IS DISTINCT FROM $6) AS bad_model,
                               bool_or(k.tenant_id <> cur.tenant) AS bad_tenant,
@@ -78,7 +87,8 @@ impl RowScan {
             key = rows.key,
             tenant = rows.tenant,
             metadata = rows.metadata,
-            text = rows.text,
+            text_hash64 = rows.text_hash64(),
+            has_text = has_text(&rows.text),
             from = rows.from,
             after = rows.key_compare(">", "$1", false),
             upto = rows.key_compare("<=", "$2", false),
@@ -138,6 +148,7 @@ pub(crate) async fn sweep(
                 "tenant" => report.stale.tenant += 1,
                 "metadata" => report.stale.metadata += 1,
                 "chunk_set" => report.stale.chunk_set += 1,
+                "hashes" => report.stale.hashes += 1,
                 _ => report.missing_embeddings += 1,
             }
         }

@@ -19,11 +19,21 @@ pub struct StaleKeys {
     pub metadata: u64,
     /// Some of the key's chunks are missing (or left over from a longer text).
     pub chunk_set: u64,
+    /// Chunks written before migration 0006, without the 64-bit hashes the sweep
+    /// compares: queued once, and the daemon rewrites them reusing their embeddings.
+    #[serde(default)]
+    pub hashes: u64,
 }
 
 impl StaleKeys {
     pub fn total(&self) -> u64 {
-        self.text + self.chunking + self.model + self.tenant + self.metadata + self.chunk_set
+        self.text
+            + self.chunking
+            + self.model
+            + self.tenant
+            + self.metadata
+            + self.chunk_set
+            + self.hashes
     }
 }
 
@@ -48,6 +58,10 @@ pub struct PermanentFailure {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SourceReport {
     pub source: String,
+    /// The whole source matched its fingerprint ([`crate::fingerprint`]), so no
+    /// key-by-key comparison was needed.
+    #[serde(default)]
+    pub in_sync_by_fingerprint: bool,
     /// Eligible source rows examined.
     pub rows: u64,
     /// Chunks examined.

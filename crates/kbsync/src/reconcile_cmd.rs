@@ -117,6 +117,7 @@ pub fn summary(report: &Report) -> String {
             ("tenant changed", st.tenant),
             ("metadata changed", st.metadata),
             ("chunks missing or extra", st.chunk_set),
+            ("written before the sweep's 64-bit hashes", st.hashes),
         ]
         .iter()
         .filter(|(_, n)| *n > 0)
