@@ -9,6 +9,7 @@
 mod backfill;
 mod bench_db;
 mod coalescing;
+mod local_model;
 mod reconcile_sweep;
 mod trigger_overhead;
 
@@ -26,58 +27,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// Local model throughput: chunks/s for short (~20 words) and long (~200 words) chunks,
-/// in batches as the daemon sends them. Baseline, same run: tokenizing the same chunks.
-fn local_model_rows() -> Vec<(String, String)> {
-    use kbsync_core::chunk::TokenCounter;
-    use kbsync_core::embed::local::LocalModel;
-    let dir = kbsync_testkit::repo_root().join(".kbsync/models/all-MiniLM-L6-v2");
-    let model = LocalModel::load(&dir, "all-MiniLM-L6-v2")
-        .expect("the local model (`just model` fetches it)");
-    let counter = TokenCounter::WordPiece(model.counter());
-    let words = |n: usize, seed: usize| -> String {
-        const VOCAB: [&str; 12] = [
-            "delivery", "order", "returns", "warranty", "bike", "bread", "tent", "payment", "shop",
-            "open", "price", "days",
-        ];
-        (0..n)
-            .map(|i| VOCAB[(i * 7 + seed) % VOCAB.len()])
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut rows = Vec::new();
-    for (label, n_words, count) in [
-        ("short (~20 words)", 20, 256),
-        ("long (~200 words)", 200, 64),
-    ] {
-        let chunks: Vec<String> = (0..count).map(|i| words(n_words, i)).collect();
-        let started = Instant::now();
-        let tokens: usize = chunks.iter().map(|c| counter.count(c)).sum();
-        let tokenize = started.elapsed();
-        let started = Instant::now();
-        model.embed_blocking(&chunks).expect("embedding");
-        let embed = started.elapsed();
-        rows.push((
-            format!("local model, {label}: chunks/s"),
-            format!(
-                "{:.0} ({} chunks, {} tokens, {:.2} s)",
-                count as f64 / embed.as_secs_f64(),
-                count,
-                tokens,
-                embed.as_secs_f64()
-            ),
-        ));
-        rows.push((
-            format!("local model, {label}: embedding time / tokenizing time"),
-            format!(
-                "{:.0}x",
-                embed.as_secs_f64() / tokenize.as_secs_f64().max(1e-9)
-            ),
-        ));
-    }
-    rows
 }
 
 /// Sync latency rows (see the module doc), with trigger or logical capture.
@@ -388,14 +337,17 @@ async fn main() {
         );
     }
     if run("model") {
-        let model_rows = tokio::task::spawn_blocking(local_model_rows)
+        let model_rows = tokio::task::spawn_blocking(local_model::rows)
             .await
             .expect("local model bench");
         section(
             &mut report,
             format!(
-                "## Local model (all-MiniLM-L6-v2, candle, CPU)\n\nBatches of 32 as the daemon sends them; dependencies \
-             built with opt-level 3.\n\n{}\n",
+                "## Local model (all-MiniLM-L6-v2, candle, CPU) against PyTorch\n\nThe same texts in the same batches of 32 \
+             the daemon sends; PyTorch is transformers 4.46.3 + torch 2.5.1 on the CPU (`tools/bench-model/pytorch_baseline.py`, \
+             masked mean pooling as sentence-transformers), as many threads as cores; median of 3 rounds each, after one \
+             warm-up batch. The vectors' correctness check is the NumPy reference test (`tests/local_model.rs`); the last \
+             row says how far candle's vectors are from PyTorch's.\n\n{}\n",
                 table(&model_rows)
             ),
         );
