@@ -1,4 +1,4 @@
-//! The local model (all-MiniLM-L6-v2 with candle) against reference vectors from an
+//! The local model (all-MiniLM-L6-v2, kbsync's encoder) against reference vectors from an
 //! independent NumPy implementation (tools/reference/minilm_reference.py), embedded
 //! together in one batch so that padding and the attention mask are exercised.
 
@@ -15,6 +15,13 @@ fn model() -> LocalModel {
         dir.display()
     );
     LocalModel::load(&dir, "all-MiniLM-L6-v2").unwrap()
+}
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -42,11 +49,7 @@ fn vectors_match_the_independent_reference_to_1e_4() {
             .map(|x| x.as_f64().unwrap() as f32)
             .collect();
         assert_eq!(v.len(), 384);
-        let worst = v
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = largest_difference(&v, &want);
         assert!(
             worst < 1e-4,
             "{:?}: max difference {worst}",
@@ -98,13 +101,61 @@ fn a_text_alone_and_in_a_padded_batch_gets_the_same_vector() {
         .remove(0)
         .unwrap();
     let batched = m.embed_blocking(&[long, short]).unwrap().remove(1).unwrap();
-    let worst = alone
-        .iter()
-        .zip(&batched)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = largest_difference(&alone, &batched);
     assert!(
         worst < 1e-5,
         "padding changed the vector by {worst}: the attention mask is not applied"
+    );
+}
+
+#[test]
+fn a_large_mixed_batch_packed_and_shared_between_cores_matches_each_text_alone() {
+    let m = model();
+    // 70 texts from 3 to ~400 words: several forward passes per core, texts cut at
+    // 256 tokens, shares of unequal counts.
+    let words = [
+        "delivery", "bike", "refund", "helmet", "open", "Monday", "warranty", "size",
+    ];
+    let texts: Vec<String> = (0..70)
+        .map(|i| {
+            let n = 3 + (i * 53) % 400;
+            (0..n)
+                .map(|j| words[(i + j * 3) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let together = m.embed_blocking(&texts).unwrap();
+    for (text, v) in texts.iter().zip(together) {
+        let v = v.unwrap();
+        let alone = m
+            .embed_blocking(std::slice::from_ref(text))
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let worst = largest_difference(&v, &alone);
+        assert!(
+            worst < 1e-5,
+            "{} words: batched differs from alone by {worst}",
+            text.split(' ').count()
+        );
+    }
+}
+
+#[test]
+fn a_model_of_another_architecture_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = repo_root().join(".kbsync/models/all-MiniLM-L6-v2");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    config["hidden_act"] = "gelu_new".into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = LocalModel::load(dir.path(), "all-MiniLM-L6-v2")
+        .err()
+        .expect("a tanh-GELU model must be refused")
+        .to_string();
+    assert!(
+        err.contains("hidden_act \"gelu_new\"") && err.contains(&dir.path().display().to_string()),
+        "{err}"
     );
 }

@@ -20,6 +20,17 @@ use tokio_postgres::NoTls;
 
 const WRITES: usize = 200;
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -227,10 +238,11 @@ fn table(rows: &[(String, String)]) -> String {
     table
 }
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "triggers",
     "latency",
     "backfill",
+    "concurrency",
     "coalescing",
     "model",
     "reconcile",
@@ -327,6 +339,18 @@ async fn main() {
             ),
         );
     }
+    if run("concurrency") {
+        section(
+            &mut report,
+            format!(
+                "## Overlapping requests and scale-out\n\n{} build of kbsync, an OpenAI-compatible test server with a \
+             set latency per request, the daemon(s) started and listening before one tenant's QAPairs are committed \
+             at once; the time until none is pending. Each variant twice, alternating; the mean.\n\n{}\n",
+                build_profile(),
+                table(&backfill::concurrency_rows().await)
+            ),
+        );
+    }
     if run("coalescing") {
         section(
             &mut report,
@@ -343,11 +367,11 @@ async fn main() {
         section(
             &mut report,
             format!(
-                "## Local model (all-MiniLM-L6-v2, candle, CPU) against PyTorch\n\nThe same texts in the same batches of 32 \
+                "## Local model (all-MiniLM-L6-v2, CPU) against PyTorch\n\nThe same texts in the same batches of 32 \
              the daemon sends; PyTorch is transformers 4.46.3 + torch 2.5.1 on the CPU (`tools/bench-model/pytorch_baseline.py`, \
-             masked mean pooling as sentence-transformers), as many threads as cores; median of 3 rounds each, after one \
-             warm-up batch. The vectors' correctness check is the NumPy reference test (`tests/local_model.rs`); the last \
-             row says how far candle's vectors are from PyTorch's.\n\n{}\n",
+             masked mean pooling as sentence-transformers), as many threads as cores; 5 rounds each, kbsync's and PyTorch's \
+             alternating, after one warm-up batch; the median. The vectors' correctness check is the NumPy reference test \
+             (`tests/local_model.rs`); the last row says how far kbsync's vectors are from PyTorch's.\n\n{}\n",
                 table(&model_rows)
             ),
         );

@@ -290,7 +290,7 @@ pub async fn rows() -> Vec<(String, String)> {
     ]
 }
 
-fn median(mut runs: Vec<Duration>) -> Duration {
-    runs.sort();
-    runs[runs.len() / 2]
+fn median(runs: Vec<Duration>) -> Duration {
+    let mut seconds: Vec<f64> = runs.iter().map(Duration::as_secs_f64).collect();
+    Duration::from_secs_f64(crate::median(&mut seconds))
 }

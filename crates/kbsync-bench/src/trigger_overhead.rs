@@ -32,6 +32,7 @@ use kbsync_testkit::{
 use tokio_postgres::Client;
 
 use crate::bench_db::{connect, drained, load_qapairs};
+use crate::median;
 
 const QAPAIRS: i64 = 100_000;
 const PRODUCTS: i64 = 20_000;
@@ -94,16 +95,6 @@ pub fn pgbench_background(
         .stderr(Stdio::null())
         .spawn()
         .expect("starting pgbench")
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 /// Each statement on its own (VACUUM cannot run inside a multi-statement string).

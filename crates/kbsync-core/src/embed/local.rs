@@ -1,35 +1,31 @@
-//! all-MiniLM-L6-v2 on the CPU with candle: WordPiece tokens (up to 256, as
-//! sentence-transformers reads them, not the 128 the shipped tokenizer.json pads and
-//! truncates to), BERT forward pass, mean pooling over real tokens only (the
-//! attention mask), L2 normalisation. Loaded from a directory; no network.
+//! all-MiniLM-L6-v2 on the CPU: WordPiece tokens (up to 256, as sentence-transformers
+//! reads them, not the 128 the shipped tokenizer.json pads and truncates to), the BERT
+//! encoder (the `kbsync-encoder` crate), mean pooling over each text's tokens, L2 normalisation.
+//! Loaded from a directory; no network. The inputs of a call are shared out between
+//! the cores by token count, and each core runs whole forward passes over its share.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 use super::{EmbedError, InputOutcome};
+use kbsync_encoder::Bert;
 
 /// Word pieces the model reads, special tokens included (sentence_bert_config.json).
 const MAX_SEQ_LEN: usize = 256;
-/// Inputs per forward pass.
-const BATCH: usize = 32;
-/// From this many tokens a batch is split across the cores. `just bench model`: ~217
-/// tokens, 6 chunks/s whole and 8-9 split; ~25 tokens, 100 whole and 87-96 split
-/// (halves of a short batch are too small for the matrix products).
-const SPLIT_FROM_TOKENS: usize = 64;
+/// Tokens per forward pass of one core: the activations of a pass take about 15 KB a
+/// token (1024 tokens: 15 MB), and matrix products over a few hundred rows already run
+/// at full speed (`just bench model`).
+const PASS_TOKENS: usize = 1024;
 
 pub struct LocalModel {
-    model: BertModel,
-    /// Pads to the longest input of a batch, truncates at 256.
+    encoder: Bert,
+    /// Truncates at 256, no padding: the encoder packs sequences instead.
     tokenizer: Tokenizer,
-    /// No padding, no truncation: for counting tokens while chunking.
+    /// No truncation: for counting tokens while chunking.
     counter: Arc<Tokenizer>,
     model_name: String,
-    device: Device,
 }
 
 fn config_error(dir: &Path, what: impl std::fmt::Display) -> EmbedError {
@@ -41,41 +37,35 @@ fn config_error(dir: &Path, what: impl std::fmt::Display) -> EmbedError {
 
 impl LocalModel {
     pub fn load(dir: &Path, model_name: &str) -> Result<Self, EmbedError> {
-        let read = |file: &str| {
-            std::fs::read(dir.join(file)).map_err(|e| config_error(dir, format!("{file}: {e}")))
-        };
-        let config: BertConfig = serde_json::from_slice(&read("config.json")?)
-            .map_err(|e| config_error(dir, format!("config.json: {e}")))?;
-        let device = Device::Cpu;
-        let weights =
-            VarBuilder::from_buffered_safetensors(read("model.safetensors")?, DType::F32, &device)
-                .map_err(|e| config_error(dir, format!("model.safetensors: {e}")))?;
-        let model = BertModel::load(weights, &config)
-            .map_err(|e| config_error(dir, format!("weights: {e}")))?;
-        let base = Tokenizer::from_file(dir.join("tokenizer.json"))
+        let encoder = Bert::load(dir, MAX_SEQ_LEN).map_err(|e| config_error(dir, e))?;
+        let mut counter = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| config_error(dir, format!("tokenizer.json: {e}")))?;
-        let mut tokenizer = base.clone();
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..PaddingParams::default()
-        }));
+        if counter.get_vocab_size(true) > encoder.vocab_size() {
+            return Err(config_error(
+                dir,
+                format!(
+                    "tokenizer.json has {} tokens, the model's embedding table {}",
+                    counter.get_vocab_size(true),
+                    encoder.vocab_size()
+                ),
+            ));
+        }
+        counter.with_padding(None);
+        let mut tokenizer = counter.clone();
+        counter
+            .with_truncation(None)
+            .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: MAX_SEQ_LEN,
                 ..TruncationParams::default()
             }))
             .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
-        let mut counter = base;
-        counter.with_padding(None);
-        counter
-            .with_truncation(None)
-            .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
         Ok(Self {
-            model,
+            encoder,
             tokenizer,
             counter: Arc::new(counter),
             model_name: model_name.to_owned(),
-            device,
         })
     }
 
@@ -87,107 +77,115 @@ impl LocalModel {
         self.counter.clone()
     }
 
-    /// Embed on the calling thread (CPU-bound: call from a blocking task).
+    /// Embed on the calling thread and the other cores (CPU-bound: call from a
+    /// blocking task).
     pub fn embed_blocking(&self, inputs: &[String]) -> Result<Vec<InputOutcome>, EmbedError> {
-        // Texts of like length batched together: a batch is padded to its longest
-        // text, and attention costs the square of that. Tokenizing twice is cheap
-        // (about 1/300 of the forward pass, `just bench model`).
-        let mut order: Vec<(usize, usize)> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                let tokens = self
-                    .counter
-                    .encode(text.as_str(), true)
-                    .map_or(0, |e| e.len());
-                (tokens.min(MAX_SEQ_LEN), i)
-            })
-            .collect();
-        order.sort_unstable();
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
-        for batch in order.chunks(BATCH) {
-            let texts: Vec<String> = batch.iter().map(|(_, i)| inputs[*i].clone()).collect();
-            let longest = batch.last().map_or(0, |(tokens, _)| *tokens);
-            let vectors = if longest >= SPLIT_FROM_TOKENS {
-                self.forward_on_every_core(&texts)?
-            } else {
-                self.forward(&texts)?
-            };
-            for ((_, i), v) in batch.iter().zip(vectors) {
-                out[*i] = Some(v);
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|v| {
-                v.ok_or_else(|| "the local model returned no vector for this input".to_owned())
-            })
-            .collect())
-    }
-
-    /// One batch split into a part per core, each run on its own thread: candle runs
-    /// most of a forward pass (GELU, softmax, layer norm, the attention's many small
-    /// matrix products) on one thread, so one pass at a time left the other core idle.
-    fn forward_on_every_core(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let part = texts.len().div_ceil(cores).max(1);
-        if cores == 1 || texts.len() < 2 {
-            return self.forward(texts);
-        }
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = texts
-                .chunks(part)
-                .map(|part| scope.spawn(move || self.forward(part)))
-                .collect();
-            let mut out = Vec::with_capacity(texts.len());
-            for handle in handles {
-                let vectors = handle.join().map_err(|_| {
-                    EmbedError::Protocol("local model: a forward-pass thread panicked".into())
-                })??;
-                out.extend(vectors);
-            }
-            Ok(out)
-        })
-    }
-
-    fn forward(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let failed = |what: &str, e: &dyn std::fmt::Display| {
-            EmbedError::Protocol(format!("local model {what}: {e}"))
-        };
         let encodings = self
             .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| failed("tokenizer", &e))?;
-        let tokens: u32 = encodings
-            .iter()
-            .map(|e| e.get_attention_mask().iter().sum::<u32>())
-            .sum();
-        metrics::counter!("kbsync_embedding_requests_total", "provider" => "local").increment(1);
-        metrics::counter!("kbsync_embedding_inputs_total").increment(texts.len() as u64);
-        metrics::counter!("kbsync_embedding_tokens_total").increment(u64::from(tokens));
-        let ids: Vec<Tensor> = encodings
-            .iter()
-            .map(|e| Tensor::new(e.get_ids(), &self.device))
-            .collect::<Result<_, _>>()
-            .map_err(|e| failed("input", &e))?;
-        let masks: Vec<Tensor> = encodings
-            .iter()
-            .map(|e| Tensor::new(e.get_attention_mask(), &self.device))
-            .collect::<Result<_, _>>()
-            .map_err(|e| failed("input", &e))?;
-        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let ids = Tensor::stack(&ids, 0)?;
-            let mask = Tensor::stack(&masks, 0)?;
-            let types = ids.zeros_like()?;
-            let hidden = self.model.forward(&ids, &types, Some(&mask))?; // [b, s, 384]
-            // Mean over real tokens only: padding must not dilute the average.
-            let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, s, 1]
-            let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // [b, 384]
-            let counts = mask.sum(1)?; // [b, 1]
-            let mean = summed.broadcast_div(&counts)?;
-            let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
-            mean.broadcast_div(&norms)?.to_vec2::<f32>()
+            .encode_batch(inputs.to_vec(), true)
+            .map_err(|e| EmbedError::Protocol(format!("local model tokenizer: {e}")))?;
+        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shares = shares_by_tokens(&ids, cores);
+        let mut out: Vec<InputOutcome> =
+            vec![Err("the local model returned no vector for this input".into()); inputs.len()];
+        std::thread::scope(|scope| {
+            let mut shares = shares.into_iter();
+            let mine = shares.next().unwrap_or_default();
+            let others: Vec<_> = shares
+                .map(|share| {
+                    let ids = &ids;
+                    scope.spawn(move || self.embed_share(ids, share))
+                })
+                .collect();
+            let mut done = vec![self.embed_share(&ids, mine)];
+            for handle in others {
+                done.push(handle.join().map_err(|_| {
+                    EmbedError::Protocol("local model: a forward-pass thread panicked".into())
+                })?);
+            }
+            for (i, vector) in done.into_iter().flatten() {
+                out[i] = Ok(vector);
+            }
+            Ok::<(), EmbedError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// The vectors of the inputs `share` names, in forward passes of up to
+    /// PASS_TOKENS tokens.
+    fn embed_share(&self, ids: &[&[u32]], share: Vec<usize>) -> Vec<(usize, Vec<f32>)> {
+        let mut out = Vec::with_capacity(share.len());
+        let mut pass: Vec<usize> = Vec::new();
+        let mut tokens = 0;
+        let mut run = |pass: &mut Vec<usize>, tokens: &mut usize| {
+            if pass.is_empty() {
+                return;
+            }
+            let sequences: Vec<&[u32]> = pass.iter().map(|&i| ids[i]).collect();
+            metrics::counter!("kbsync_embedding_requests_total", "provider" => "local")
+                .increment(1);
+            metrics::counter!("kbsync_embedding_inputs_total").increment(pass.len() as u64);
+            metrics::counter!("kbsync_embedding_tokens_total").increment(*tokens as u64);
+            out.extend(pass.drain(..).zip(self.encoder.embed(&sequences)));
+            *tokens = 0;
         };
-        run().map_err(|e| failed("forward pass", &e))
+        for i in share {
+            if tokens + ids[i].len() > PASS_TOKENS {
+                run(&mut pass, &mut tokens);
+            }
+            tokens += ids[i].len();
+            pass.push(i);
+        }
+        run(&mut pass, &mut tokens);
+        out
+    }
+}
+
+/// The inputs divided into at most `cores` shares of about equal token counts (the
+/// cost of a pass is nearly linear in its tokens): longest first, each to the
+/// lightest share so far.
+fn shares_by_tokens(ids: &[&[u32]], cores: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let mut shares: Vec<(usize, Vec<usize>)> =
+        vec![(0, Vec::new()); cores.clamp(1, ids.len().max(1))];
+    for i in order {
+        if let Some(lightest) = shares.iter_mut().min_by_key(|(tokens, _)| *tokens) {
+            lightest.0 += ids[i].len();
+            lightest.1.push(i);
+        }
+    }
+    shares
+        .into_iter()
+        .map(|(_, share)| share)
+        .filter(|share| !share.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_balance_tokens_and_cover_every_input_once() {
+        let seqs: Vec<Vec<u32>> = [200, 10, 10, 180, 30, 5, 5, 60]
+            .iter()
+            .map(|&n| vec![1; n])
+            .collect();
+        let ids: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let shares = shares_by_tokens(&ids, 2);
+        assert_eq!(shares.len(), 2);
+        let mut all: Vec<usize> = shares.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        let load = |s: &Vec<usize>| s.iter().map(|&i| ids[i].len()).sum::<usize>();
+        assert!(load(&shares[0]).abs_diff(load(&shares[1])) <= 20);
+        assert_eq!(
+            shares_by_tokens(&ids[..1], 2).len(),
+            1,
+            "one input, one share"
+        );
+        assert!(shares_by_tokens(&[], 2).is_empty());
     }
 }
