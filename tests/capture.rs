@@ -242,7 +242,16 @@ async fn a_bulk_update_sends_one_notification_and_records_every_key() {
     assert_eq!(updated, 20_000);
     let notes = listener.drain(Duration::from_secs(2)).await;
     assert_eq!(notes, vec![("kbsync".to_owned(), "product".to_owned())]);
-    outbox::collect(&client).await.unwrap();
+    assert_eq!(outbox::collect(&client).await.unwrap(), 20_000);
+    // The fold announces what it moved, once, for every daemon's workers (the other
+    // daemons' collectors lost the race for the log and found it empty); a fold that
+    // moves nothing says nothing.
+    assert_eq!(
+        listener.drain(Duration::from_secs(1)).await,
+        vec![("kbsync".to_owned(), "outbox".to_owned())]
+    );
+    assert_eq!(outbox::collect(&client).await.unwrap(), 0);
+    assert!(listener.drain(Duration::from_secs(1)).await.is_empty());
     let recorded: i64 = client
         .query_one(
             "SELECT count(*) FROM kbsync.outbox WHERE source = 'product'",

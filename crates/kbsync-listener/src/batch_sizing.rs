@@ -23,6 +23,8 @@ pub struct BatchSizer {
     sums: [f64; 5],
     fixed: f64,
     per_key: Option<f64>,
+    /// Inputs per embedding request: claims are rounded down to whole requests.
+    request_size: usize,
 }
 
 impl BatchSizer {
@@ -33,7 +35,16 @@ impl BatchSizer {
             sums: [0.0; 5],
             fixed: 0.0,
             per_key: None,
+            request_size: 1,
         }
+    }
+
+    /// Claims in whole requests of `inputs` (from one request's worth up): a request
+    /// costs a provider the same time full or not, so a batch of 186 one-chunk keys in
+    /// requests of 16 paid for 12 requests' time and filled 11.6 of them.
+    pub fn in_requests_of(mut self, inputs: usize) -> Self {
+        self.request_size = inputs.max(1);
+        self
     }
 
     /// Keys to claim next: `max` until a batch has been measured; then as many as fit
@@ -43,7 +54,12 @@ impl BatchSizer {
             return self.max;
         };
         let duration = self.target.max(2.0 * self.fixed);
-        (((duration - self.fixed) / per_key) as usize).clamp(1, self.max)
+        let keys = (((duration - self.fixed) / per_key) as usize).clamp(1, self.max);
+        if keys >= self.request_size {
+            keys - keys % self.request_size
+        } else {
+            keys
+        }
     }
 
     /// A batch of `keys` took `elapsed` (time that a smaller batch would not shorten
@@ -87,6 +103,27 @@ mod tests {
             sizer.record(keys, fixed + per_key * keys as u32);
         }
         sizer.next()
+    }
+
+    #[test]
+    fn claims_are_whole_requests_once_they_fill_one() {
+        // 186 keys fit the target; requests of 16 make that 176 (11 full requests).
+        let mut sizer = BatchSizer::new(256, TARGET).in_requests_of(16);
+        let keys = settle(
+            &mut sizer,
+            Duration::from_millis(14),
+            Duration::from_millis(1),
+        );
+        assert_eq!(keys % 16, 0, "{keys}");
+        assert!((160..=192).contains(&keys), "{keys}");
+        // Below one request's worth, the target still rules.
+        let mut slow = BatchSizer::new(256, TARGET).in_requests_of(16);
+        let keys = settle(
+            &mut slow,
+            Duration::from_millis(5),
+            Duration::from_millis(20),
+        );
+        assert!((8..=10).contains(&keys), "{keys}");
     }
 
     #[test]

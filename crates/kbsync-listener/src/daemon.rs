@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use kbsync_core::config::{CaptureMode, Config, Source};
+use kbsync_core::config::{CaptureMode, Config, ProviderKind, Source};
 use kbsync_core::db::{self, ErrorKind};
 use kbsync_core::embed::{EmbedError, Provider};
 use kbsync_core::install::schema_is_current;
@@ -220,7 +220,11 @@ impl Daemon {
             }
             None => None,
         };
-        let workers = self.config.embedding.max_concurrency;
+        // One worker more than request slots (the permits still bound the requests):
+        // while a worker claims, reads and writes, another's requests keep every slot
+        // busy. With one worker per slot, the provider sat idle during each batch's
+        // database work: 2 daemons gave 1.79× one, provider-bound (`just bench concurrency`).
+        let workers = self.config.embedding.max_concurrency + 1;
         tracing::info!(workers, model = provider.model(), "kbsync daemon started");
         let shortest_window = pipelines
             .iter()
@@ -457,7 +461,16 @@ async fn worker(
         };
         let mut first_source = n;
         let mut unclaimable_passes: u32 = 0;
-        let mut sizer = BatchSizer::new(daemon.batch_size, daemon.batch_duration);
+        let mut sizer =
+            BatchSizer::new(daemon.batch_size, daemon.batch_duration).in_requests_of(match shared
+                .config
+                .embedding
+                .provider
+            {
+                ProviderKind::Openai => shared.config.embedding.max_inputs_per_request,
+                // The local model packs whatever it gets; a request is not a unit.
+                ProviderKind::Local => 1,
+            });
         loop {
             if cancel.is_cancelled() {
                 return;
