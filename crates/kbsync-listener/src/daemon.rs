@@ -220,11 +220,7 @@ impl Daemon {
             }
             None => None,
         };
-        // One worker more than request slots (the permits still bound the requests):
-        // while a worker claims, reads and writes, another's requests keep every slot
-        // busy. With one worker per slot, the provider sat idle during each batch's
-        // database work: 2 daemons gave 1.79× one, provider-bound (`just bench concurrency`).
-        let workers = self.config.embedding.max_concurrency + 1;
+        let workers = self.config.embedding.max_concurrency;
         tracing::info!(workers, model = provider.model(), "kbsync daemon started");
         let shortest_window = pipelines
             .iter()
