@@ -7,6 +7,13 @@
 //! CPU), and batches shorter than that cost would spend most of their time on it: a
 //! batch is given at least twice its fixed cost, so that at least half of the time
 //! goes to the keys. Both costs are estimated from the worker's recent batches.
+//!
+//! A remote provider's response time counts too: a batch commits only after its last
+//! response, so 256 keys in requests of 16 at 200 ms, two in flight, held an edit
+//! behind them for 1.6 s, and when a backlog ran out one daemon sat on such a batch
+//! while another had nothing left (2 daemons gave 1.80× one). Claims stay whole
+//! requests, at least one, so a smaller batch sends no more requests than a large one
+//! would, under a rate limit or not.
 
 use std::time::Duration;
 
@@ -23,6 +30,8 @@ pub struct BatchSizer {
     sums: [f64; 5],
     fixed: f64,
     per_key: Option<f64>,
+    /// Weighted sums of a remote provider's response time (seconds) and of keys.
+    remote: [f64; 2],
     /// Inputs per embedding request: claims are rounded down to whole requests.
     request_size: usize,
 }
@@ -35,6 +44,7 @@ impl BatchSizer {
             sums: [0.0; 5],
             fixed: 0.0,
             per_key: None,
+            remote: [0.0; 2],
             request_size: 1,
         }
     }
@@ -48,27 +58,41 @@ impl BatchSizer {
     }
 
     /// Keys to claim next: `max` until a batch has been measured; then as many as fit
-    /// in the target time, or in twice the fixed cost when that is longer.
+    /// in the target time (their own work and the provider's response time), or in
+    /// twice the fixed cost when that is longer.
     pub fn next(&self) -> usize {
         let Some(per_key) = self.per_key else {
             return self.max;
         };
+        let [remote_secs, remote_keys] = self.remote;
+        let remote_per_key = if remote_keys > 0.0 {
+            remote_secs / remote_keys
+        } else {
+            0.0
+        };
         let duration = self.target.max(2.0 * self.fixed);
-        let keys = (((duration - self.fixed) / per_key) as usize).clamp(1, self.max);
+        let keys =
+            (((duration - self.fixed) / (per_key + remote_per_key)) as usize).clamp(1, self.max);
         if keys >= self.request_size {
             keys - keys % self.request_size
+        } else if remote_per_key > 0.0 {
+            // A request costs the provider's time and a rate limit's budget full or not.
+            self.request_size.min(self.max)
         } else {
             keys
         }
     }
 
-    /// A batch of `keys` took `elapsed` (time that a smaller batch would not shorten
-    /// per key, such as a remote provider's response time, already taken out).
-    pub fn record(&mut self, keys: usize, elapsed: Duration) {
+    /// A batch of `keys` took `local` of its own work (reads, chunking, the local
+    /// model, the write) and waited `remote` for a remote provider's responses.
+    pub fn record(&mut self, keys: usize, local: Duration, remote: Duration) {
         if keys == 0 {
             return;
         }
-        let (n, t) = (keys as f64, elapsed.as_secs_f64());
+        let (n, t) = (keys as f64, local.as_secs_f64());
+        for (sum, value) in self.remote.iter_mut().zip([remote.as_secs_f64(), n]) {
+            *sum = DECAY * *sum + value;
+        }
         for (sum, value) in self.sums.iter_mut().zip([1.0, n, t, n * n, n * t]) {
             *sum = DECAY * *sum + value;
         }
@@ -100,7 +124,7 @@ mod tests {
     fn settle(sizer: &mut BatchSizer, fixed: Duration, per_key: Duration) -> usize {
         for _ in 0..30 {
             let keys = sizer.next();
-            sizer.record(keys, fixed + per_key * keys as u32);
+            sizer.record(keys, fixed + per_key * keys as u32, Duration::ZERO);
         }
         sizer.next()
     }
@@ -177,11 +201,54 @@ mod tests {
     #[test]
     fn a_very_slow_key_still_claims_one_and_an_empty_claim_changes_nothing() {
         let mut sizer = BatchSizer::new(256, TARGET);
-        sizer.record(1, Duration::from_secs(30));
+        sizer.record(1, Duration::from_secs(30), Duration::ZERO);
         assert_eq!(sizer.next(), 1);
-        sizer.record(0, Duration::from_millis(1));
+        sizer.record(0, Duration::from_millis(1), Duration::ZERO);
         assert_eq!(sizer.next(), 1);
-        sizer.record(50, Duration::ZERO);
+        sizer.record(50, Duration::ZERO, Duration::ZERO);
         assert!(sizer.next() > 1);
+    }
+
+    /// A provider answering each request in `latency`, `in_flight` requests at a
+    /// time, requests of 16 inputs; a key's own work costs 0.2 ms. The size settled on.
+    fn settle_remote(sizer: &mut BatchSizer, latency: Duration, in_flight: usize) -> usize {
+        for _ in 0..30 {
+            let keys = sizer.next();
+            let rounds = keys.div_ceil(16).div_ceil(in_flight) as u32;
+            sizer.record(
+                keys,
+                Duration::from_millis(5) + Duration::from_micros(200) * keys as u32,
+                latency * rounds,
+            );
+        }
+        sizer.next()
+    }
+
+    #[test]
+    fn a_slow_provider_shrinks_batches_to_whole_requests_within_the_target() {
+        // 200 ms a request, two at a time: 256 keys waited 1.6 s for their responses.
+        let mut sizer = BatchSizer::new(256, TARGET).in_requests_of(16);
+        let keys = settle_remote(&mut sizer, Duration::from_millis(200), 2);
+        assert!(keys == 16 || keys == 32, "{keys}");
+        // A fast provider leaves the batch to the keys' own work.
+        let mut fast = BatchSizer::new(256, TARGET).in_requests_of(16);
+        let keys = settle_remote(&mut fast, Duration::from_millis(1), 8);
+        assert_eq!(keys, 256);
+    }
+
+    #[test]
+    fn a_provider_slower_than_the_target_still_gets_a_full_request() {
+        // 2 s a request: not even one request fits in 200 ms, and a part-filled
+        // request would cost the provider as much as a full one.
+        let mut sizer = BatchSizer::new(256, TARGET).in_requests_of(16);
+        assert_eq!(settle_remote(&mut sizer, Duration::from_secs(2), 2), 16);
+        // Without a remote provider a slow key is still sized by the target alone.
+        let mut local = BatchSizer::new(256, TARGET).in_requests_of(16);
+        let keys = settle(
+            &mut local,
+            Duration::from_millis(5),
+            Duration::from_millis(20),
+        );
+        assert!((8..=10).contains(&keys), "{keys}");
     }
 }

@@ -539,6 +539,7 @@ async fn worker(
                                 started
                                     .elapsed()
                                     .saturating_sub(report.remote_embedding_time),
+                                report.remote_embedding_time,
                             );
                             tracing::info!(
                                 source = %pipeline.source.name,
