@@ -3,7 +3,7 @@
 //! chunks/s for short (~20 words) and long (~200 words) chunks, and how far the two
 //! sets of vectors are apart. PyTorch (transformers + torch, CPU, as many threads as
 //! kbsync uses) runs `tools/bench-model/pytorch_baseline.py` in the virtual
-//! environment `scripts/torch-venv.sh` makes (several GB, once; only this section).
+//! environment `scripts/venv.sh torch tools/bench-model/requirements.txt` makes (several GB, once; only this section).
 //! Five rounds of each, alternating; the median is reported.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -52,8 +52,10 @@ impl PyTorch {
         threads: usize,
     ) -> (Self, NamedTempFile) {
         let python = run_ok(
-            &mut Command::new(repo_root().join("scripts/torch-venv.sh")),
-            "scripts/torch-venv.sh (the PyTorch baseline needs PyPI access, once)",
+            Command::new(repo_root().join("scripts/venv.sh"))
+                .arg("torch")
+                .arg("tools/bench-model/requirements.txt"),
+            "scripts/venv.sh torch (the PyTorch baseline needs PyPI access, once)",
         );
         let batches = NamedTempFile::new().expect("a temporary file");
         let by_label: serde_json::Map<String, serde_json::Value> = sets

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "sweep_hashes",
         sql: include_str!("../../../sql/migrations/0006_sweep_hashes.sql"),
     },
+    Migration {
+        version: 7,
+        name: "adopted_embeddings",
+        sql: include_str!("../../../sql/migrations/0007_adopted_embeddings.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).

@@ -28,8 +28,9 @@ pub struct StoredChunk {
 }
 
 /// Stored embeddings of `model` for these content hashes, whichever key or tenant
-/// holds them (an embedding depends on the text and the model only). A chunk whose
-/// text no longer matches its hash (edited by hand) is never a source.
+/// holds them (an embedding depends on the text and the model only), and those
+/// `kbsync adopt` took over from an earlier table. A chunk whose text no longer
+/// matches its hash (edited by hand) is never a source.
 pub async fn embeddings_by_hash(
     client: &impl GenericClient,
     model: &str,
@@ -38,9 +39,15 @@ pub async fn embeddings_by_hash(
     let rows = client
         .query(
             "SELECT DISTINCT ON (content_hash) content_hash, embedding
-               FROM public.tenant_knowledge
-              WHERE content_hash = ANY($1) AND embedding_model = $2 AND embedding IS NOT NULL
-                AND content_hash = sha256(convert_to(content, 'UTF8'))",
+               FROM (SELECT content_hash, embedding, 0 AS preference
+                       FROM public.tenant_knowledge
+                      WHERE content_hash = ANY($1) AND embedding_model = $2 AND embedding IS NOT NULL
+                        AND content_hash = sha256(convert_to(content, 'UTF8'))
+                     UNION ALL
+                     SELECT content_hash, embedding, 1
+                       FROM kbsync.adopted_embeddings
+                      WHERE content_hash = ANY($1) AND embedding_model = $2) found
+              ORDER BY content_hash, preference",
             &[&hashes, &model],
         )
         .await?;

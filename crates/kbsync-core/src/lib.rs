@@ -1,7 +1,9 @@
 //! kbsync's reusable core, in the order the data flows: configuration and sources,
 //! the capture triggers, the outbox, reading source rows, chunking, embedding, and
-//! writing the knowledge table; plus schema installation and database access.
+//! writing the knowledge table; plus schema installation, adopting an earlier system's
+//! embeddings, and database access.
 
+pub mod adopt;
 pub mod capture;
 pub mod chunk;
 pub mod config;

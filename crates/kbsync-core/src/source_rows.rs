@@ -27,6 +27,9 @@ pub struct SourceQuery {
     /// The source's SQL pieces the query was built from.
     pub rows: RowSql,
     load_sql: String,
+    /// The first page of all eligible rows in key order, and the pages after a key.
+    first_page_sql: String,
+    next_page_sql: String,
     text_columns: Vec<Ident>,
     text: Vec<TextPart>,
 }
@@ -146,10 +149,9 @@ impl SourceQuery {
             .iter()
             .map(|c| format!("t.{c}::text"))
             .collect();
-        let load_sql = format!(
+        let select = format!(
             "SELECT {key}::text, {tenant}::text, {metadata}, {text_hash64}{sep}{columns}
-               FROM {from}
-              WHERE {key_match} AND {eligible}",
+               FROM {from}",
             key = sql.key,
             tenant = sql.tenant,
             metadata = sql.metadata,
@@ -157,12 +159,28 @@ impl SourceQuery {
             sep = if columns.is_empty() { "" } else { ", " },
             columns = columns.join(", "),
             from = sql.from,
+        );
+        let load_sql = format!(
+            "{select} WHERE {key_match} AND {eligible}",
             key_match = sql.key_compare("= ANY", "$1", true),
             eligible = sql.eligible,
+        );
+        let first_page_sql = format!(
+            "{select} WHERE {eligible} ORDER BY {key} LIMIT $1",
+            eligible = sql.eligible,
+            key = sql.key,
+        );
+        let next_page_sql = format!(
+            "{select} WHERE {after} AND {eligible} ORDER BY {key} LIMIT $2",
+            after = sql.key_compare(">", "$1", false),
+            eligible = sql.eligible,
+            key = sql.key,
         );
         Ok(Self {
             rows: sql,
             load_sql,
+            first_page_sql,
+            next_page_sql,
             text_columns,
             text: source.text.clone(),
         })
@@ -175,8 +193,26 @@ impl SourceQuery {
         keys: &[String],
     ) -> Result<Vec<SourceRow>, tokio_postgres::Error> {
         let rows = client.query(&self.load_sql, &[&keys]).await?;
-        Ok(rows
-            .iter()
+        Ok(self.source_rows(&rows))
+    }
+
+    /// Up to `limit` eligible rows in key order, after the key `after` (from the first
+    /// row when None): a whole source read page by page, without holding it in memory.
+    pub async fn load_page(
+        &self,
+        client: &impl GenericClient,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SourceRow>, tokio_postgres::Error> {
+        let rows = match after {
+            None => client.query(&self.first_page_sql, &[&limit]).await?,
+            Some(key) => client.query(&self.next_page_sql, &[&key, &limit]).await?,
+        };
+        Ok(self.source_rows(&rows))
+    }
+
+    fn source_rows(&self, rows: &[tokio_postgres::Row]) -> Vec<SourceRow> {
+        rows.iter()
             .map(|row| {
                 let values: Vec<Option<String>> = (0..self.text_columns.len())
                     .map(|i| row.get(4 + i))
@@ -189,7 +225,7 @@ impl SourceQuery {
                     text: self.build_text(&values),
                 }
             })
-            .collect())
+            .collect()
     }
 
     fn build_text(&self, values: &[Option<String>]) -> String {

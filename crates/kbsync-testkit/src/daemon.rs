@@ -27,10 +27,36 @@ pub fn sync_config_with_max_wait(
     delete_window: &str,
     max_wait: &str,
 ) -> TempConfig {
-    let embedding = format!(
+    test_config(
+        &shipped_config(),
+        &openai_section(base_url, dims),
+        window,
+        delete_window,
+        max_wait,
+    )
+}
+
+/// `sync_config` made from another config file than the shipped one (an example's).
+pub fn sync_config_from(
+    base: &Path,
+    base_url: &str,
+    dims: usize,
+    window: &str,
+    delete_window: &str,
+) -> TempConfig {
+    test_config(
+        base,
+        &openai_section(base_url, dims),
+        window,
+        delete_window,
+        "30s",
+    )
+}
+
+fn openai_section(base_url: &str, dims: usize) -> String {
+    format!(
         "[embedding]\nprovider = \"openai\"\nmodel = \"{TEST_MODEL}\"\ndimensions = {dims}\nbase_url = \"{base_url}\"\nmax_inputs_per_request = 64\nrequest_timeout = \"10s\"\nmax_concurrency = 2\n\n"
-    );
-    test_config(&embedding, window, delete_window, max_wait)
+    )
 }
 
 /// The shipped config with its offline local model (all-MiniLM-L6-v2, fetched by
@@ -46,15 +72,22 @@ pub fn local_model_config(window: &str) -> TempConfig {
         "[embedding]\nprovider = \"local\"\nmodel = \"all-MiniLM-L6-v2\"\ndimensions = 384\nmodel_dir = \"{}\"\n\n",
         dir.display()
     );
-    test_config(&embedding, window, window, "30s")
+    test_config(&shipped_config(), &embedding, window, window, "30s")
 }
 
-/// The shipped config, line by line, with `embedding` as its [embedding] section.
-fn test_config(embedding: &str, window: &str, delete_window: &str, max_wait: &str) -> TempConfig {
-    let shipped = std::fs::read_to_string(shipped_config()).expect("reading kbsync.toml");
+/// The `base` config, line by line, with `embedding` as its [embedding] section.
+fn test_config(
+    base: &Path,
+    embedding: &str,
+    window: &str,
+    delete_window: &str,
+    max_wait: &str,
+) -> TempConfig {
+    let text =
+        std::fs::read_to_string(base).unwrap_or_else(|e| panic!("reading {}: {e}", base.display()));
     let mut out = String::new();
     let mut skipping_embedding = false;
-    for line in shipped.lines() {
+    for line in text.lines() {
         let trimmed = line.trim_start();
         if trimmed.starts_with('[') {
             skipping_embedding = trimmed == "[embedding]";

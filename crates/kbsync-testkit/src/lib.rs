@@ -13,8 +13,8 @@ mod openai_server;
 pub use installed::Installed;
 
 pub use daemon::{
-    DaemonProcess, TEST_API_KEY, local_model_config, sync_config, sync_config_with_max_wait,
-    wait_for, wait_for_daemon,
+    DaemonProcess, TEST_API_KEY, local_model_config, sync_config, sync_config_from,
+    sync_config_with_max_wait, wait_for, wait_for_daemon,
 };
 
 pub use openai_server::{FakeOpenAi, Fault, deterministic_vector};

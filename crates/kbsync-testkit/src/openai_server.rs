@@ -45,6 +45,8 @@ struct Inner {
     poison: Vec<String>,
     latency: Duration,
     base64: bool,
+    /// Vectors from the text's words (`word_vector`) instead of its SHA-256.
+    word_vectors: bool,
     success_headers: VecDeque<Vec<(&'static str, String)>>,
 }
 
@@ -180,9 +182,16 @@ impl FakeOpenAi {
         self.inner().authorizations.clone()
     }
 
+    /// Vectors of texts that share words are near (`word_vector`), so a search for a
+    /// question finds the chunk that holds it; by default every text's vector is as far
+    /// from every other's as random vectors are.
+    pub fn vectors_from_words(&self, on: bool) {
+        self.inner().word_vectors = on;
+    }
+
     /// The vector this server gives for `text`.
     pub fn vector_for(&self, text: &str) -> Vec<f32> {
-        deterministic_vector(text, self.shared.dims)
+        vector_of(text, self.shared.dims, self.inner().word_vectors)
     }
 }
 
@@ -192,6 +201,42 @@ impl Drop for FakeOpenAi {
             let _ = stop.send(());
         }
     }
+}
+
+fn vector_of(text: &str, dims: usize, from_words: bool) -> Vec<f32> {
+    if from_words {
+        word_vector(text, dims)
+    } else {
+        deterministic_vector(text, dims)
+    }
+}
+
+/// A unit vector of the text's words (lower-cased runs of letters and digits), each
+/// word hashed to one dimension with a sign: texts that share words are near, as a
+/// model's vectors of related texts are, and equal texts get equal vectors.
+pub fn word_vector(text: &str, dims: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; dims];
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let digest = Sha256::digest(word.to_lowercase().as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let at = (u64::from_le_bytes(first) % dims as u64) as usize;
+        out[at] += if digest[8] & 1 == 0 { 1.0 } else { -1.0 };
+    }
+    unit(out)
+}
+
+fn unit(v: Vec<f32>) -> Vec<f32> {
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.into_iter().map(|x| x / norm).collect()
 }
 
 /// A unit vector derived from the text's SHA-256, so equal texts get equal vectors.
@@ -212,13 +257,7 @@ pub fn deterministic_vector(text: &str, dims: usize) -> Vec<f32> {
         }
         counter += 1;
     }
-    let norm = out
-        .iter()
-        .map(|x| x * x)
-        .sum::<f32>()
-        .sqrt()
-        .max(f32::EPSILON);
-    out.iter().map(|x| x / norm).collect()
+    unit(out)
 }
 
 fn error(status: u16, message: &str, headers: &[(&'static str, String)]) -> Response {
@@ -248,7 +287,7 @@ async fn embeddings(
             .collect(),
         _ => return error(400, "'input' must be a string or an array of strings", &[]),
     };
-    let (fault, latency, poisoned, base64, extra_headers) = {
+    let (fault, latency, poisoned, base64, word_vectors, extra_headers) = {
         let mut inner = shared.inner.lock().expect("fake server state");
         inner.requests.push(inputs.clone());
         inner.arrivals.push(std::time::Instant::now());
@@ -275,6 +314,7 @@ async fn embeddings(
             inner.latency,
             poisoned,
             inner.base64,
+            inner.word_vectors,
             extra.unwrap_or_default(),
         )
     };
@@ -319,7 +359,7 @@ async fn embeddings(
         .take(count)
         .enumerate()
         .map(|(index, text)| {
-            let v = deterministic_vector(text, dims);
+            let v = vector_of(text, dims, word_vectors);
             let embedding = if want_base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
                 serde_json::json!(base64::engine::general_purpose::STANDARD.encode(bytes))

@@ -1,5 +1,6 @@
 //! `kbsync`: the daemon and its command-line interface.
 
+mod adopt_cmd;
 mod config_cmd;
 mod demo_cmd;
 mod embed_cmd;
@@ -58,6 +59,14 @@ enum Command {
         #[arg(long)]
         reset_embeddings: bool,
     },
+    /// Reuse the embeddings an earlier system already paid for: every vector in an
+    /// existing table whose text is exactly a chunk kbsync produces today, made with the
+    /// configured model and of its dimension, is used by the first sync instead of a new
+    /// embedding call. Run it after `kbsync install`, before the daemon's first sync.
+    #[command(
+        after_help = "Example (the old Django TenantKnowledge table):\n  kbsync adopt --table ai_model_tenantknowledge --content-column content --embedding-column embedding --model-column embedding_model"
+    )]
+    Adopt(adopt_cmd::AdoptArgs),
     /// Run the daemon: capture changes from the outbox and keep tenant_knowledge in sync.
     /// SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.
     Run,
@@ -195,6 +204,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             reset_embeddings,
         } => done(install_cmd::install(&load(config)?, dry_run, reset_embeddings).await),
+        Command::Adopt(args) => done(adopt_cmd::adopt(&load(config)?, args).await),
         Command::Run => done(run_cmd::run(config, load(config)?).await),
         Command::Reconcile {
             dry_run,

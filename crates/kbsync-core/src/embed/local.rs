@@ -35,11 +35,21 @@ fn config_error(dir: &Path, what: impl std::fmt::Display) -> EmbedError {
     ))
 }
 
+/// The model's tokenizer as chunking counts with it: no padding, no truncation.
+pub fn counting_tokenizer(dir: &Path) -> Result<Tokenizer, EmbedError> {
+    let mut counter = Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| config_error(dir, format!("tokenizer.json: {e}")))?;
+    counter.with_padding(None);
+    counter
+        .with_truncation(None)
+        .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
+    Ok(counter)
+}
+
 impl LocalModel {
     pub fn load(dir: &Path, model_name: &str) -> Result<Self, EmbedError> {
         let encoder = Bert::load(dir, MAX_SEQ_LEN).map_err(|e| config_error(dir, e))?;
-        let mut counter = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| config_error(dir, format!("tokenizer.json: {e}")))?;
+        let counter = counting_tokenizer(dir)?;
         if counter.get_vocab_size(true) > encoder.vocab_size() {
             return Err(config_error(
                 dir,
@@ -50,11 +60,7 @@ impl LocalModel {
                 ),
             ));
         }
-        counter.with_padding(None);
         let mut tokenizer = counter.clone();
-        counter
-            .with_truncation(None)
-            .map_err(|e| config_error(dir, format!("tokenizer truncation: {e}")))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: MAX_SEQ_LEN,

@@ -60,6 +60,24 @@ impl Provider {
         }
     }
 
+    /// The configured model's token counter without loading the model itself (the
+    /// local model's tokenizer file only): for chunking without embedding.
+    pub fn token_counter_for(config: &Config) -> Result<TokenCounter, EmbedError> {
+        match config.embedding.provider {
+            ProviderKind::Openai => Ok(TokenCounter::cl100k()),
+            ProviderKind::Local => {
+                let dir = config.embedding.model_dir.as_deref().ok_or_else(|| {
+                    EmbedError::Config(
+                        "embedding.model_dir is required for provider \"local\"".into(),
+                    )
+                })?;
+                Ok(TokenCounter::WordPiece(Arc::new(
+                    local::counting_tokenizer(dir)?,
+                )))
+            }
+        }
+    }
+
     pub fn token_counter(&self) -> TokenCounter {
         match self {
             Self::OpenAi(_) => TokenCounter::cl100k(),

@@ -1,0 +1,5 @@
+from django.apps import AppConfig
+
+
+class AiModelConfig(AppConfig):
+    name = "ai_model"

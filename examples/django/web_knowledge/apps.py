@@ -1,0 +1,5 @@
+from django.apps import AppConfig
+
+
+class WebKnowledgeConfig(AppConfig):
+    name = "web_knowledge"

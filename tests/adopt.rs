@@ -1,0 +1,274 @@
+//! `kbsync adopt`: the vectors an earlier system paid for are used by the first sync,
+//! and nothing it should not trust is taken.
+
+use kbsync_testkit::demo_state::{self, TEST_MODEL};
+use kbsync_testkit::{FakeOpenAi, Installed};
+use tokio_postgres::Client;
+
+const DIMS: usize = 16;
+const FAQS: i32 = 1_000;
+const EDITED: i32 = 10;
+
+/// Two tenants' pages (not crawled: no page chunks) and `FAQS` completed QAPairs.
+async fn faqs(client: &Client) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO accounts_user (id, username, company, domain)
+                  VALUES (1, 'a', 'A', 'a.example'), (2, 'b', 'B', 'b.example');
+             INSERT INTO web_knowledge_websitepage (id, user_id, url)
+                  SELECT md5('page' || u)::uuid, u, 'https://shop.example/' || u
+                    FROM generate_series(1, 2) u;
+             INSERT INTO web_knowledge_qapair (id, page_id, question, answer, generation_status)
+                  SELECT md5('qa' || i)::uuid, md5('page' || (1 + i % 2))::uuid,
+                         'What about item ' || i || '?', 'Item ' || i || ' is in stock.', 'completed'
+                    FROM generate_series(1, {FAQS}) i;"
+        ))
+        .await
+        .expect("the FAQs");
+}
+
+fn literal(v: &[f32]) -> String {
+    let parts: Vec<String> = v.iter().map(f32::to_string).collect();
+    format!("[{}]", parts.join(","))
+}
+
+/// The old system's table, as Django's TenantKnowledge kept it: one row per FAQ with the
+/// vector `server` gives its text; then decoys for the first FAQs' texts (another model,
+/// another dimension, no vector), which must never be taken.
+async fn old_table(client: &Client, server: &FakeOpenAi) {
+    client
+        .batch_execute(
+            "CREATE TABLE ai_model_tenantknowledge (
+                 id serial PRIMARY KEY, content text NOT NULL, embedding vector, embedding_model text)",
+        )
+        .await
+        .expect("the old table");
+    let texts: Vec<String> = client
+        .query(
+            "SELECT 'Question: ' || question || E'\\nAnswer: ' || answer
+               FROM web_knowledge_qapair ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("the FAQ texts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let insert = "INSERT INTO ai_model_tenantknowledge (content, embedding, embedding_model)
+                  VALUES ($1, $2::text::vector, $3)";
+    let decoys = [
+        (
+            &texts[0],
+            literal(&server.vector_for("another model's idea")),
+            "an-older-model",
+        ),
+        (&texts[1], literal(&[0.5; 8]), TEST_MODEL),
+    ];
+    for (text, vector, model) in decoys {
+        client
+            .execute(insert, &[text, &vector, &model])
+            .await
+            .expect("a decoy row");
+    }
+    client
+        .execute(
+            "INSERT INTO ai_model_tenantknowledge (content, embedding_model) VALUES ($1, $2)",
+            &[&texts[2], &TEST_MODEL],
+        )
+        .await
+        .expect("a row without a vector");
+    for text in &texts {
+        client
+            .execute(
+                insert,
+                &[text, &literal(&server.vector_for(text)), &TEST_MODEL],
+            )
+            .await
+            .expect("an old row");
+    }
+}
+
+async fn adopted_rows(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM kbsync.adopted_embeddings", &[])
+        .await
+        .expect("counting adopted embeddings")
+        .get(0)
+}
+
+/// Every chunk as text, in a fixed order, for comparing two databases.
+async fn knowledge(client: &Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT concat_ws(' | ', source, source_key, chunk_index, tenant_id, content,
+                              embedding::text, embedding_model, metadata::text, chunk_count)
+               FROM tenant_knowledge ORDER BY source, source_key, chunk_index",
+            &[],
+        )
+        .await
+        .expect("reading tenant_knowledge")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The edited FAQs' texts as they read now.
+async fn edit(client: &Client) -> Vec<String> {
+    let mut edited: Vec<String> = client
+        .query(
+            &format!(
+                "UPDATE web_knowledge_qapair SET answer = answer || ' Edited since.'
+                  WHERE id IN (SELECT md5('qa' || i)::uuid FROM generate_series(1, {EDITED}) i)
+                 RETURNING 'Question: ' || question || E'\\nAnswer: ' || answer"
+            ),
+            &[],
+        )
+        .await
+        .expect("editing FAQs")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    edited.sort();
+    edited
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
+    let t = Installed::new(DIMS, "0s", "0s").await;
+    faqs(&t.client).await;
+    old_table(&t.client, &t.server).await;
+    let edited = edit(&t.client).await;
+    let adopt = |extra: &[&str]| {
+        let mut args = vec![
+            "adopt",
+            "--table",
+            "ai_model_tenantknowledge",
+            "--model-column",
+            "embedding_model",
+        ];
+        args.extend_from_slice(extra);
+        t.db.kbsync_with_config(t.config.path(), &args)
+    };
+
+    let counted = adopt(&["--dry-run", "--json"]);
+    counted.assert_success();
+    let report: serde_json::Value =
+        serde_json::from_str(&counted.stdout).expect("adopt --json prints JSON");
+    let expected = serde_json::json!({
+        "table": "\"ai_model_tenantknowledge\"", "model": TEST_MODEL, "dimensions": DIMS,
+        "dry_run": true, "texts": FAQS, "already_embedded": 0, "adopted": FAQS - EDITED,
+        "to_embed": EDITED, "old_rows": FAQS + 3, "skipped_no_embedding": 1,
+        "skipped_other_model": 1, "skipped_other_dimension": 1,
+        "skipped_text_not_needed": EDITED,
+    });
+    assert_eq!(report, expected);
+    assert_eq!(
+        adopted_rows(&t.client).await,
+        0,
+        "a dry run adopted something"
+    );
+
+    let done = adopt(&[]);
+    done.assert_success();
+    assert!(
+        done.stdout.contains(&format!(
+            "kbsync adopt: adopted {} embeddings of model \"{TEST_MODEL}\"",
+            FAQS - EDITED
+        )) && done.stdout.contains("to embed on the first sync"),
+        "{}",
+        done.stdout
+    );
+    assert_eq!(adopted_rows(&t.client).await, i64::from(FAQS - EDITED));
+    // A second adoption finds everything taken already.
+    let again = adopt(&["--json"]);
+    again.assert_success();
+    let again: serde_json::Value = serde_json::from_str(&again.stdout).expect("JSON");
+    assert_eq!(
+        (&again["already_embedded"], &again["adopted"]),
+        (&serde_json::json!(FAQS - EDITED), &serde_json::json!(0))
+    );
+
+    let daemon = t.daemon();
+    demo_state::converged(&t.client, &daemon).await;
+    let mut sent: Vec<String> = t.server.requests().concat();
+    sent.sort();
+    assert_eq!(
+        sent, edited,
+        "the first sync sent more than the edited texts"
+    );
+
+    // The same rows synced from scratch, without adopting anything.
+    let plain = Installed::new(DIMS, "0s", "0s").await;
+    faqs(&plain.client).await;
+    edit(&plain.client).await;
+    let plain_daemon = plain.daemon();
+    demo_state::converged(&plain.client, &plain_daemon).await;
+    assert_eq!(plain.server.inputs_total(), FAQS as usize);
+    assert_eq!(knowledge(&t.client).await, knowledge(&plain.client).await);
+
+    let cleared =
+        t.db.kbsync_with_config(t.config.path(), &["adopt", "--clear"]);
+    cleared.assert_success();
+    assert_eq!(adopted_rows(&t.client).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vectors_of_another_model_or_dimension_are_refused_with_the_reason() {
+    let t = Installed::new(DIMS, "0s", "0s").await;
+    t.client
+        .batch_execute(
+            "CREATE TABLE old_chunks (body text, vec vector(8));
+             CREATE TABLE old_floats (body text, vec real[]);",
+        )
+        .await
+        .expect("old tables");
+    let run = |args: &[&str]| t.db.kbsync_with_config(t.config.path(), args);
+    let adopt_from = |table: &'static str, made_with: Option<&'static str>| {
+        let mut args = vec![
+            "adopt",
+            "--table",
+            table,
+            "--content-column",
+            "body",
+            "--embedding-column",
+            "vec",
+        ];
+        args.extend(
+            made_with
+                .map(|model| ["--all-made-with", model])
+                .iter()
+                .flatten(),
+        );
+        args
+    };
+    for (args, says) in [
+        (
+            adopt_from("old_chunks", Some("text-embedding-ada-002")),
+            "a vector of another model is never adopted",
+        ),
+        (
+            adopt_from("old_chunks", Some(TEST_MODEL)),
+            "holds vectors of 8 dimensions, the configured model \"test-embedding\" has 16",
+        ),
+        (
+            adopt_from("old_floats", Some(TEST_MODEL)),
+            "is of type _float4, not pgvector's vector",
+        ),
+        (
+            adopt_from("no_such_table", Some(TEST_MODEL)),
+            "table \"no_such_table\" not found",
+        ),
+        (
+            adopt_from("old_chunks", None),
+            "say which model made the old vectors",
+        ),
+        (
+            adopt_from("old_chunks; DROP TABLE x", Some(TEST_MODEL)),
+            "is not a plain SQL identifier",
+        ),
+    ] {
+        let out = run(&args);
+        out.assert_failure();
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+    }
+}
