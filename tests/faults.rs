@@ -52,10 +52,7 @@ async fn the_listener_killed_by_pg_terminate_backend_reconnects_and_nothing_is_m
         .assert_success();
     let daemon = DaemonProcess::start(config.path(), db.url());
     let client = db.client().await;
-    wait_for(WAIT, "the listener to connect", || async {
-        daemon.log().contains("listening").then_some(())
-    })
-    .await;
+    daemon.wait_until_listening(1, WAIT).await;
     let killed: i64 = client
         .query_one(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity

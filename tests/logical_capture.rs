@@ -440,15 +440,14 @@ async fn restart_and_catch_up(logical: bool) {
         .await
         .unwrap();
     converged(&client, &daemon).await;
-    let reconnected = if logical {
-        "decoding changes"
+    if logical {
+        wait_for(WITHIN, "the decoder to reconnect", || async {
+            (daemon.log().matches("decoding changes").count() >= 2).then_some(())
+        })
+        .await;
     } else {
-        "listening"
-    };
-    wait_for(WITHIN, "the capture to reconnect", || async {
-        (daemon.log().matches(reconnected).count() >= 2).then_some(())
-    })
-    .await;
+        daemon.wait_until_listening(2, WITHIN).await;
+    }
     // A change after the reconnect arrives through the new connection.
     client
         .batch_execute(

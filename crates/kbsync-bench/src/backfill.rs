@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use kbsync_core::knowledge_index::{self, IndexState};
 use kbsync_testkit::demo_state::outbox_len;
-use kbsync_testkit::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config, wait_for_daemon};
+use kbsync_testkit::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config};
 use tokio_postgres::Client;
 
 use crate::bench_db::{demo_db, load_qapairs};
@@ -174,13 +174,9 @@ pub async fn concurrency_rows() -> Vec<(String, String)> {
             .map(|_| DaemonProcess::start(config.path(), db.url()))
             .collect();
         for daemon in &running {
-            wait_for_daemon(
-                daemon,
-                Duration::from_secs(30),
-                "the daemon listening",
-                || async { daemon.log().contains("listening").then_some(()) },
-            )
-            .await;
+            daemon
+                .wait_until_listening(1, Duration::from_secs(30))
+                .await;
         }
         load_qapairs(&client, rows, "pending").await;
         drain(&client, &running).await.0

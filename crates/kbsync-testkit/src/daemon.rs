@@ -126,6 +126,9 @@ fn test_config(
     TempConfig::new(&out)
 }
 
+/// What the listener logs once its LISTEN has taken effect.
+const LISTENER_LISTENING: &str = "kbsync_listener::listener: listening";
+
 /// A `kbsync run` process; killed when dropped. Its stderr goes to a log file.
 pub struct DaemonProcess {
     child: Child,
@@ -206,6 +209,16 @@ impl DaemonProcess {
                     .map(|rest| rest.split_whitespace().next().unwrap_or(rest).to_owned())
             },
         )
+        .await
+    }
+
+    /// Wait until the listener's LISTEN has taken effect `times` times (1: started; a
+    /// reconnect adds one). The HTTP endpoint's start-up line ("http endpoint
+    /// listening") comes first and must not count: only the listener's own line does.
+    pub async fn wait_until_listening(&self, times: usize, within: Duration) {
+        wait_for_daemon(self, within, "the listener's LISTEN", || async {
+            (self.log().matches(LISTENER_LISTENING).count() >= times).then_some(())
+        })
         .await
     }
 
