@@ -2,10 +2,13 @@
 //! and nothing it should not trust is taken.
 
 use kbsync_testkit::demo_state::{self, TEST_MODEL};
-use kbsync_testkit::{FakeOpenAi, Installed};
+use kbsync_testkit::{FakeOpenAi, Installed, TestDb, repo_root, sync_config};
 use tokio_postgres::Client;
 
 const DIMS: usize = 16;
+/// The adoption the README's guide shows: OpenAI's model, its dimension.
+const GUIDE_MODEL: &str = "text-embedding-3-small";
+const GUIDE_DIMS: usize = 1536;
 const FAQS: i32 = 1_000;
 const EDITED: i32 = 10;
 
@@ -60,9 +63,9 @@ async fn old_table(client: &Client, server: &FakeOpenAi) {
         (
             &texts[0],
             literal(&server.vector_for("another model's idea")),
-            "an-older-model",
+            "text-embedding-ada-002",
         ),
-        (&texts[1], literal(&[0.5; 8]), TEST_MODEL),
+        (&texts[1], literal(&[0.5; 8]), GUIDE_MODEL),
     ];
     for (text, vector, model) in decoys {
         client
@@ -73,7 +76,7 @@ async fn old_table(client: &Client, server: &FakeOpenAi) {
     client
         .execute(
             "INSERT INTO ai_model_tenantknowledge (content, embedding_model) VALUES ($1, $2)",
-            &[&texts[2], &TEST_MODEL],
+            &[&texts[2], &GUIDE_MODEL],
         )
         .await
         .expect("a row without a vector");
@@ -81,7 +84,7 @@ async fn old_table(client: &Client, server: &FakeOpenAi) {
         client
             .execute(
                 insert,
-                &[text, &literal(&server.vector_for(text)), &TEST_MODEL],
+                &[text, &literal(&server.vector_for(text)), &GUIDE_MODEL],
             )
             .await
             .expect("an old row");
@@ -94,6 +97,44 @@ async fn adopted_rows(client: &Client) -> i64 {
         .await
         .expect("counting adopted embeddings")
         .get(0)
+}
+
+/// The demo tables and kbsync installed for `GUIDE_MODEL`, served by a test server.
+async fn installed_for_the_guide() -> Installed {
+    let server = FakeOpenAi::start(GUIDE_DIMS).await;
+    let config = sync_config(&server.base_url(), GUIDE_DIMS, "0s", "0s").edited(&[(
+        &format!("model = \"{TEST_MODEL}\""),
+        &format!("model = \"{GUIDE_MODEL}\""),
+    )]);
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync_with_config(config.path(), &["install"])
+        .assert_success();
+    let client = db.client().await;
+    Installed {
+        db,
+        client,
+        server,
+        config,
+    }
+}
+
+/// The output the README's guide shows under `$ command` (the lines after it up to
+/// the end of its code block, less the indentation of the list the block stands in).
+fn shown_in_the_guide(command: &str) -> String {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let after = readme
+        .split_once(&format!("$ {command}\n"))
+        .unwrap_or_else(|| panic!("README.md shows no `$ {command}`"))
+        .1;
+    let block = after
+        .split_once("```")
+        .expect("the end of the code block")
+        .0;
+    block
+        .lines()
+        .map(|line| line.strip_prefix("   ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Every chunk as text, in a fixed order, for comparing two databases.
@@ -134,7 +175,7 @@ async fn edit(client: &Client) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
-    let t = Installed::new(DIMS, "0s", "0s").await;
+    let t = installed_for_the_guide().await;
     faqs(&t.client).await;
     old_table(&t.client, &t.server).await;
     let edited = edit(&t.client).await;
@@ -155,7 +196,7 @@ async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
     let report: serde_json::Value =
         serde_json::from_str(&counted.stdout).expect("adopt --json prints JSON");
     let expected = serde_json::json!({
-        "table": "\"ai_model_tenantknowledge\"", "model": TEST_MODEL, "dimensions": DIMS,
+        "table": "\"ai_model_tenantknowledge\"", "model": GUIDE_MODEL, "dimensions": GUIDE_DIMS,
         "dry_run": true, "texts": FAQS, "already_embedded": 0, "adopted": FAQS - EDITED,
         "to_embed": EDITED, "old_rows": FAQS + 3, "skipped_no_embedding": 1,
         "skipped_other_model": 1, "skipped_other_dimension": 1,
@@ -170,13 +211,12 @@ async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
 
     let done = adopt(&[]);
     done.assert_success();
-    assert!(
-        done.stdout.contains(&format!(
-            "kbsync adopt: adopted {} embeddings of model \"{TEST_MODEL}\"",
-            FAQS - EDITED
-        )) && done.stdout.contains("to embed on the first sync"),
-        "{}",
-        done.stdout
+    assert_eq!(
+        done.stdout,
+        shown_in_the_guide(
+            "kbsync adopt --table ai_model_tenantknowledge --model-column embedding_model"
+        ),
+        "README.md's guide shows other output than kbsync adopt gives"
     );
     assert_eq!(adopted_rows(&t.client).await, i64::from(FAQS - EDITED));
     // A second adoption finds everything taken already.
@@ -189,7 +229,7 @@ async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
     );
 
     let daemon = t.daemon();
-    demo_state::converged(&t.client, &daemon).await;
+    demo_state::converged_with_model(&t.client, &daemon, GUIDE_MODEL).await;
     let mut sent: Vec<String> = t.server.requests().concat();
     sent.sort();
     assert_eq!(
@@ -198,11 +238,11 @@ async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
     );
 
     // The same rows synced from scratch, without adopting anything.
-    let plain = Installed::new(DIMS, "0s", "0s").await;
+    let plain = installed_for_the_guide().await;
     faqs(&plain.client).await;
     edit(&plain.client).await;
     let plain_daemon = plain.daemon();
-    demo_state::converged(&plain.client, &plain_daemon).await;
+    demo_state::converged_with_model(&plain.client, &plain_daemon, GUIDE_MODEL).await;
     assert_eq!(plain.server.inputs_total(), FAQS as usize);
     assert_eq!(knowledge(&t.client).await, knowledge(&plain.client).await);
 

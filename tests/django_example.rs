@@ -125,4 +125,43 @@ async fn writes_through_the_django_orm_reach_the_knowledge_base_and_read_back_th
         facts["bulk_created"].as_u64().expect("a count") as usize,
         "each bulk_create row embedded once"
     );
+
+    // What the README's guide checks after the cut-over: every source fully covered,
+    // nothing behind, and a sweep that finds nothing to repair.
+    let kbsync = |args: &[&str]| {
+        let out = db.kbsync_with_config(config.path(), args);
+        out.assert_success();
+        out.stdout
+    };
+    let status: serde_json::Value =
+        serde_json::from_str(&kbsync(&["status", "--json"])).expect("status --json");
+    let sources = status["sources"].as_array().expect("sources");
+    assert_eq!(sources.len(), 4, "{status}");
+    for source in sources {
+        assert_eq!(
+            (
+                &source["coverage"],
+                &source["backlog"],
+                &source["chunks_without_embedding"]
+            ),
+            (
+                &serde_json::json!(1.0),
+                &serde_json::json!(0),
+                &serde_json::json!(0)
+            ),
+            "{source}"
+        );
+    }
+    let sweep: serde_json::Value =
+        serde_json::from_str(&kbsync(&["reconcile", "--dry-run", "--json"]))
+            .expect("reconcile --json");
+    for source in sweep["sources"].as_array().expect("sources") {
+        assert_eq!(source["in_sync_by_fingerprint"], true, "{source}");
+    }
+    // Shown in the README's guide (cargo nextest ... --no-capture prints them).
+    println!("$ kbsync status\n{}", kbsync(&["status"]));
+    println!(
+        "$ kbsync reconcile --dry-run\n{}",
+        kbsync(&["reconcile", "--dry-run"])
+    );
 }
