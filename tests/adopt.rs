@@ -2,7 +2,7 @@
 //! and nothing it should not trust is taken.
 
 use kbsync_testkit::demo_state::{self, TEST_MODEL};
-use kbsync_testkit::{FakeOpenAi, Installed, TestDb, repo_root, sync_config};
+use kbsync_testkit::{FakeOpenAi, Installed, repo_root, sync_config};
 use tokio_postgres::Client;
 
 const DIMS: usize = 16;
@@ -106,16 +106,7 @@ async fn installed_for_the_guide() -> Installed {
         &format!("model = \"{TEST_MODEL}\""),
         &format!("model = \"{GUIDE_MODEL}\""),
     )]);
-    let db = TestDb::create().await.with_demo_schema().await;
-    db.kbsync_with_config(config.path(), &["install"])
-        .assert_success();
-    let client = db.client().await;
-    Installed {
-        db,
-        client,
-        server,
-        config,
-    }
+    Installed::with_config(server, config).await
 }
 
 /// The output the README's guide shows under `$ command` (the lines after it up to

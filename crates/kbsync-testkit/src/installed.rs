@@ -32,6 +32,11 @@ impl Installed {
         if logical {
             config = config.edited(&[crate::LOGICAL_CAPTURE]);
         }
+        Self::with_config(server, config).await
+    }
+
+    /// The same with a config of the caller's for `server` (another model, say).
+    pub async fn with_config(server: FakeOpenAi, config: TempConfig) -> Self {
         let db = TestDb::create().await.with_demo_schema().await;
         db.kbsync_with_config(config.path(), &["install"])
             .assert_success();
