@@ -95,14 +95,21 @@ pub fn content_hash(content: &str) -> [u8; 32] {
     Sha256::digest(content.as_bytes()).into()
 }
 
-/// Everything besides the text that decides how a source's text is cut. Stored with
-/// every chunk; when today's differs, the reconcile sweep has the key re-chunked.
-/// The splitter's version is part of it: a new version may cut differently.
+/// Everything besides the text that decides how a source's text is cut and indexed.
+/// Stored with every chunk; when today's differs, the reconcile sweep has the key
+/// re-chunked (embeddings of unchanged texts are reused). The splitter's version is
+/// part of it: a new version may cut differently. A text search configuration other
+/// than the default is too (its tsvector is written with the chunk); the default
+/// adds nothing, so chunks written before full-text search match as they are.
 pub fn fingerprint(source: &Source, tokenizer: &str, model_limit: usize) -> String {
-    format!(
+    let mut out = format!(
         "text-splitter-0.33 tokenizer={tokenizer} tokens={} overlap={} single={} limit={model_limit}",
         source.chunk_tokens, source.chunk_overlap, source.single_chunk
-    )
+    );
+    if source.text_search.as_str() != "simple" {
+        out.push_str(&format!(" text_search={}", source.text_search.as_str()));
+    }
+    out
 }
 
 /// `fingerprint` from the config alone, for the sweep (which loads no model).

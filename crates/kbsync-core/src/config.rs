@@ -52,8 +52,85 @@ pub struct Config {
     pub scheduling: SchedulingConfig,
     #[serde(default)]
     pub index: IndexConfig,
+    #[serde(default)]
+    pub search: SearchConfig,
     /// Sources by name; the name is the chunk type stored in `tenant_knowledge.source`.
     pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// Retrieval for applications: `kbsync.search()` in SQL, `POST /v1/search` on the
+/// daemon's HTTP endpoint, `kbsync search`, and optional row-level security.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Chunks each ranking (vector, full-text) contributes before they are fused.
+    /// Default 100.
+    #[serde(default = "defaults::candidates")]
+    pub candidates: u32,
+    /// The constant of reciprocal rank fusion: a chunk scores 1 / (rrf_k + rank) in
+    /// each ranking it is in; larger values flatten the difference between ranks.
+    /// Default 60 (Cormack et al.).
+    #[serde(default = "defaults::rrf_k")]
+    pub rrf_k: u32,
+    /// Longest query `POST /v1/search` accepts, in characters. Default 2000.
+    #[serde(default = "defaults::max_query_chars")]
+    pub max_query_chars: usize,
+    /// Environment variable holding the bearer tokens `POST /v1/search` accepts
+    /// (comma-separated). Without it (or `api_tokens_file`) the endpoint is off.
+    pub api_tokens_env: Option<String>,
+    /// File holding those tokens, one a line (instead of `api_tokens_env`).
+    pub api_tokens_file: Option<PathBuf>,
+    /// `kbsync install` enables row-level security on tenant_knowledge: a role that
+    /// is not its owner sees only the rows of the tenant in the session setting
+    /// `kbsync.tenant` (`SET kbsync.tenant = '42'`). Default false.
+    #[serde(default)]
+    pub row_level_security: bool,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            candidates: defaults::candidates(),
+            rrf_k: defaults::rrf_k(),
+            max_query_chars: defaults::max_query_chars(),
+            api_tokens_env: None,
+            api_tokens_file: None,
+            row_level_security: false,
+        }
+    }
+}
+
+impl SearchConfig {
+    /// The bearer tokens `POST /v1/search` accepts; `None` when no token source is
+    /// configured (the endpoint is off). A configured source that yields no token is
+    /// an error, never an open endpoint.
+    pub fn api_tokens(&self) -> Result<Option<Vec<String>>, String> {
+        let (text, origin) = match (&self.api_tokens_env, &self.api_tokens_file) {
+            (Some(var), _) => (
+                std::env::var(var).map_err(|_| {
+                    format!("environment variable {var} (search.api_tokens_env) is not set: export the search API's tokens there, comma-separated")
+                })?,
+                format!("${var}"),
+            ),
+            (None, Some(path)) => (
+                std::fs::read_to_string(path).map_err(|e| {
+                    format!("cannot read search.api_tokens_file {}: {e}", path.display())
+                })?,
+                format!("the file {}", path.display()),
+            ),
+            (None, None) => return Ok(None),
+        };
+        let tokens: Vec<String> = text
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if tokens.is_empty() {
+            return Err(format!("{origin} holds no search API token"));
+        }
+        Ok(Some(tokens))
+    }
 }
 
 /// Which tenants' work goes first. Work is always shared fairly (round-robin) among
@@ -361,6 +438,11 @@ pub struct SourceConfig {
     pub chunk_tokens: Option<usize>,
     /// Tokens shared by neighbouring chunks. Default: chunk size / 8.
     pub chunk_overlap: Option<usize>,
+    /// PostgreSQL text search configuration of the chunks' full-text index: `simple`
+    /// (words as written, any language, product codes intact) or a language such as
+    /// `english` (stemmed, stop words dropped). Default simple.
+    #[serde(default = "defaults::text_search")]
+    pub text_search: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -395,6 +477,18 @@ pub struct FilterRule {
 
 mod defaults {
     use std::time::Duration;
+    pub fn text_search() -> String {
+        "simple".into()
+    }
+    pub fn candidates() -> u32 {
+        100
+    }
+    pub fn rrf_k() -> u32 {
+        60
+    }
+    pub fn max_query_chars() -> usize {
+        2_000
+    }
     pub fn yes() -> bool {
         true
     }
@@ -489,6 +583,11 @@ impl Config {
             && dir.is_relative()
         {
             config.embedding.model_dir = Some(base.join(dir));
+        }
+        if let (Some(file), Some(base)) = (&config.search.api_tokens_file, path.parent())
+            && file.is_relative()
+        {
+            config.search.api_tokens_file = Some(base.join(file));
         }
         Ok(config)
     }
@@ -707,6 +806,24 @@ impl Config {
             return Err((
                 "index.build_workers".into(),
                 "must be at most 64 (max_parallel_maintenance_workers)".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.search.candidates) {
+            return Err((
+                "search.candidates".into(),
+                "must be between 1 and 10000".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.search.rrf_k) {
+            return Err(("search.rrf_k".into(), "must be between 1 and 10000".into()));
+        }
+        if self.search.max_query_chars == 0 {
+            return Err(("search.max_query_chars".into(), "must be at least 1".into()));
+        }
+        if self.search.api_tokens_env.is_some() && self.search.api_tokens_file.is_some() {
+            return Err((
+                "search.api_tokens_file".into(),
+                "set either api_tokens_env or api_tokens_file, not both".into(),
             ));
         }
         if self.daemon.max_attempts == 0 {
@@ -941,6 +1058,8 @@ pub struct Source {
     pub single_chunk: bool,
     pub chunk_tokens: usize,
     pub chunk_overlap: usize,
+    /// The text search configuration of this source's chunks (a regconfig name).
+    pub text_search: Ident,
 }
 
 impl Source {
@@ -1060,7 +1179,17 @@ impl Source {
                 format!("{chunk_overlap} must be smaller than the chunk size ({chunk_tokens})"),
             ));
         }
+        let text_search = Ident::new(&cfg.text_search).map_err(|_| {
+            (
+                field("text_search"),
+                format!(
+                    "{:?} is not a text search configuration name (`SELECT cfgname FROM pg_ts_config` lists them; e.g. \"simple\", \"english\")",
+                    cfg.text_search
+                ),
+            )
+        })?;
         Ok(Self {
+            text_search,
             name: name.to_owned(),
             table,
             key,

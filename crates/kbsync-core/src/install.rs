@@ -9,6 +9,7 @@ use tokio_postgres::{Client, GenericClient};
 use crate::capture::{function_name, function_sql, trigger_defs};
 use crate::config::{CaptureMode, Config, Source};
 use crate::replication;
+use crate::search;
 use crate::sql_ident::quote_literal;
 
 pub struct Migration {
@@ -54,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 7,
         name: "adopted_embeddings",
         sql: include_str!("../../../sql/migrations/0007_adopted_embeddings.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "full_text",
+        sql: include_str!("../../../sql/migrations/0008_full_text.sql"),
     },
 ];
 
@@ -190,7 +196,72 @@ pub async fn plan(
     plan_migrations(client, &mut plan).await?;
     plan_embedding_column(client, config, options, &mut plan).await?;
     plan_capture(client, config, &mut plan).await?;
+    plan_search(client, config, &mut plan).await?;
     Ok(plan)
+}
+
+/// `kbsync.search()` as this config writes it (replaced when its text differs: its
+/// fingerprint is its COMMENT), and row-level security as `search.row_level_security`
+/// asks.
+async fn plan_search(
+    client: &impl GenericClient,
+    config: &Config,
+    plan: &mut InstallPlan,
+) -> Result<(), InstallError> {
+    let unknown = search::unknown_text_search_configs(client, config).await?;
+    if let Some(source) = config
+        .sources()
+        .into_iter()
+        .find(|s| unknown.iter().any(|u| u == s.text_search.as_str()))
+    {
+        return Err(InstallError::Source {
+            source_name: source.name,
+            problem: format!(
+                "text_search {:?} is not a text search configuration of this database (`SELECT cfgname FROM pg_ts_config` lists them)",
+                source.text_search.as_str()
+            ),
+        });
+    }
+    let sql = search::function_sql(config);
+    let print = fingerprint(&sql);
+    let current: Option<String> = client
+        .query_opt(
+            "SELECT obj_description(p.oid, 'pg_proc')
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'kbsync' AND p.proname = 'search'",
+            &[],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    if current.as_deref() != Some(print.as_str()) {
+        plan.push(
+            "create or replace the search function kbsync.search()",
+            format!(
+                "{sql};\nCOMMENT ON FUNCTION kbsync.search(text, text, vector, integer, text, text[], jsonb, integer, integer) IS '{print}'"
+            ),
+        );
+    }
+    let enabled: bool = client
+        .query_opt(
+            "SELECT c.relrowsecurity AND EXISTS (SELECT 1 FROM pg_policy p
+                                                  WHERE p.polrelid = c.oid AND p.polname = 'kbsync_tenant_isolation')
+               FROM pg_class c WHERE c.oid = to_regclass('public.tenant_knowledge')",
+            &[],
+        )
+        .await?
+        .is_some_and(|r| r.get(0));
+    match (config.search.row_level_security, enabled) {
+        (true, false) => plan.push(
+            "enable row-level security on tenant_knowledge (each session sees the tenant in kbsync.tenant)",
+            format!("{};\n{}", search::NO_ROW_LEVEL_SECURITY_SQL, search::ROW_LEVEL_SECURITY_SQL),
+        ),
+        (false, true) => plan.push(
+            "disable row-level security on tenant_knowledge (search.row_level_security = false)",
+            search::NO_ROW_LEVEL_SECURITY_SQL,
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 async fn plan_migrations(

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use pgvector::Vector;
 use tokio_postgres::GenericClient;
 
+use crate::config::Source;
+
 /// A chunk as stored.
 #[derive(Debug, Clone)]
 pub struct StoredChunk {
@@ -114,10 +116,12 @@ pub struct ChunkWrite {
 /// (0 deletes the key's chunks).
 pub async fn write_batch(
     client: &impl GenericClient,
-    source: &str,
+    source: &Source,
     writes: &[ChunkWrite],
     lengths: &[(String, i32)],
 ) -> Result<(u64, u64), tokio_postgres::Error> {
+    let text_search = source.text_search.as_str();
+    let source = source.name.as_str();
     let mut written = 0;
     if !writes.is_empty() {
         let tenants: Vec<&str> = writes.iter().map(|w| w.tenant.as_str()).collect();
@@ -139,10 +143,10 @@ pub async fn write_batch(
             .execute(
                 "INSERT INTO public.tenant_knowledge AS k
                         (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
-                         source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64)
+                         source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64, text_search_config)
                  SELECT $1, w.tenant_id, w.source_key, w.chunk_index, w.content, w.content_hash, w.embedding, w.embedding_model,
                         w.metadata, w.source_text_hash, w.chunking, w.chunk_count, w.source_text_hash64,
-                        hashtextextended(w.content COLLATE \"C\", 0)
+                        hashtextextended(w.content COLLATE \"C\", 0), $14::text::regconfig
                    FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[],
                                $10::bytea[], $11::text[], $12::int[], $13::bigint[])
                         AS w(tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
@@ -153,9 +157,10 @@ pub async fn write_batch(
                         embedding_model = EXCLUDED.embedding_model, metadata = EXCLUDED.metadata,
                         source_text_hash = EXCLUDED.source_text_hash, chunking = EXCLUDED.chunking,
                         chunk_count = EXCLUDED.chunk_count, source_text_hash64 = EXCLUDED.source_text_hash64,
-                        content_hash64 = EXCLUDED.content_hash64, updated_at = now()",
+                        content_hash64 = EXCLUDED.content_hash64,
+                        text_search_config = EXCLUDED.text_search_config, updated_at = now()",
                 &[&source, &tenants, &keys, &indexes, &contents, &hashes, &embeddings, &models, &metadata,
-                  &text_hashes, &chunkings, &counts, &text_hashes64],
+                  &text_hashes, &chunkings, &counts, &text_hashes64, &text_search],
             )
             .await?;
     }

@@ -15,5 +15,6 @@ pub mod knowledge_index;
 pub mod outbox;
 pub mod rate_limit;
 pub mod replication;
+pub mod search;
 pub mod source_rows;
 pub mod sql_ident;

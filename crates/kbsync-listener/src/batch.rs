@@ -441,7 +441,7 @@ async fn commit(
     let lengths = only_ours(&prepared.lengths, all_ours, |(k, _)| is_ours(k));
     let failures = only_ours(&prepared.failures, all_ours, |f| is_ours(&f.key));
     let (chunks_written, mut chunks_deleted) =
-        knowledge::write_batch(&tx, source, &writes, &lengths).await?;
+        knowledge::write_batch(&tx, &pipeline.source, &writes, &lengths).await?;
     outbox::lock_for_acknowledge(&tx, source, token, Scope::Row, &keys).await?;
     let dead_lettered = outbox::record_failures(&tx, source, token, &failures, policy).await?;
     let done: Vec<(String, i64)> = prepared

@@ -31,6 +31,7 @@ use crate::batch::{self, BatchError, SourcePipeline};
 use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
+use crate::search_api::SearchApi;
 use crate::texts_in_flight::TextsInFlight;
 use crate::{collector, decoder, index_manager, listener, systemd, telemetry};
 
@@ -65,7 +66,7 @@ struct Shared {
     /// is ready no sooner than this.
     shortest_window: Duration,
     url: String,
-    provider: Provider,
+    provider: Arc<Provider>,
     /// Texts a worker is embedding: another worker that needs one waits for it.
     texts_in_flight: TextsInFlight,
     pipelines: Vec<SourcePipeline>,
@@ -164,6 +165,13 @@ impl Daemon {
         if !schema_is_current(&client).await? {
             return Err(DaemonError::SchemaNotInstalled);
         }
+        let unknown =
+            kbsync_core::search::unknown_text_search_configs(&client, &self.config).await?;
+        if !unknown.is_empty() {
+            return Err(DaemonError::Source(format!(
+                "text_search {unknown:?} is not a text search configuration of this database: fix the sources' text_search and run `kbsync install`"
+            )));
+        }
         if self.config.capture.mode == CaptureMode::Logical {
             let slot = kbsync_core::replication::slot_name(&client, &self.config).await?;
             if kbsync_core::replication::slot_state(&client, &slot)
@@ -175,7 +183,13 @@ impl Daemon {
                 )));
             }
         }
-        let provider = Provider::from_config(&self.config)?;
+        let provider = Arc::new(Provider::from_config(&self.config)?);
+        let search_tokens = self.config.search.api_tokens().map_err(DaemonError::Http)?;
+        if search_tokens.is_some() && self.config.http.listen.is_none() {
+            return Err(DaemonError::Http(
+                "search.api_tokens_env / api_tokens_file is set but http.listen is not: the search API is served on the HTTP endpoint".into(),
+            ));
+        }
         let mut pipelines = Vec::new();
         for source in self.config.sources() {
             tracing::info!(
@@ -295,11 +309,21 @@ impl Daemon {
         }
 
         if let Some(bound) = http_listener {
+            let search = search_tokens.map(|tokens| {
+                tracing::info!(tokens = tokens.len(), "search API on POST /v1/search");
+                Arc::new(SearchApi {
+                    tokens,
+                    provider: shared.provider.clone(),
+                    config: shared.config.clone(),
+                    url: shared.url.clone(),
+                })
+            });
             let state = Arc::new(HttpState {
                 health,
                 metrics,
                 config: shared.config.clone(),
                 url: shared.url.clone(),
+                search,
             });
             let cancel = work_cancel.clone();
             tasks.spawn(async move {

@@ -1,7 +1,8 @@
 //! The daemon's HTTP endpoint (off unless `http.listen` is set):
 //! `/healthz` the process answers; `/readyz` database, listener and provider are
 //! healthy as the workers last saw them; `/metrics` Prometheus text;
-//! `/api/chunking-health` per-source coverage as JSON.
+//! `/api/chunking-health` per-source coverage as JSON; `POST /v1/search` (only with
+//! search API tokens configured; see `search_api`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use kbsync_core::config::Config;
 use kbsync_core::db;
 
 use crate::health::Health;
+use crate::search_api::{self, SearchApi};
 use crate::telemetry;
 
 /// Database reads made for a request give up after this long.
@@ -29,6 +31,8 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub config: Config,
     pub url: String,
+    /// The search API, when tokens for it are configured.
+    pub search: Option<Arc<SearchApi>>,
 }
 
 pub async fn serve(
@@ -36,12 +40,20 @@ pub async fn serve(
     state: Arc<HttpState>,
     cancel: CancellationToken,
 ) -> Result<(), std::io::Error> {
-    let app = Router::new()
+    let search = state.search.clone();
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/chunking-health", get(chunking_health))
         .with_state(state);
+    if let Some(api) = search {
+        app = app.merge(
+            Router::new()
+                .route("/v1/search", post(search_api::handle))
+                .with_state(api),
+        );
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await

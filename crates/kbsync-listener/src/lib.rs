@@ -2,7 +2,7 @@
 //! decoder that turns the replication slot's changes into captured changes, a
 //! collector that moves captured changes into the outbox, and workers that claim ready outbox entries (the
 //! debounce windows), process them (read rows → chunk → embed → write) and
-//! acknowledge them, until cancelled.
+//! acknowledge them, until cancelled; and the HTTP endpoint, with the search API.
 
 mod batch;
 mod batch_sizing;
@@ -14,6 +14,7 @@ mod http;
 mod index_manager;
 mod listener;
 mod pgoutput;
+mod search_api;
 pub mod systemd;
 pub mod telemetry;
 mod texts_in_flight;

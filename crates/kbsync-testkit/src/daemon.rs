@@ -232,6 +232,30 @@ impl DaemonProcess {
         (status, response.text().await.expect("the response body"))
     }
 
+    /// POST `body` as JSON to `path`, with `token` as the bearer token when given:
+    /// (status, the JSON answer).
+    pub async fn http_post_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("http://{}{path}", self.http_address().await);
+        let mut request = reqwest::Client::new().post(&url).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}\n{}", self.log()));
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("the response body");
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("POST {url} answered {status} with no JSON ({e}): {text}"));
+        (status, json)
+    }
+
     /// Send a signal by name (`HUP`, `TERM`, ...).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")

@@ -100,8 +100,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Search a tenant's knowledge: embed the question with the configured provider and
-    /// print the closest chunks (exact search over that tenant's chunks only).
+    /// Search a tenant's knowledge through kbsync.search(): vector similarity (the
+    /// question embedded with the configured provider), full-text relevance, or both
+    /// fused (hybrid, the default). Only that tenant's chunks are ever searched.
     Search {
         /// The tenant whose chunks are searched (tenant_knowledge.tenant_id).
         #[arg(long)]
@@ -110,7 +111,10 @@ enum Command {
         question: String,
         /// How many chunks to show.
         #[arg(short, default_value_t = 5)]
-        k: i64,
+        k: i32,
+        /// vector: paraphrases; text: exact terms (codes, names); hybrid: both, fused.
+        #[arg(long, default_value = "hybrid")]
+        mode: kbsync_core::search::Mode,
         /// Only this source.
         #[arg(long)]
         source: Option<String>,
@@ -227,6 +231,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             tenant,
             question,
             k,
+            mode,
             source,
             json,
         } => {
@@ -235,6 +240,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 text: question,
                 k,
                 source,
+                mode,
                 json,
             };
             done(search_cmd::search(&load(config)?, query).await)
