@@ -4,9 +4,13 @@ implementation: the BERT forward pass of all-MiniLM-L6-v2 written out in NumPy (
 candle, no torch), mean pooling over real tokens, L2 normalisation — what
 sentence-transformers does. The tokenizer is Hugging Face's `tokenizers` package.
 
-    pip install numpy safetensors tokenizers
-    python3 tools/reference/minilm_reference.py .kbsync/models/all-MiniLM-L6-v2 \
+    python=$(scripts/venv.sh reference tools/reference/requirements.txt)
+    $python tools/reference/minilm_reference.py .kbsync/models/all-MiniLM-L6-v2 \
         > tests/data/minilm_reference.json
+
+With --embed it reads a JSON list of texts on standard input and writes their
+embeddings, a JSON list of lists, to standard output (`just bench search` ranks its
+evaluation set with them, beside kbsync's own search).
 """
 import json
 import math
@@ -72,6 +76,12 @@ def main():
     tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
     tokenizer.no_padding()
     tokenizer.enable_truncation(256)
+    if sys.argv[2:] == ["--embed"]:
+        texts = json.load(sys.stdin)
+        vectors = [embed(weights, config, tokenizer.encode(t).ids).tolist() for t in texts]
+        json.dump(vectors, sys.stdout)
+        print()
+        return
     out = []
     for s in SENTENCES:
         ids = tokenizer.encode(s).ids

@@ -121,7 +121,7 @@ impl PyTorch {
     }
 }
 
-fn run_ok(command: &mut Command, what: &str) -> String {
+pub(crate) fn run_ok(command: &mut Command, what: &str) -> String {
     let out = command
         .output()
         .unwrap_or_else(|e| panic!("running {what}: {e}"));

@@ -7,7 +7,7 @@
 //! The vector ranking asks the HNSW index first; when that yields fewer candidates
 //! than wanted (a small tenant, whose rows the approximate graph walk can pass over
 //! when it filters by tenant afterwards, or a narrow filter) it scans the tenant's
-//! chunks exactly. The full-text ranking uses each chunk's own text search
+//! chunks exactly if they are few (`EXACT_UP_TO`) or the index found fewer than k. The full-text ranking uses each chunk's own text search
 //! configuration (its source's `text_search`) and the GIN index of migration 0008.
 
 use std::collections::BTreeSet;
@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::sql_ident::quote_literal;
 
 /// How chunks are ranked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Cosine similarity of the embeddings: paraphrases, other wordings.
@@ -70,6 +70,12 @@ impl FromStr for Mode {
 
 /// The most chunks one search returns.
 pub const MAX_K: i32 = 1000;
+
+/// A tenant (within a search's filters) with at most this many chunks is scanned
+/// exactly when the HNSW index returns fewer candidates than asked: an exact scan
+/// of 20,000 chunks of 384 dimensions takes about 30 ms here. A larger tenant is
+/// scanned exactly only when the index found fewer than k.
+pub const EXACT_UP_TO: u32 = 20_000;
 
 /// One search, as the function takes it.
 #[derive(Debug, Clone)]
@@ -226,9 +232,14 @@ BEGIN
                  WHERE {scope} AND t.embedding IS NOT NULL
                  ORDER BY t.embedding <=> query_vector
                  LIMIT candidates) c;
-        IF coalesce(cardinality(vector_ids), 0) < candidates THEN
+        IF coalesce(cardinality(vector_ids), 0) < k
+           OR (coalesce(cardinality(vector_ids), 0) < candidates
+               AND (SELECT count(*) FROM (SELECT 1 FROM public.tenant_knowledge t
+                                           WHERE {scope} AND t.embedding IS NOT NULL
+                                           LIMIT {exact_up_to} + 1) small) <= {exact_up_to}) THEN
             -- Fewer than asked: a small tenant or a narrow filter, which the approximate
-            -- walk may have passed over. Scan the tenant's chunks exactly.
+            -- walk may have passed over. Scan the tenant's chunks exactly when they are
+            -- few (cheap), or when the index did not even find k.
             SELECT array_agg(c.id ORDER BY c.distance, c.id), array_agg(1 - c.distance ORDER BY c.distance, c.id)
               INTO vector_ids, vector_sims
               FROM (SELECT x.id, x.distance
@@ -275,6 +286,7 @@ $kbsync$"#,
                    AND (sources IS NULL OR t.source = ANY (sources))
                    AND (metadata_filter IS NULL OR t.metadata @> metadata_filter)",
         candidates = config.search.candidates,
+        exact_up_to = EXACT_UP_TO,
         rrf_k = config.search.rrf_k,
         max_k = MAX_K,
         configs = configs.join(", "),
