@@ -207,6 +207,25 @@ async fn each_mode_ranks_the_tenants_own_chunks_and_never_another_tenants() {
         (Some(1), Some(1))
     );
     assert!((row.get::<_, f64>(3) - 2.0 / 61.0).abs() < 1e-9);
+    // The function's own hnsw.ef_search does not leak into the caller's transaction.
+    let ef = t
+        .client
+        .simple_query(&format!(
+            "BEGIN; SET LOCAL hnsw.ef_search = 77;
+             SELECT count(*) FROM kbsync.search('1', 'x', '{:?}'::vector, 10, 'vector');
+             SHOW hnsw.ef_search; COMMIT;",
+            t.server.vector_for("x")
+        ))
+        .await
+        .expect("a search inside a transaction");
+    let shown: Vec<&str> = ef
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shown.last(), Some(&"77"), "{shown:?}");
     // Bad arguments are errors that say what is wrong.
     for (sql, says) in [
         (

@@ -197,6 +197,7 @@ SET search_path = pg_catalog, public
 AS $kbsync$
 #variable_conflict use_column
 DECLARE
+    caller_ef_search text;
     vector_ids bigint[];
     vector_sims double precision[];
     text_ids bigint[];
@@ -223,7 +224,9 @@ BEGIN
     candidates := greatest(coalesce(candidates, {candidates}), k);
 
     IF mode <> 'text' THEN
-        -- The HNSW index filters by tenant after its graph walk: ask for more.
+        -- The HNSW index filters by tenant after its graph walk: ask for more (and
+        -- give the caller's transaction its own setting back afterwards).
+        caller_ef_search := current_setting('hnsw.ef_search', true);
         PERFORM set_config('hnsw.ef_search', least(greatest(4 * candidates, 40), 1000)::text, true);
         SELECT array_agg(c.id ORDER BY c.distance, c.id), array_agg(1 - c.distance ORDER BY c.distance, c.id)
           INTO vector_ids, vector_sims
@@ -250,6 +253,7 @@ BEGIN
                      ORDER BY x.distance, x.id
                      LIMIT candidates) c;
         END IF;
+        PERFORM set_config('hnsw.ef_search', coalesce(caller_ef_search, '40'), true);
     END IF;
 
     IF mode <> 'vector' THEN

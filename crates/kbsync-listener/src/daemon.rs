@@ -31,7 +31,10 @@ use crate::batch::{self, BatchError, SourcePipeline};
 use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
-use crate::search_api::SearchApi;
+use crate::search_api::{Connections, SearchApi};
+
+/// Database connections the search API's requests share.
+const SEARCH_CONNECTIONS: usize = 4;
 use crate::texts_in_flight::TextsInFlight;
 use crate::{collector, decoder, index_manager, listener, systemd, telemetry};
 
@@ -315,7 +318,7 @@ impl Daemon {
                     tokens,
                     provider: shared.provider.clone(),
                     config: shared.config.clone(),
-                    url: shared.url.clone(),
+                    connections: Connections::new(shared.url.clone(), SEARCH_CONNECTIONS),
                 })
             });
             let state = Arc::new(HttpState {

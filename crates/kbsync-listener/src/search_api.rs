@@ -11,6 +11,7 @@
 //! embedding provider) or 503 (the database).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -19,6 +20,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use pgvector::Vector;
 use serde::Deserialize;
+use tokio_postgres::Client;
 
 use kbsync_core::config::Config;
 use kbsync_core::db;
@@ -28,12 +30,48 @@ use kbsync_core::search::{self, MAX_K, Mode};
 /// A search request's database work gives up after this long.
 const SEARCH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Database connections the requests share: tokio-postgres pipelines concurrent
+/// queries on one connection, and a few connections let requests run side by side.
+/// Each is made on first use and made again once it has closed (a restart, a
+/// terminated backend), so no request pays for connecting but the first.
+pub struct Connections {
+    url: String,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Client>>>>,
+    next: AtomicUsize,
+}
+
+impl Connections {
+    pub fn new(url: String, count: usize) -> Self {
+        Self {
+            url,
+            slots: (0..count.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    async fn get(&self) -> Result<Arc<Client>, String> {
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[at].lock().await;
+        if let Some(client) = slot.as_ref()
+            && !client.is_closed()
+        {
+            return Ok(client.clone());
+        }
+        let (client, _task) = db::connect(&self.url).await.map_err(|e| e.to_string())?;
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+}
+
 /// What the endpoint needs besides the config.
 pub struct SearchApi {
     pub tokens: Vec<String>,
     pub provider: Arc<Provider>,
     pub config: Config,
-    pub url: String,
+    pub connections: Connections,
 }
 
 #[derive(Deserialize)]
@@ -164,8 +202,8 @@ pub async fn handle(
         };
     }
     let found = tokio::time::timeout(SEARCH_TIMEOUT, async {
-        let (client, _conn) = db::connect(&api.url).await.map_err(|e| e.to_string())?;
-        search::search(&client, &query)
+        let client = api.connections.get().await?;
+        search::search(&*client, &query)
             .await
             .map_err(|e| db::describe(&e))
     })
