@@ -17,6 +17,7 @@ use tokio_postgres::Client;
 use crate::chunk::{ChunkError, Chunker};
 use crate::config::Config;
 use crate::embed::{EmbedError, Provider};
+use crate::knowledge;
 use crate::source_rows::SourceQuery;
 use crate::sql_ident::{Ident, TableName};
 
@@ -93,14 +94,26 @@ pub async fn adopt(
     let model = config.embedding.model.clone();
     let dimensions = config.embedding.dimensions;
     check_old_table(client, old, &model, dimensions).await?;
-    let texts = texts_of_today(client, config).await?;
+    let mut needed = texts_of_today(client, config).await?;
+    let texts = needed.len() as u64;
+    // Texts the daemon would reuse a vector for already need nothing from the old table.
+    let all: Vec<[u8; 32]> = needed.iter().copied().collect();
+    for part in all.chunks(HASHES_PER_STATEMENT) {
+        let part: Vec<&[u8]> = part.iter().map(|h| h.as_slice()).collect();
+        for known in knowledge::hashes_with_embeddings(&*client, &model, &part).await? {
+            if let Ok(hash) = <[u8; 32]>::try_from(known.as_slice()) {
+                needed.remove(&hash);
+            }
+        }
+    }
+    let already_embedded = texts - needed.len() as u64;
 
     let tx = client.transaction().await?;
     tx.batch_execute(
         "CREATE TEMPORARY TABLE kbsync_adopt_texts (content_hash bytea PRIMARY KEY) ON COMMIT DROP",
     )
     .await?;
-    let hashes: Vec<&[u8]> = texts.iter().map(|h| h.as_slice()).collect();
+    let hashes: Vec<&[u8]> = needed.iter().map(|h| h.as_slice()).collect();
     for part in hashes.chunks(HASHES_PER_STATEMENT) {
         tx.execute(
             "INSERT INTO kbsync_adopt_texts SELECT unnest($1::bytea[])",
@@ -108,19 +121,6 @@ pub async fn adopt(
         )
         .await?;
     }
-    // Texts kbsync has a vector of this model for already need nothing from the old table.
-    let already_embedded = tx
-        .execute(
-            "DELETE FROM kbsync_adopt_texts n
-              WHERE EXISTS (SELECT 1 FROM public.tenant_knowledge k
-                             WHERE k.content_hash = n.content_hash AND k.embedding_model = $1
-                               AND k.embedding IS NOT NULL
-                               AND k.content_hash = sha256(convert_to(k.content, 'UTF8')))
-                 OR EXISTS (SELECT 1 FROM kbsync.adopted_embeddings a
-                             WHERE a.embedding_model = $1 AND a.content_hash = n.content_hash)",
-            &[&model],
-        )
-        .await?;
 
     let model_expr = match &old.model {
         ModelOf::Column(column) => format!("o.{column}::text"),
@@ -173,7 +173,6 @@ pub async fn adopt(
         tx.commit().await?;
     }
     let count = |i: usize| counts.get::<_, i64>(i) as u64;
-    let texts = texts.len() as u64;
     Ok(AdoptReport {
         table: old.table.to_string(),
         model,

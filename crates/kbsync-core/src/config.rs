@@ -304,8 +304,10 @@ pub struct DaemonConfig {
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
     /// Claims are sized so that a batch takes about this long (each worker measures its
-    /// keys per second, a remote provider's response time included, in whole requests
-    /// of `max_inputs_per_request`, at least one), between 1 key and `batch_size`. A new edit then waits for at most one batch in progress, however
+    /// keys per second, a remote provider's response time included; in whole requests
+    /// of `max_inputs_per_request`, at least two when the provider's time is most of a
+    /// key's cost), between 1 key and `batch_size`. A new edit then waits for at most
+    /// one batch in progress, however
     /// large the backlog it arrives behind. Default 200ms.
     #[serde(default = "defaults::batch_duration", with = "humantime_serde")]
     pub batch_duration: Duration,

@@ -2,6 +2,7 @@
 //! upsert/delete of a batch, inside the caller's transaction.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use pgvector::Vector;
 use tokio_postgres::GenericClient;
@@ -29,31 +30,56 @@ pub struct StoredChunk {
     pub intact: bool,
 }
 
-/// Stored embeddings of `model` for these content hashes, whichever key or tenant
-/// holds them (an embedding depends on the text and the model only), and those
-/// `kbsync adopt` took over from an earlier table. A chunk whose text no longer
-/// matches its hash (edited by hand) is never a source.
+/// Where an embedding of `model` ($2) for one of these content hashes ($1) may be
+/// taken from, whichever key or tenant holds it (an embedding depends on the text and
+/// the model only): stored chunks first, then what `kbsync adopt` took over from an
+/// earlier table. A chunk whose text no longer matches its hash (edited by hand) is
+/// never a source.
+const REUSABLE_EMBEDDINGS: &str = "
+    SELECT content_hash, embedding, 0 AS preference
+      FROM public.tenant_knowledge
+     WHERE content_hash = ANY($1) AND embedding_model = $2 AND embedding IS NOT NULL
+       AND content_hash = sha256(convert_to(content, 'UTF8'))
+    UNION ALL
+    SELECT content_hash, embedding, 1
+      FROM kbsync.adopted_embeddings
+     WHERE content_hash = ANY($1) AND embedding_model = $2";
+
+/// Built once: `embeddings_by_hash` runs in every batch.
+static EMBEDDINGS_BY_HASH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT DISTINCT ON (content_hash) content_hash, embedding
+           FROM ({REUSABLE_EMBEDDINGS}) found
+          ORDER BY content_hash, preference"
+    )
+});
+
+/// Reusable embeddings of `model` for these content hashes (`REUSABLE_EMBEDDINGS`).
 pub async fn embeddings_by_hash(
     client: &impl GenericClient,
     model: &str,
     hashes: &[&[u8]],
 ) -> Result<HashMap<Vec<u8>, Vector>, tokio_postgres::Error> {
     let rows = client
+        .query(EMBEDDINGS_BY_HASH.as_str(), &[&hashes, &model])
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Which of these content hashes have a reusable embedding of `model`, without
+/// reading the vectors.
+pub async fn hashes_with_embeddings(
+    client: &impl GenericClient,
+    model: &str,
+    hashes: &[&[u8]],
+) -> Result<Vec<Vec<u8>>, tokio_postgres::Error> {
+    let rows = client
         .query(
-            "SELECT DISTINCT ON (content_hash) content_hash, embedding
-               FROM (SELECT content_hash, embedding, 0 AS preference
-                       FROM public.tenant_knowledge
-                      WHERE content_hash = ANY($1) AND embedding_model = $2 AND embedding IS NOT NULL
-                        AND content_hash = sha256(convert_to(content, 'UTF8'))
-                     UNION ALL
-                     SELECT content_hash, embedding, 1
-                       FROM kbsync.adopted_embeddings
-                      WHERE content_hash = ANY($1) AND embedding_model = $2) found
-              ORDER BY content_hash, preference",
+            &format!("SELECT DISTINCT content_hash FROM ({REUSABLE_EMBEDDINGS}) found"),
             &[&hashes, &model],
         )
         .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
 /// Stored chunks of `keys`, by key.

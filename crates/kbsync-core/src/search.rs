@@ -316,19 +316,14 @@ pub async fn unknown_text_search_configs(
     client: &impl GenericClient,
     config: &Config,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let mut unknown = Vec::new();
-    for name in text_search_configs(config) {
-        let found: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_ts_config
-                                 WHERE cfgname = $1 AND pg_ts_config_is_visible(oid))",
-                &[&name],
-            )
-            .await?
-            .get(0);
-        if !found {
-            unknown.push(name);
-        }
-    }
-    Ok(unknown)
+    let rows = client
+        .query(
+            "SELECT name FROM unnest($1::text[]) AS name
+              WHERE NOT EXISTS (SELECT 1 FROM pg_ts_config
+                                 WHERE cfgname = name AND pg_ts_config_is_visible(oid))
+              ORDER BY name",
+            &[&text_search_configs(config)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

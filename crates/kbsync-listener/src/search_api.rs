@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 
 use kbsync_core::config::Config;
 use kbsync_core::db;
-use kbsync_core::embed::Provider;
+use kbsync_core::embed::{EmbedOneError, Provider};
 use kbsync_core::search::{self, MAX_K, Mode};
 
 /// A search request's database work gives up after this long.
@@ -183,17 +183,15 @@ pub async fn handle(
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if query.mode.needs_vector() {
-        let embedded = api.provider.embed(std::slice::from_ref(&query.text)).await;
-        query.vector = match embedded.map(|mut v| v.pop()) {
-            Ok(Some(Ok(vector))) => Some(Vector::from(vector)),
-            Ok(Some(Err(refused))) => {
+        query.vector = match api.provider.embed_one(&query.text).await {
+            Ok(vector) => Some(Vector::from(vector)),
+            Err(EmbedOneError::Refused(refused)) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     format!("the embedding provider refused the query: {refused}"),
                 );
             }
-            Ok(None) => return error(StatusCode::BAD_GATEWAY, "the provider returned no vector"),
-            Err(e) => {
+            Err(EmbedOneError::Provider(e)) => {
                 return error(
                     StatusCode::BAD_GATEWAY,
                     format!("embedding the query failed: {e}"),

@@ -4,7 +4,6 @@
 use anyhow::bail;
 use kbsync_core::adopt::{self, AdoptReport, ModelOf, OldTable};
 use kbsync_core::config::Config;
-use kbsync_core::install::schema_is_current;
 use kbsync_core::sql_ident::{Ident, TableName};
 
 /// `kbsync adopt`'s options.
@@ -39,12 +38,7 @@ pub struct AdoptArgs {
 }
 
 pub async fn adopt(config: &Config, request: AdoptArgs) -> anyhow::Result<()> {
-    let mut client = crate::connect(config).await?;
-    if !schema_is_current(&client).await? {
-        bail!(
-            "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
-        );
-    }
+    let mut client = crate::connect_installed(config).await?;
     if request.clear {
         let removed = adopt::clear(&client).await?;
         println!("kbsync adopt --clear: {removed} adopted embeddings forgotten");

@@ -9,12 +9,8 @@ use kbsync_core::embed::Provider;
 pub async fn embed(config: &Config, text: &str) -> anyhow::Result<()> {
     let provider = Provider::from_config(config)?;
     let started = Instant::now();
-    let mut outcomes = provider.embed(&[text.to_owned()]).await?;
+    let vector = provider.embed_one(text).await?;
     let latency = started.elapsed();
-    let vector = outcomes
-        .pop()
-        .ok_or_else(|| anyhow::anyhow!("the provider returned no vector"))?
-        .map_err(|refused| anyhow::anyhow!("the provider refused the text: {refused}"))?;
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
     let first: Vec<String> = vector.iter().take(8).map(|x| format!("{x:.6}")).collect();
     println!("model      {}", provider.model());

@@ -285,6 +285,17 @@ async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// `connect`, for commands that need kbsync's schema as this kbsync knows it.
+async fn connect_installed(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    let client = connect(config).await?;
+    if !kbsync_core::install::schema_is_current(&client).await? {
+        anyhow::bail!(
+            "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
+        );
+    }
+    Ok(client)
+}
+
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()

@@ -1,7 +1,7 @@
 //! `kbsync search`: what a tenant's question retrieves, through `kbsync.search()` — the
 //! same ranking applications get from the SQL function and `POST /v1/search`.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use pgvector::Vector;
 
 use kbsync_core::config::Config;
@@ -29,13 +29,7 @@ pub async fn search(config: &Config, query: Query) -> anyhow::Result<()> {
     }
     let vector = if query.mode.needs_vector() {
         let provider = Provider::from_config(config)?;
-        let vector = provider
-            .embed(std::slice::from_ref(&query.text))
-            .await?
-            .pop()
-            .context("the provider returned no vector")?
-            .map_err(|e| anyhow::anyhow!("the provider refused the question: {e}"))?;
-        Some(Vector::from(vector))
+        Some(Vector::from(provider.embed_one(&query.text).await?))
     } else {
         None
     };

@@ -11,12 +11,7 @@ use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
 
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let client = crate::connect(config).await?;
-    if !kbsync_core::install::schema_is_current(&client).await? {
-        anyhow::bail!(
-            "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
-        );
-    }
+    let client = crate::connect_installed(config).await?;
     let cover = coverage(&client, config).await?;
     let runs = recent_runs(&client, 5).await?;
     let capture = capture_status(&client, config).await?;

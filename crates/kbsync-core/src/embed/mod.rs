@@ -14,6 +14,15 @@ use crate::config::{Config, LOCAL_MODEL_TOKEN_LIMIT, ProviderKind};
 /// An input's vector, or why the provider refused that input.
 pub type InputOutcome = Result<Vec<f32>, String>;
 
+/// Why one text (a query, `kbsync embed`) got no vector.
+#[derive(Debug, Error)]
+pub enum EmbedOneError {
+    #[error(transparent)]
+    Provider(#[from] EmbedError),
+    #[error("the provider refused the text: {0}")]
+    Refused(String),
+}
+
 /// A failure of the provider as a whole (not of one input): nothing is written and
 /// the keys are retried later without counting against them.
 #[derive(Debug, Error)]
@@ -90,6 +99,15 @@ impl Provider {
         match self {
             Self::OpenAi(c) => c.token_limit(),
             Self::Local(_) => LOCAL_MODEL_TOKEN_LIMIT,
+        }
+    }
+
+    /// One text's vector.
+    pub async fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedOneError> {
+        match self.embed(&[text.to_owned()]).await?.pop() {
+            Some(Ok(vector)) => Ok(vector),
+            Some(Err(refused)) => Err(EmbedOneError::Refused(refused)),
+            None => Err(EmbedError::Protocol("the provider returned no vector".into()).into()),
         }
     }
 
