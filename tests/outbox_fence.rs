@@ -1,5 +1,6 @@
-//! The claim fence: a worker whose lease ran out and whose entry was claimed again
-//! by another worker can no longer write or acknowledge it.
+//! Claims and the claim fence: workers claiming at once take different entries, and
+//! a worker whose lease ran out and whose entry was claimed again by another worker
+//! can no longer write or acknowledge it.
 
 #![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
 
@@ -23,14 +24,19 @@ async fn one_prompt() -> (TestDb, tokio_postgres::Client, Source) {
         .await
         .unwrap();
     outbox::collect(&client).await.unwrap();
+    (db, client, undebounced("manual"))
+}
+
+/// The shipped config's source `name`, with no debounce.
+fn undebounced(name: &str) -> Source {
     let config = Config::load(&shipped_config()).unwrap();
     let mut source = config
         .sources()
         .into_iter()
-        .find(|s| s.name == "manual")
+        .find(|s| s.name == name)
         .unwrap();
     source.debounce = Duration::ZERO;
-    (db, client, source)
+    source
 }
 
 #[tokio::test]
@@ -140,4 +146,66 @@ async fn an_entry_changed_during_processing_stays_for_another_pass() {
         row.get::<_, bool>(1),
         "the newer change was not released for processing"
     );
+}
+
+#[tokio::test]
+async fn a_claim_beside_another_in_progress_takes_the_next_entries_not_none() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let mut client = db.client().await;
+    // Two tenants with 100 QAPairs each.
+    client
+        .batch_execute(
+            "INSERT INTO accounts_user VALUES (1, 'a', 'A', 'a.example'), (2, 'b', 'B', 'b.example');
+             INSERT INTO web_knowledge_websitepage (id, user_id, url, crawl_status)
+                  SELECT md5('page' || u)::uuid, u, 'https://example/' || u, 'completed'
+                    FROM generate_series(1, 2) u;
+             INSERT INTO web_knowledge_qapair (id, page_id, question, answer, generation_status)
+                  SELECT md5('qa' || u || '-' || g)::uuid, md5('page' || u)::uuid, 'Q ' || g, 'A ' || g, 'completed'
+                    FROM generate_series(1, 2) u, generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    outbox::collect(&client).await.unwrap();
+    let source = undebounced("faq");
+    let lease = Duration::from_secs(60);
+    // A worker's claim still running (its transaction open, its rows locked)...
+    let first = client.transaction().await.unwrap();
+    let mine = outbox::claim(&first, &source, uuid::Uuid::new_v4(), lease, 50, None)
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 50);
+    // ...and another worker's claim at the same moment, on its own connection.
+    let other_client = db.client().await;
+    let theirs = outbox::claim(
+        &other_client,
+        &source,
+        uuid::Uuid::new_v4(),
+        lease,
+        50,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        theirs.len(),
+        50,
+        "a claim beside another one in progress came away short, though 150 entries were ready"
+    );
+    let mine: std::collections::HashSet<String> = mine.into_iter().map(|c| c.key).collect();
+    assert!(
+        theirs.iter().all(|c| !mine.contains(&c.key)),
+        "two claims took the same entry"
+    );
+    // Both tenants got their share in each claim.
+    let tenants: i64 = other_client
+        .query_one(
+            "SELECT count(DISTINCT tenant) FROM kbsync.outbox WHERE claim_token IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tenants, 2);
+    first.commit().await.unwrap();
 }

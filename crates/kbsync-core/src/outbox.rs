@@ -45,8 +45,8 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-// The readiness test, on outbox row `o`; repeated in `ready` so that it is checked
-// again on the locked row (another daemon may have claimed it meanwhile).
+// The readiness test, on outbox row `o`. FOR UPDATE checks it again on the row it
+// locks when a concurrent claim has changed the row meanwhile (another daemon's).
 const READY: &str = "(o.claimed_until IS NULL OR o.claimed_until < now())
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
                    AND (o.last_changed_at <= now() - make_interval(secs => CASE WHEN o.deleted THEN $2::float8 ELSE $3::float8 END)
@@ -67,24 +67,25 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              share AS (
                 SELECT CEIL($5::bigint / GREATEST(count(*), 1)::float8)::bigint AS n FROM wanted),
              candidates AS (
+                -- Locked here, where each tenant's oldest entries are picked: workers
+                -- claiming at the same moment then take the next entries instead of
+                -- all picking the same ones and coming away with nothing.
                 SELECT c.scope, c.source_key, c.last_changed_at,
                        row_number() OVER (PARTITION BY w.tenant ORDER BY c.last_changed_at) AS turn
                   FROM wanted w CROSS JOIN share
                   CROSS JOIN LATERAL (
                        SELECT o.scope, o.source_key, o.last_changed_at FROM kbsync.outbox o
                         WHERE o.source = $1 AND o.tenant = w.tenant AND {READY}
-                        ORDER BY o.last_changed_at LIMIT share.n) c),
+                        ORDER BY o.last_changed_at LIMIT share.n
+                        FOR UPDATE OF o SKIP LOCKED) c),
              ready AS (
-                SELECT o.source, o.scope, o.source_key FROM kbsync.outbox o
-                  JOIN candidates c ON o.source = $1 AND o.scope = c.scope AND o.source_key = c.source_key
-                 WHERE {READY}
+                SELECT c.scope, c.source_key FROM candidates c
                  ORDER BY c.turn, c.last_changed_at
-                 LIMIT $5
-                 FOR UPDATE OF o SKIP LOCKED)
+                 LIMIT $5)
          UPDATE kbsync.outbox o
             SET claim_token = $6, claimed_until = now() + make_interval(secs => $7::float8)
            FROM ready
-          WHERE o.source = ready.source AND o.scope = ready.scope AND o.source_key = ready.source_key
+          WHERE o.source = $1 AND o.scope = ready.scope AND o.source_key = ready.source_key
       RETURNING o.scope, o.source_key, o.version, o.attempts"
     )
 });
