@@ -5,10 +5,10 @@
 //! in each mode: recall@1, recall@5 and MRR, beside the ranking of the independent
 //! NumPy implementation of the same model (`tools/reference/minilm_reference.py`:
 //! exact cosine over the tenant's chunks). Latency: 100,000 chunks for each of two
-//! tenants at the local model's 384 dimensions, clustered around topic centres as
-//! embeddings are, with the HNSW index: `kbsync.search()` per mode against an exact
-//! scan of the tenant in the same run, and how much of the exact top 10 the
-//! index-backed search returns.
+//! tenants, FAQ-like texts made from the set's sentences and embedded by the local
+//! model (384 dimensions), with the HNSW index: the set's questions through
+//! `kbsync.search()` per mode against an exact scan of the tenant in the same run,
+//! and how much of the exact top 10 the index-backed search returns.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -340,40 +340,127 @@ pub async fn quality_rows() -> Vec<(String, String)> {
     out
 }
 
-/// Topic centres the latency data is drawn around.
-const TOPICS: i32 = 2_000;
+/// Distinct texts of the latency data (each tenant gets all of them).
+const LATENCY_TEXTS: usize = 100_000;
 
-/// `n` chunks for each of `tenants` tenants, 384-dimension vectors near one of
-/// `TOPICS` random centres each (embeddings of related texts lie close together;
-/// uniformly random vectors, which nothing real resembles, are the HNSW graph's worst
-/// case), and short texts; the HNSW index built afterwards (its build time returned).
-async fn many_chunks(client: &Client, tenants: i32, n: i32) -> Duration {
+/// The latency data's texts, the same in every run: a sentence of the evaluation
+/// set's documents, a run of four words from another, and an item number, as
+/// catalogue FAQs vary one theme (about 20 words each, short chunks).
+fn latency_texts(n: usize) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    let set: serde_json::Value = serde_json::from_str(SET).expect("the evaluation set");
+    let mut sentences: Vec<String> = Vec::new();
+    for docs in set["tenants"].as_object().expect("tenants").values() {
+        for kind in ["faqs", "products", "pages"] {
+            for fields in docs[kind].as_object().into_iter().flatten().map(|d| d.1) {
+                for field in fields.as_array().expect("a document's fields") {
+                    let field = field.as_str().expect("a text field");
+                    sentences.extend(
+                        field
+                            .split_inclusive(['.', '?', ';'])
+                            .map(str::trim)
+                            .filter(|s| s.split_whitespace().count() >= 4)
+                            .map(str::to_owned),
+                    );
+                }
+            }
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261206);
+    (0..n)
+        .map(|i| {
+            let sentence = &sentences[rng.random_range(0..sentences.len())];
+            let other: Vec<&str> = sentences[rng.random_range(0..sentences.len())]
+                .split_whitespace()
+                .collect();
+            let from = rng.random_range(0..=other.len() - 4);
+            format!("{sentence} {} Item {i}.", other[from..from + 4].join(" "))
+        })
+        .collect()
+}
+
+/// `texts` embedded by the local model of `config`, read from `.kbsync/cache` when a
+/// run before embedded the same texts with the same model (about 10 minutes on 2
+/// cores the first time).
+async fn embedded_once(config: &Config, texts: &[String]) -> Vec<Vector> {
+    use sha2::{Digest, Sha256};
+    const DIMS: usize = 384;
+    let mut key = Sha256::new();
+    key.update(config.embedding.model.as_bytes());
+    for text in texts {
+        key.update(text.as_bytes());
+        key.update([0]);
+    }
+    let key: String = key.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = repo_root().join(format!(".kbsync/cache/search-latency-{key}.f32"));
+    let from_cache = std::fs::read(&path)
+        .ok()
+        .filter(|bytes| bytes.len() == texts.len() * DIMS * 4);
+    let floats: Vec<f32> = match from_cache {
+        Some(bytes) => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        None => {
+            let provider = Provider::from_config(config).expect("the local model");
+            let started = Instant::now();
+            let mut floats = Vec::with_capacity(texts.len() * DIMS);
+            for (done, batch) in texts.chunks(512).enumerate() {
+                for outcome in provider.embed(batch).await.expect("embedding") {
+                    let vector = outcome.expect("a text's vector");
+                    assert_eq!(vector.len(), DIMS);
+                    floats.extend(vector);
+                }
+                eprintln!(
+                    "search latency data: {} of {} texts embedded ({:.0} s)",
+                    ((done + 1) * 512).min(texts.len()),
+                    texts.len(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            let bytes: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+            std::fs::create_dir_all(path.parent().expect("the cache directory"))
+                .expect("the cache directory");
+            std::fs::write(&path, bytes).expect("caching the vectors");
+            floats
+        }
+    };
+    floats
+        .chunks_exact(DIMS)
+        .map(|v| Vector::from(v.to_vec()))
+        .collect()
+}
+
+/// Every text with its vector as a chunk of each of `tenants` tenants (the same
+/// texts in each: near-identical chunks across tenants, the tenant filter's hard
+/// case); the HNSW index built afterwards (its build time returned).
+async fn many_chunks(
+    client: &Client,
+    tenants: i32,
+    texts: &[String],
+    vectors: &[Vector],
+) -> Duration {
     client
-        .batch_execute(&format!(
-            "DROP INDEX IF EXISTS {HNSW_INDEX};
-             CREATE TEMPORARY TABLE topics AS
-                 SELECT c, array_agg(random() - 0.5 ORDER BY d) AS centre
-                   FROM generate_series(0, {last}) c, generate_series(1, 384) d GROUP BY c;",
-            last = TOPICS - 1
-        ))
+        .batch_execute(&format!("DROP INDEX IF EXISTS {HNSW_INDEX}"))
         .await
-        .expect("topic centres");
+        .expect("dropping the index");
     for tenant in 1..=tenants {
-        client
-            .execute(
-                "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
-                                               embedding, embedding_model)
-                 SELECT $1::int::text, 'faq', $1::int || '-' || g, 0, t.body, sha256(convert_to(t.body, 'UTF8')),
-                        r.v, 'all-MiniLM-L6-v2'
-                   FROM generate_series(1, $2::int) g
-                   JOIN topics ON topics.c = g % $3::int,
-                        LATERAL (SELECT format('Question %s about item %s in topic %s', g, g % 997, g % 101) AS body) t,
-                        LATERAL (SELECT array_agg(topics.centre[d] + 0.25 * (random() - 0.5) ORDER BY d)::vector AS v
-                                   FROM generate_series(1, 384) d) r",
-                &[&tenant, &n, &TOPICS],
-            )
-            .await
-            .expect("loading chunks");
+        for (at, (texts, vectors)) in texts.chunks(2_000).zip(vectors.chunks(2_000)).enumerate() {
+            client
+                .execute(
+                    "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
+                                                   embedding, embedding_model)
+                     SELECT $1::int::text, 'faq', $1::int || '-' || ($2::int + n), 0, body,
+                            sha256(convert_to(body, 'UTF8')), v, 'all-MiniLM-L6-v2'
+                       FROM unnest($3::text[], $4::vector[]) WITH ORDINALITY AS x(body, v, n)",
+                    &[&tenant, &((at * 2_000) as i32), &texts, &vectors],
+                )
+                .await
+                .expect("loading chunks");
+        }
     }
     let started = Instant::now();
     client
@@ -389,32 +476,84 @@ async fn many_chunks(client: &Client, tenants: i32, n: i32) -> Duration {
 
 pub async fn latency_rows() -> Vec<(String, String)> {
     const TENANTS: i32 = 2;
-    const PER_TENANT: i32 = 100_000;
+    const PER_TENANT: usize = LATENCY_TEXTS;
     const QUERIES: usize = 200;
     let config = local_model_config("0s");
     let (_db, client) = demo_db(&config).await;
-    let build = many_chunks(&client, TENANTS, PER_TENANT).await;
+    let parsed = Config::load(config.path()).expect("the config");
+    let texts = latency_texts(LATENCY_TEXTS);
+    // Queries: the evaluation set's questions, as a customer would type them, with
+    // a greeting in front now and then so that no two are the same text.
+    let set: serde_json::Value = serde_json::from_str(SET).expect("the evaluation set");
+    let questions: Vec<&str> = set["queries"]
+        .as_array()
+        .expect("queries")
+        .iter()
+        .map(|q| q[2].as_str().expect("a question"))
+        .collect();
+    let leads = ["", "Hi, ", "Quick question: ", "Hello! ", "Please help: "];
+    let query_texts: Vec<String> = (0..QUERIES)
+        .map(|q| {
+            let lead = leads[(q / questions.len()) % leads.len()];
+            format!("{lead}{}", questions[q % questions.len()])
+        })
+        .collect();
+    let all: Vec<String> = texts.iter().chain(&query_texts).cloned().collect();
+    let mut vectors = embedded_once(&parsed, &all).await;
+    let query_vectors = vectors.split_off(texts.len());
+    let build = many_chunks(&client, TENANTS, &texts, &vectors).await;
     let mut out = vec![(
         format!(
-            "{PER_TENANT} chunks for each of {TENANTS} tenants, 384 dimensions, around {TOPICS} topic centres: HNSW build"
+            "{PER_TENANT} chunks for each of {TENANTS} tenants (the same {LATENCY_TEXTS} FAQ-like texts, embedded by the local model: 384 dimensions): HNSW build"
         ),
         format!("{:.1} s", build.as_secs_f64()),
     )];
-    // Query vectors: near a random topic centre, like the chunks; text queries name a topic.
-    let queries: Vec<(Vector, String)> = client
-        .query(
-            "SELECT (SELECT array_agg(t.centre[d] + 0.25 * (random() - 0.5) ORDER BY d)::vector
-                       FROM generate_series(1, 384) d),
-                    'topic ' || (q % 101)
-               FROM generate_series(1, $1::int) q
-               JOIN topics t ON t.c = (q * 7919) % $2::int",
-            &[&(QUERIES as i32), &TOPICS],
-        )
-        .await
-        .expect("query vectors")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    // Full text needs every word of the query (websearch_to_tsquery), and few
+    // questions share all their words with a chunk: the text and hybrid rankings are
+    // timed with keywords that do match, two words in a row of a random chunk (the
+    // costly case: every chunk that matches is ranked).
+    let keywords: Vec<String> = {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        (0..QUERIES)
+            .map(|_| {
+                let words: Vec<String> = texts[rng.random_range(0..texts.len())]
+                    .split_whitespace()
+                    .map(|w| {
+                        w.trim_matches(|c: char| !c.is_alphanumeric())
+                            .to_lowercase()
+                    })
+                    .filter(|w| w.len() > 2)
+                    .collect();
+                let from = rng.random_range(0..words.len() - 1);
+                words[from..from + 2].join(" ")
+            })
+            .collect()
+    };
+    let mut matching: Vec<i64> = Vec::with_capacity(QUERIES);
+    for words in &keywords {
+        matching.push(
+            client
+                .query_one(
+                    "SELECT count(*) FROM tenant_knowledge
+                      WHERE tenant_id = '1' AND content_tsv @@ websearch_to_tsquery('simple', $1)",
+                    &[words],
+                )
+                .await
+                .expect("counting matches")
+                .get(0),
+        );
+    }
+    matching.sort_unstable();
+    out.push((
+        format!("  keyword queries (two words in a row of a chunk): chunks of the tenant each matches, median / p99 of {QUERIES}"),
+        format!(
+            "{} / {}",
+            matching[QUERIES / 2],
+            matching[(QUERIES * 99).div_ceil(100) - 1]
+        ),
+    ));
+    let queries: Vec<(Vector, String)> = query_vectors.into_iter().zip(query_texts).collect();
     let exact = "SELECT x.source_key FROM (SELECT t.source_key, t.embedding <=> $1 AS d FROM tenant_knowledge t
                                             WHERE t.tenant_id = '1' OFFSET 0) x ORDER BY x.d LIMIT 10";
     // How much of the exact top 10 the index-backed vector search returns.
@@ -442,7 +581,8 @@ pub async fn latency_rows() -> Vec<(String, String)> {
     let mut timings: Vec<(String, Vec<Duration>)> = Vec::new();
     for what in ["vector", "hybrid", "text", "exact"] {
         let mut times = Vec::with_capacity(QUERIES);
-        for (vector, text) in &queries {
+        for ((vector, question), words) in queries.iter().zip(&keywords) {
+            let text = if what == "vector" { question } else { words };
             let started = Instant::now();
             let rows = if what == "exact" {
                 client.query(exact, &[vector]).await
@@ -464,7 +604,11 @@ pub async fn latency_rows() -> Vec<(String, String)> {
     for (what, times) in &timings {
         let label = match what.as_str() {
             "exact" => "exact scan of the tenant (no index), 10 nearest: the baseline".to_owned(),
-            mode => format!("kbsync.search, {mode}, k 10 (100 candidates)"),
+            "vector" => "kbsync.search, vector (the questions), k 10 (100 candidates)".to_owned(),
+            "text" => "kbsync.search, text (the keywords), k 10 (100 candidates)".to_owned(),
+            mode => format!(
+                "kbsync.search, {mode} (the keywords and the question's vector), k 10 (100 candidates)"
+            ),
         };
         out.push((
             format!("  {label}: p50 / p99 of {QUERIES} queries"),
