@@ -2,7 +2,7 @@
 //! and nothing it should not trust is taken.
 
 use kbsync_testkit::demo_state::{self, TEST_MODEL};
-use kbsync_testkit::{FakeOpenAi, Installed, repo_root, sync_config};
+use kbsync_testkit::{FakeOpenAi, Installed, shown_in_readme, sync_config};
 use tokio_postgres::Client;
 
 const DIMS: usize = 16;
@@ -109,25 +109,6 @@ async fn installed_for_the_guide() -> Installed {
     Installed::with_config(server, config).await
 }
 
-/// The output the README's guide shows under `$ command` (the lines after it up to
-/// the end of its code block, less the indentation of the list the block stands in).
-fn shown_in_the_guide(command: &str) -> String {
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
-    let after = readme
-        .split_once(&format!("$ {command}\n"))
-        .unwrap_or_else(|| panic!("README.md shows no `$ {command}`"))
-        .1;
-    let block = after
-        .split_once("```")
-        .expect("the end of the code block")
-        .0;
-    block
-        .lines()
-        .map(|line| line.strip_prefix("   ").unwrap_or(line))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Every chunk as text, in a fixed order, for comparing two databases.
 async fn knowledge(client: &Client) -> Vec<String> {
     client
@@ -203,8 +184,8 @@ async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
     let done = adopt(&[]);
     done.assert_success();
     assert_eq!(
-        done.stdout,
-        shown_in_the_guide(
+        done.stdout.trim_end(),
+        shown_in_readme(
             "kbsync adopt --table ai_model_tenantknowledge --model-column embedding_model"
         ),
         "README.md's guide shows other output than kbsync adopt gives"

@@ -14,15 +14,10 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::chunk::{ChunkError, Chunker};
+use crate::chunk_texts::{ChunkTextsError, distinct_chunk_texts};
 use crate::config::Config;
-use crate::embed::{EmbedError, Provider};
 use crate::knowledge;
-use crate::source_rows::SourceQuery;
 use crate::sql_ident::{Ident, TableName};
-
-/// Rows read per page while chunking a source.
-const PAGE: i64 = 1_000;
 /// Hashes sent per statement into the temporary table.
 const HASHES_PER_STATEMENT: usize = 10_000;
 
@@ -79,9 +74,7 @@ pub enum AdoptError {
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
-    Embed(#[from] EmbedError),
-    #[error(transparent)]
-    Chunk(#[from] ChunkError),
+    Texts(#[from] ChunkTextsError),
 }
 
 /// Adopt what `old` holds for the configured model; with `dry_run`, count only.
@@ -94,17 +87,15 @@ pub async fn adopt(
     let model = config.embedding.model.clone();
     let dimensions = config.embedding.dimensions;
     check_old_table(client, old, &model, dimensions).await?;
-    let mut needed = texts_of_today(client, config).await?;
+    let mut needed: HashSet<[u8; 32]> = distinct_chunk_texts(client, config)
+        .await?
+        .into_keys()
+        .collect();
     let texts = needed.len() as u64;
     // Texts the daemon would reuse a vector for already need nothing from the old table.
     let all: Vec<[u8; 32]> = needed.iter().copied().collect();
-    for part in all.chunks(HASHES_PER_STATEMENT) {
-        let part: Vec<&[u8]> = part.iter().map(|h| h.as_slice()).collect();
-        for known in knowledge::hashes_with_embeddings(&*client, &model, &part).await? {
-            if let Ok(hash) = <[u8; 32]>::try_from(known.as_slice()) {
-                needed.remove(&hash);
-            }
-        }
+    for known in knowledge::hashes_with_embeddings(&*client, &model, &all).await? {
+        needed.remove(&known);
     }
     let already_embedded = texts - needed.len() as u64;
 
@@ -253,24 +244,4 @@ async fn check_old_table(
         )));
     }
     Ok(())
-}
-
-/// The sha256 of every distinct chunk text the configured sources produce today.
-async fn texts_of_today(client: &Client, config: &Config) -> Result<HashSet<[u8; 32]>, AdoptError> {
-    let counter = Provider::token_counter_for(config)?;
-    let mut texts = HashSet::new();
-    for source in config.sources() {
-        let query = SourceQuery::prepare(client, &source).await?;
-        let chunker = Chunker::new(&source, counter.clone(), config.model_token_limit())?;
-        let mut after: Option<String> = None;
-        loop {
-            let rows = query.load_page(client, after.as_deref(), PAGE).await?;
-            let Some(last) = rows.last() else { break };
-            after = Some(last.key.clone());
-            for row in &rows {
-                texts.extend(chunker.chunk(&row.text).into_iter().map(|c| c.hash));
-            }
-        }
-    }
-    Ok(texts)
 }

@@ -181,31 +181,16 @@ impl Chunker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn source(single: bool, tokens: usize, overlap: usize) -> Source {
         config(single, tokens, overlap).sources().remove(0)
     }
 
     fn config(single: bool, tokens: usize, overlap: usize) -> Config {
-        let text = format!(
-            r#"
-[embedding]
-provider = "openai"
-model = "m"
-dimensions = 8
-base_url = "http://127.0.0.1:1/v1"
-[sources.s]
-table = "t"
-key = "id"
-tenant = {{ column = "u" }}
-text = "{{body}}"
-single_chunk = {single}
-chunk_tokens = {tokens}
-chunk_overlap = {overlap}
-"#
-        );
-        Config::parse(&text, Path::new("test.toml")).unwrap()
+        crate::config::for_tests(
+            "",
+            &format!("single_chunk = {single}\nchunk_tokens = {tokens}\nchunk_overlap = {overlap}"),
+        )
     }
 
     #[test]

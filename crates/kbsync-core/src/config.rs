@@ -40,6 +40,10 @@ pub struct Config {
     #[serde(default)]
     pub database: DatabaseConfig,
     pub embedding: EmbeddingConfig,
+    /// The model to move to (`kbsync model plan`): the same fields as `[embedding]`,
+    /// its own provider and limits. Leave it out when no change of model is planned.
+    #[serde(default)]
+    pub next_embedding: Option<EmbeddingConfig>,
     #[serde(default)]
     pub capture: CaptureConfig,
     #[serde(default)]
@@ -882,7 +886,38 @@ impl Config {
             Source::from_config(name, source, self)
                 .map_err(|(field, problem)| (format!("sources.{name}{field}"), problem))?;
         }
+        if let Some(next) = self.with_next_model() {
+            if next.embedding.model == self.embedding.model {
+                return Err((
+                    "next_embedding.model".into(),
+                    format!(
+                        "{:?} is embedding.model already; the next model needs another name (each chunk records its model by name)",
+                        self.embedding.model
+                    ),
+                ));
+            }
+            // The same rules as [embedding], the sources' chunk limits included.
+            next.validate()
+                .map_err(|(field, problem)| match field.strip_prefix("embedding.") {
+                    Some(rest) => (format!("next_embedding.{rest}"), problem),
+                    None => (
+                        field,
+                        format!("{problem} (with the [next_embedding] model)"),
+                    ),
+                })?;
+        }
         Ok(())
+    }
+
+    /// This config with `[next_embedding]` as its model (its provider, tokenizer and
+    /// chunk limits); None without one.
+    pub fn with_next_model(&self) -> Option<Config> {
+        let next = self.next_embedding.clone()?;
+        Some(Config {
+            embedding: next,
+            next_embedding: None,
+            ..self.clone()
+        })
     }
 
     /// The validated sources. Infallible after `load`/`parse`.
@@ -1237,6 +1272,17 @@ impl Source {
         let rules: Vec<String> = self.filters.iter().map(|f| f.to_sql(prefix)).collect();
         format!("COALESCE(({}), false)", rules.join(" AND "))
     }
+}
+
+/// A config of one openai model ("m", 8 dimensions) and one source `s`, with extra
+/// lines in each section: the unit tests' fixture.
+#[cfg(test)]
+pub(crate) fn for_tests(embedding_extra: &str, source_extra: &str) -> Config {
+    let text = format!(
+        "[embedding]\nprovider = \"openai\"\nmodel = \"m\"\ndimensions = 8\nbase_url = \"http://127.0.0.1:1/v1\"\n{embedding_extra}\n\
+         [sources.s]\ntable = \"t\"\nkey = \"id\"\ntenant = {{ column = \"u\" }}\ntext = \"{{body}}\"\n{source_extra}\n"
+    );
+    Config::parse(&text, Path::new("test.toml")).expect("a valid test config")
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Writing `tenant_knowledge`: what is stored for a set of keys, and the idempotent
 //! upsert/delete of a batch, inside the caller's transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use pgvector::Vector;
@@ -67,19 +67,24 @@ pub async fn embeddings_by_hash(
 }
 
 /// Which of these content hashes have a reusable embedding of `model`, without
-/// reading the vectors.
+/// reading the vectors (asked `HASHES_PER_STATEMENT` at a time).
 pub async fn hashes_with_embeddings(
     client: &impl GenericClient,
     model: &str,
-    hashes: &[&[u8]],
-) -> Result<Vec<Vec<u8>>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            &format!("SELECT DISTINCT content_hash FROM ({REUSABLE_EMBEDDINGS}) found"),
-            &[&hashes, &model],
-        )
-        .await?;
-    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    hashes: &[[u8; 32]],
+) -> Result<HashSet<[u8; 32]>, tokio_postgres::Error> {
+    const HASHES_PER_STATEMENT: usize = 10_000;
+    let statement = format!("SELECT DISTINCT content_hash FROM ({REUSABLE_EMBEDDINGS}) found");
+    let mut found = HashSet::new();
+    for part in hashes.chunks(HASHES_PER_STATEMENT) {
+        let part: Vec<&[u8]> = part.iter().map(|h| h.as_slice()).collect();
+        for row in client.query(&statement, &[&part, &model]).await? {
+            if let Ok(hash) = <[u8; 32]>::try_from(row.get::<_, &[u8]>(0)) {
+                found.insert(hash);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Stored chunks of `keys`, by key.

@@ -6,6 +6,7 @@ mod demo_cmd;
 mod embed_cmd;
 mod errors_cmd;
 mod install_cmd;
+mod model_cmd;
 mod reconcile_cmd;
 mod run_cmd;
 mod search_cmd;
@@ -67,6 +68,12 @@ enum Command {
         after_help = "Example (the old Django TenantKnowledge table):\n  kbsync adopt --table ai_model_tenantknowledge --content-column content --embedding-column embedding --model-column embedding_model"
     )]
     Adopt(adopt_cmd::AdoptArgs),
+    /// Changing the embedding model: `plan` prices the move to the model in
+    /// `[next_embedding]` before anything is spent.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Run the daemon: capture changes from the outbox and keep tenant_knowledge in sync.
     /// SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.
     Run,
@@ -148,6 +155,18 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ModelCommand {
+    /// What moving to the `[next_embedding]` model would cost: the chunk texts cut for
+    /// it, those it has a vector for already, the tokens (its tokenizer) and requests
+    /// to embed the rest, and the least time its rate limits allow. Only reads.
+    Plan {
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ErrorsCommand {
     /// Put dead letters back into the outbox once their cause is fixed.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "source", "all"])))]
@@ -209,6 +228,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             reset_embeddings,
         } => done(install_cmd::install(&load(config)?, dry_run, reset_embeddings).await),
         Command::Adopt(args) => done(adopt_cmd::adopt(&load(config)?, args).await),
+        Command::Model {
+            command: ModelCommand::Plan { json },
+        } => done(model_cmd::plan(&load(config)?, json).await),
         Command::Run => done(run_cmd::run(config, load(config)?).await),
         Command::Reconcile {
             dry_run,
