@@ -99,6 +99,12 @@ async fn model_plan_prices_the_texts_the_next_model_has_no_vector_for_and_sends_
             "requests_per_minute": 10, "tokens_per_minute": 100000,
             // 13 requests at 10 a minute: the request limit binds, not the tokens.
             "least_seconds_at_rate_limits": f64::from(requests) * 6.0,
+            "sources": [
+                {"source": "faq", "texts": FAQS, "to_embed": to_embed, "tokens_to_embed": tokens},
+                {"source": "manual", "texts": 0, "to_embed": 0, "tokens_to_embed": 0},
+                {"source": "page", "texts": 0, "to_embed": 0, "tokens_to_embed": 0},
+                {"source": "product", "texts": 0, "to_embed": 0, "tokens_to_embed": 0},
+            ],
         })
     );
 

@@ -25,17 +25,19 @@ pub enum ChunkTextsError {
     Chunk(#[from] ChunkError),
 }
 
-/// The sha256 of every distinct chunk text, with its length in the model's tokens,
-/// cut with `config`'s model (its tokenizer and chunk limits).
-pub async fn distinct_chunk_texts(
+/// Per source (by name), the sha256 of every distinct chunk text, with
+/// its length in the model's tokens, cut with `config`'s model (its tokenizer and chunk
+/// limits). A text two sources produce is in both.
+pub async fn chunk_texts_by_source(
     client: &Client,
     config: &Config,
-) -> Result<HashMap<[u8; 32], usize>, ChunkTextsError> {
+) -> Result<Vec<(String, HashMap<[u8; 32], usize>)>, ChunkTextsError> {
     let counter = Provider::token_counter_for(config)?;
-    let mut texts = HashMap::new();
+    let mut by_source = Vec::new();
     for source in config.sources() {
         let query = SourceQuery::prepare(client, &source).await?;
         let chunker = Chunker::new(&source, counter.clone(), config.model_token_limit())?;
+        let mut texts = HashMap::new();
         let mut after: Option<String> = None;
         loop {
             let rows = query.load_page(client, after.as_deref(), PAGE).await?;
@@ -50,6 +52,19 @@ pub async fn distinct_chunk_texts(
                 );
             }
         }
+        by_source.push((source.name.clone(), texts));
     }
-    Ok(texts)
+    Ok(by_source)
+}
+
+/// The distinct chunk texts of all sources together (see `chunk_texts_by_source`).
+pub async fn distinct_chunk_texts(
+    client: &Client,
+    config: &Config,
+) -> Result<HashMap<[u8; 32], usize>, ChunkTextsError> {
+    Ok(chunk_texts_by_source(client, config)
+        .await?
+        .into_iter()
+        .flat_map(|(_, texts)| texts)
+        .collect())
 }

@@ -5,15 +5,25 @@
 //! counted in the new model's tokens and in requests of its provider's limits, and
 //! timed at its configured rate limits. Nothing is written and nothing is sent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::chunk_texts::{ChunkTextsError, distinct_chunk_texts};
+use crate::chunk_texts::{ChunkTextsError, chunk_texts_by_source, distinct_chunk_texts};
 use crate::config::{Config, EmbeddingConfig, ProviderKind};
 use crate::knowledge;
+
+/// One source's share of the plan. A text two sources produce is counted in both here
+/// and once in the totals (it is embedded once).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SourcePlan {
+    pub source: String,
+    pub texts: u64,
+    pub to_embed: u64,
+    pub tokens_to_embed: u64,
+}
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct ModelPlan {
@@ -39,6 +49,8 @@ pub struct ModelPlan {
     /// The least time the new provider's rate limits allow for it; None without
     /// limits (as fast as the provider answers).
     pub least_seconds_at_rate_limits: Option<f64>,
+    /// Where the texts come from, source by source.
+    pub sources: Vec<SourcePlan>,
 }
 
 #[derive(Debug, Error)]
@@ -59,7 +71,11 @@ pub async fn plan(client: &Client, config: &Config) -> Result<ModelPlan, ModelPl
         .with_next_model()
         .ok_or(ModelPlanError::NoNextModel)?;
     let next = &next_config.embedding;
-    let texts = distinct_chunk_texts(client, &next_config).await?;
+    let by_source = chunk_texts_by_source(client, &next_config).await?;
+    let texts: HashMap<[u8; 32], usize> = by_source
+        .iter()
+        .flat_map(|(_, texts)| texts.iter().map(|(hash, tokens)| (*hash, *tokens)))
+        .collect();
     let today: HashSet<[u8; 32]> = distinct_chunk_texts(client, config)
         .await?
         .into_keys()
@@ -105,6 +121,22 @@ pub async fn plan(client: &Client, config: &Config) -> Result<ModelPlan, ModelPl
         requests_per_minute: next.requests_per_minute,
         tokens_per_minute: next.tokens_per_minute,
         least_seconds_at_rate_limits,
+        sources: by_source
+            .iter()
+            .map(|(source, texts)| {
+                let unpaid: Vec<usize> = texts
+                    .iter()
+                    .filter(|(hash, _)| !embedded.contains(*hash))
+                    .map(|(_, tokens)| *tokens)
+                    .collect();
+                SourcePlan {
+                    source: source.clone(),
+                    texts: texts.len() as u64,
+                    to_embed: unpaid.len() as u64,
+                    tokens_to_embed: unpaid.iter().map(|t| *t as u64).sum(),
+                }
+            })
+            .collect(),
     })
 }
 

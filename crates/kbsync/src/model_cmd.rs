@@ -38,6 +38,13 @@ fn render(p: &ModelPlan) -> String {
             out.push_str(&format!("  {what:<46}{n:>12}\n"));
         }
     }
+    out.push_str("  by source (a text two sources share is embedded once):\n");
+    for s in &p.sources {
+        out.push_str(&format!(
+            "    {:<20}{:>8} texts{:>8} to embed{:>10} tokens\n",
+            s.source, s.texts, s.to_embed, s.tokens_to_embed
+        ));
+    }
     let limits: Vec<String> = p
         .requests_per_minute
         .map(|r| format!("{r} requests/min"))
