@@ -25,46 +25,65 @@ pub enum ChunkTextsError {
     Chunk(#[from] ChunkError),
 }
 
-/// Per source (by name), the sha256 of every distinct chunk text, with
-/// its length in the model's tokens, cut with `config`'s model (its tokenizer and chunk
-/// limits). A text two sources produce is in both.
+/// A source's distinct chunk texts (sha256 → length in the model's tokens).
+pub type Texts = HashMap<[u8; 32], usize>;
+
+/// Per source (by name), the distinct chunk texts each of `configs` cuts from today's
+/// rows with its model (tokenizer and chunk limits); the rows are read once for all of
+/// them. The configs differ in their model only (`Config::with_next_model`). A text
+/// two sources produce is in both.
 pub async fn chunk_texts_by_source(
     client: &Client,
-    config: &Config,
-) -> Result<Vec<(String, HashMap<[u8; 32], usize>)>, ChunkTextsError> {
-    let counter = Provider::token_counter_for(config)?;
+    configs: &[&Config],
+) -> Result<Vec<(String, Vec<Texts>)>, ChunkTextsError> {
+    let Some(first) = configs.first() else {
+        return Ok(Vec::new());
+    };
+    // Each config's chunker for each source, in the sources' (name) order.
+    let mut chunkers: Vec<Vec<Chunker>> = Vec::with_capacity(configs.len());
+    for config in configs {
+        let counter = Provider::token_counter_for(config)?;
+        chunkers.push(
+            config
+                .sources()
+                .iter()
+                .map(|source| Chunker::new(source, counter.clone(), config.model_token_limit()))
+                .collect::<Result<_, _>>()?,
+        );
+    }
     let mut by_source = Vec::new();
-    for source in config.sources() {
+    for (at, source) in first.sources().into_iter().enumerate() {
         let query = SourceQuery::prepare(client, &source).await?;
-        let chunker = Chunker::new(&source, counter.clone(), config.model_token_limit())?;
-        let mut texts = HashMap::new();
+        let mut texts: Vec<Texts> = vec![HashMap::new(); configs.len()];
         let mut after: Option<String> = None;
         loop {
             let rows = query.load_page(client, after.as_deref(), PAGE).await?;
             let Some(last) = rows.last() else { break };
             after = Some(last.key.clone());
-            for row in &rows {
-                texts.extend(
-                    chunker
-                        .chunk(&row.text)
-                        .into_iter()
-                        .map(|c| (c.hash, c.tokens)),
-                );
+            for (cut, chunkers) in texts.iter_mut().zip(&chunkers) {
+                for row in &rows {
+                    cut.extend(
+                        chunkers[at]
+                            .chunk(&row.text)
+                            .into_iter()
+                            .map(|c| (c.hash, c.tokens)),
+                    );
+                }
             }
         }
-        by_source.push((source.name.clone(), texts));
+        by_source.push((source.name, texts));
     }
     Ok(by_source)
 }
 
-/// The distinct chunk texts of all sources together (see `chunk_texts_by_source`).
+/// The distinct chunk texts of all sources together, cut with `config`'s model.
 pub async fn distinct_chunk_texts(
     client: &Client,
     config: &Config,
-) -> Result<HashMap<[u8; 32], usize>, ChunkTextsError> {
-    Ok(chunk_texts_by_source(client, config)
+) -> Result<Texts, ChunkTextsError> {
+    Ok(chunk_texts_by_source(client, &[config])
         .await?
         .into_iter()
-        .flat_map(|(_, texts)| texts)
+        .flat_map(|(_, mut cuts)| cuts.pop().unwrap_or_default())
         .collect())
 }

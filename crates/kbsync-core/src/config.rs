@@ -311,8 +311,8 @@ pub struct DaemonConfig {
     /// keys per second, a remote provider's response time included; in whole requests
     /// of `max_inputs_per_request`, at least two when the provider's time is most of a
     /// key's cost), between 1 key and `batch_size`. A new edit then waits for at most
-    /// one batch in progress, however
-    /// large the backlog it arrives behind. Default 200ms.
+    /// one batch in progress, however large the backlog it arrives behind. Default
+    /// 200ms.
     #[serde(default = "defaults::batch_duration", with = "humantime_serde")]
     pub batch_duration: Duration,
     /// Failed attempts before a key is parked in the dead-letter table. Default 5.

@@ -5,13 +5,13 @@
 //! counted in the new model's tokens and in requests of its provider's limits, and
 //! timed at its configured rate limits. Nothing is written and nothing is sent.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::chunk_texts::{ChunkTextsError, chunk_texts_by_source, distinct_chunk_texts};
+use crate::chunk_texts::{ChunkTextsError, Texts, chunk_texts_by_source};
 use crate::config::{Config, EmbeddingConfig, ProviderKind};
 use crate::knowledge;
 
@@ -71,15 +71,17 @@ pub async fn plan(client: &Client, config: &Config) -> Result<ModelPlan, ModelPl
         .with_next_model()
         .ok_or(ModelPlanError::NoNextModel)?;
     let next = &next_config.embedding;
-    let by_source = chunk_texts_by_source(client, &next_config).await?;
-    let texts: HashMap<[u8; 32], usize> = by_source
-        .iter()
-        .flat_map(|(_, texts)| texts.iter().map(|(hash, tokens)| (*hash, *tokens)))
-        .collect();
-    let today: HashSet<[u8; 32]> = distinct_chunk_texts(client, config)
-        .await?
-        .into_keys()
-        .collect();
+    // Each source's rows, read once, cut for the new model and (to see what is
+    // re-cut) for today's.
+    let mut texts = Texts::new();
+    let mut today: HashSet<[u8; 32]> = HashSet::new();
+    let mut by_source: Vec<(String, Texts)> = Vec::new();
+    for (source, mut cuts) in chunk_texts_by_source(client, &[&next_config, config]).await? {
+        today.extend(cuts.pop().unwrap_or_default().into_keys());
+        let cut = cuts.pop().unwrap_or_default();
+        texts.extend(cut.iter().map(|(hash, tokens)| (*hash, *tokens)));
+        by_source.push((source, cut));
+    }
     let hashes: Vec<[u8; 32]> = texts.keys().copied().collect();
     let embedded = knowledge::hashes_with_embeddings(client, &next.model, &hashes).await?;
     // In the order of the texts' hashes: a stand-in for the order the backfill sends

@@ -7,8 +7,9 @@
 //! The vector ranking asks the HNSW index first; when that yields fewer candidates
 //! than wanted (a small tenant, whose rows the approximate graph walk can pass over
 //! when it filters by tenant afterwards, or a narrow filter) it scans the tenant's
-//! chunks exactly if they are few (`EXACT_UP_TO`) or the index found fewer than k. The full-text ranking uses each chunk's own text search
-//! configuration (its source's `text_search`) and the GIN index of migration 0008.
+//! chunks exactly if they are few (`EXACT_UP_TO`) or the index found fewer than k.
+//! The full-text ranking uses each chunk's own text search configuration (its
+//! source's `text_search`) and the GIN index of migration 0008.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::GenericClient;
 
 use crate::config::Config;
-use crate::sql_ident::quote_literal;
+use crate::sql_ident::Ident;
 
 /// How chunks are ranked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -152,18 +153,13 @@ pub async fn search(
         .collect())
 }
 
-/// The text search configurations the configured sources use, sorted.
-pub fn text_search_configs(config: &Config) -> Vec<String> {
-    let set: BTreeSet<String> = config
+/// The text search configurations the configured sources use.
+fn text_search_configs(config: &Config) -> BTreeSet<Ident> {
+    config
         .sources()
-        .iter()
-        .map(|s| s.text_search.as_str().to_owned())
-        .collect();
-    let mut out: Vec<String> = set.into_iter().collect();
-    if out.is_empty() {
-        out.push("simple".into());
-    }
-    out
+        .into_iter()
+        .map(|s| s.text_search)
+        .collect()
 }
 
 /// `CREATE OR REPLACE FUNCTION kbsync.search(...)` for this config: its text search
@@ -171,12 +167,7 @@ pub fn text_search_configs(config: &Config) -> Vec<String> {
 pub fn function_sql(config: &Config) -> String {
     let configs: Vec<String> = text_search_configs(config)
         .iter()
-        .map(|c| {
-            format!(
-                "({}::regconfig)",
-                quote_literal(c).unwrap_or_else(|_| "'simple'".into())
-            )
-        })
+        .map(|c| format!("({}::regconfig)", c.as_literal()))
         .collect();
     format!(
         r#"CREATE OR REPLACE FUNCTION kbsync.search(
@@ -322,7 +313,10 @@ pub async fn unknown_text_search_configs(
               WHERE NOT EXISTS (SELECT 1 FROM pg_ts_config
                                  WHERE cfgname = name AND pg_ts_config_is_visible(oid))
               ORDER BY name",
-            &[&text_search_configs(config)],
+            &[&text_search_configs(config)
+                .iter()
+                .map(Ident::as_str)
+                .collect::<Vec<_>>()],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -40,6 +40,11 @@ impl Ident {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name as a string literal (validation admits no quote, so wrapping is enough).
+    pub fn as_literal(&self) -> String {
+        format!("'{}'", self.0)
+    }
 }
 
 impl fmt::Display for Ident {

@@ -32,11 +32,11 @@ use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
 use crate::search_api::{Connections, SearchApi};
+use crate::texts_in_flight::TextsInFlight;
+use crate::{collector, decoder, index_manager, listener, systemd, telemetry};
 
 /// Database connections the search API's requests share.
 const SEARCH_CONNECTIONS: usize = 4;
-use crate::texts_in_flight::TextsInFlight;
-use crate::{collector, decoder, index_manager, listener, systemd, telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
