@@ -584,16 +584,8 @@ impl Config {
             error,
         })?;
         let mut config = Self::parse(&text, path)?;
-        // A relative model_dir is relative to the config file, not to the cwd.
-        if let (Some(dir), Some(base)) = (&config.embedding.model_dir, path.parent())
-            && dir.is_relative()
-        {
-            config.embedding.model_dir = Some(base.join(dir));
-        }
-        if let (Some(file), Some(base)) = (&config.search.api_tokens_file, path.parent())
-            && file.is_relative()
-        {
-            config.search.api_tokens_file = Some(base.join(file));
+        if let Some(base) = path.parent() {
+            config.resolve_paths_against(base);
         }
         Ok(config)
     }
@@ -907,6 +899,23 @@ impl Config {
                 })?;
         }
         Ok(())
+    }
+
+    /// Relative paths in the file (model directories, the token file) are relative to
+    /// the config file, not to the working directory.
+    fn resolve_paths_against(&mut self, base: &Path) {
+        let resolve = |path: &mut Option<PathBuf>| {
+            if let Some(p) = path.as_mut()
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.embedding.model_dir);
+        if let Some(next) = self.next_embedding.as_mut() {
+            resolve(&mut next.model_dir);
+        }
+        resolve(&mut self.search.api_tokens_file);
     }
 
     /// This config with `[next_embedding]` as its model (its provider, tokenizer and
@@ -1288,6 +1297,30 @@ pub(crate) fn for_tests(embedding_extra: &str, source_extra: &str) -> Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_model_dirs_and_token_files_are_relative_to_the_config_file() {
+        let mut config = for_tests("", "");
+        config.embedding.model_dir = Some("models/a".into());
+        config.next_embedding = Some(EmbeddingConfig {
+            model_dir: Some("models/b".into()),
+            ..config.embedding.clone()
+        });
+        config.search.api_tokens_file = Some("/etc/kbsync/tokens".into());
+        config.resolve_paths_against(Path::new("/srv/kbsync"));
+        assert_eq!(
+            config.embedding.model_dir,
+            Some("/srv/kbsync/models/a".into())
+        );
+        assert_eq!(
+            config.next_embedding.and_then(|n| n.model_dir),
+            Some("/srv/kbsync/models/b".into())
+        );
+        assert_eq!(
+            config.search.api_tokens_file,
+            Some("/etc/kbsync/tokens".into())
+        );
+    }
 
     #[test]
     fn text_template_parses_columns_literals_and_escapes() {
