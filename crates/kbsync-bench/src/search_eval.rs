@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use kbsync_core::config::Config;
@@ -28,7 +29,23 @@ use crate::bench_db::{demo_db, drained};
 use crate::local_model::run_ok;
 use crate::{ms, percentile};
 
-const SET: &str = include_str!("../data/search_eval.json");
+/// The evaluation set, parsed once.
+static SET: LazyLock<serde_json::Value> = LazyLock::new(|| {
+    serde_json::from_str(include_str!("../data/search_eval.json")).expect("the evaluation set")
+});
+
+/// Every document of the set (each tenant's FAQs, products and pages): its text fields.
+fn documents() -> impl Iterator<Item = &'static serde_json::Value> {
+    SET["tenants"]
+        .as_object()
+        .expect("tenants")
+        .values()
+        .flat_map(|docs| {
+            ["faqs", "products", "pages"]
+                .into_iter()
+                .flat_map(move |kind| docs[kind].as_object().into_iter().flatten().map(|d| d.1))
+        })
+}
 /// Hits asked for; a document ranked below this counts as not found (reciprocal rank 0).
 const K: i32 = 10;
 
@@ -51,8 +68,7 @@ struct Question {
 /// The set's rows in the demo tables (the FAQs' own page not crawled: no chunk), and
 /// its questions with their answers' keys (`md5(tenant/source/label)` as a uuid).
 async fn load(client: &Client) -> Vec<Question> {
-    let set: serde_json::Value = serde_json::from_str(SET).expect("the evaluation set");
-    let tenants = set["tenants"].as_object().expect("tenants");
+    let tenants = SET["tenants"].as_object().expect("tenants");
     let id = |tenant: &str, source: &str, label: &str| format!("{tenant}/{source}/{label}");
     for (tenant, docs) in tenants {
         let user: i32 = tenant.parse().expect("a numeric tenant");
@@ -110,7 +126,7 @@ async fn load(client: &Client) -> Vec<Question> {
         }
     }
     let mut questions = Vec::new();
-    for q in set["queries"].as_array().expect("queries") {
+    for q in SET["queries"].as_array().expect("queries") {
         let field = |i: usize| q[i].as_str().expect("a query field").to_owned();
         let key: String = client
             .query_one(
@@ -215,20 +231,7 @@ pub async fn quality_rows() -> Vec<(String, String)> {
             content: r.get(3),
         })
         .collect();
-    let docs: usize = {
-        let set: serde_json::Value = serde_json::from_str(SET).expect("the set");
-        set["tenants"]
-            .as_object()
-            .expect("tenants")
-            .values()
-            .map(|t| {
-                ["faqs", "products", "pages"]
-                    .iter()
-                    .map(|kind| t[kind].as_object().map_or(0, |m| m.len()))
-                    .sum::<usize>()
-            })
-            .sum()
-    };
+    let docs = documents().count();
     let synced: std::collections::HashSet<(&str, &str)> = chunks
         .iter()
         .map(|c| (c.source.as_str(), c.key.as_str()))
@@ -348,22 +351,17 @@ const LATENCY_TEXTS: usize = 100_000;
 /// catalogue FAQs vary one theme (about 20 words each, short chunks).
 fn latency_texts(n: usize) -> Vec<String> {
     use rand::{Rng, SeedableRng};
-    let set: serde_json::Value = serde_json::from_str(SET).expect("the evaluation set");
     let mut sentences: Vec<String> = Vec::new();
-    for docs in set["tenants"].as_object().expect("tenants").values() {
-        for kind in ["faqs", "products", "pages"] {
-            for fields in docs[kind].as_object().into_iter().flatten().map(|d| d.1) {
-                for field in fields.as_array().expect("a document's fields") {
-                    let field = field.as_str().expect("a text field");
-                    sentences.extend(
-                        field
-                            .split_inclusive(['.', '?', ';'])
-                            .map(str::trim)
-                            .filter(|s| s.split_whitespace().count() >= 4)
-                            .map(str::to_owned),
-                    );
-                }
-            }
+    for fields in documents() {
+        for field in fields.as_array().expect("a document's fields") {
+            let field = field.as_str().expect("a text field");
+            sentences.extend(
+                field
+                    .split_inclusive(['.', '?', ';'])
+                    .map(str::trim)
+                    .filter(|s| s.split_whitespace().count() >= 4)
+                    .map(str::to_owned),
+            );
         }
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(20261206);
@@ -484,8 +482,7 @@ pub async fn latency_rows() -> Vec<(String, String)> {
     let texts = latency_texts(LATENCY_TEXTS);
     // Queries: the evaluation set's questions, as a customer would type them, with
     // a greeting in front now and then so that no two are the same text.
-    let set: serde_json::Value = serde_json::from_str(SET).expect("the evaluation set");
-    let questions: Vec<&str> = set["queries"]
+    let questions: Vec<&str> = SET["queries"]
         .as_array()
         .expect("queries")
         .iter()
