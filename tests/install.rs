@@ -5,6 +5,7 @@
 
 use kbsync_testkit::{TempConfig, TestDb};
 
+/// The capture triggers (not the knowledge table's own terms triggers).
 async fn kbsync_triggers(db: &TestDb) -> Vec<(String, String, u32)> {
     let client = db.client().await;
     client
@@ -12,7 +13,7 @@ async fn kbsync_triggers(db: &TestDb) -> Vec<(String, String, u32)> {
             "SELECT t.tgname::text, t.tgrelid::regclass::text, t.oid::oid
                FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
                JOIN pg_namespace n ON n.oid = p.pronamespace
-              WHERE n.nspname = 'kbsync' AND NOT t.tgisinternal ORDER BY 1",
+              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%' AND NOT t.tgisinternal ORDER BY 1",
             &[],
         )
         .await
@@ -297,30 +298,37 @@ async fn missing_tables_and_columns_are_named() {
     );
 }
 
-#[tokio::test]
-async fn a_database_at_an_older_migration_gets_only_the_newer_ones() {
-    let db = TestDb::create().await.with_demo_schema().await;
+/// A database where an older kbsync applied (and recorded) its first `applied`
+/// migrations, as that release's install left it.
+async fn at_migration(db: &TestDb, applied: usize) -> tokio_postgres::Client {
     let client = db.client().await;
-    // The state the first release left: migration 1 applied and recorded, one chunk.
-    let first = &kbsync_core::install::MIGRATIONS[0];
     client
-        .batch_execute(&format!(
+        .batch_execute(
             "CREATE SCHEMA kbsync;
              CREATE TABLE kbsync.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                 checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
-             {}",
-            first.sql
-        ))
-        .await
-        .unwrap();
-    client
-        .execute(
-            "INSERT INTO kbsync.schema_migrations (version, name, checksum)
-             VALUES (1, $1, encode(sha256(convert_to($2, 'UTF8')), 'hex'))",
-            &[&first.name, &first.sql],
+                 checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
         )
         .await
         .unwrap();
+    for migration in &kbsync_core::install::MIGRATIONS[..applied] {
+        client.batch_execute(migration.sql).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO kbsync.schema_migrations (version, name, checksum)
+                 VALUES ($1, $2, encode(sha256(convert_to($3, 'UTF8')), 'hex'))",
+                &[&migration.version, &migration.name, &migration.sql],
+            )
+            .await
+            .unwrap();
+    }
+    client
+}
+
+#[tokio::test]
+async fn a_database_at_an_older_migration_gets_only_the_newer_ones() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    // The state the first release left: migration 1 applied and recorded, one chunk.
+    let client = at_migration(&db, 1).await;
     client
         .batch_execute(
             "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash)
@@ -421,4 +429,160 @@ async fn the_daemon_refuses_to_start_without_the_schema() {
         "{}",
         out.stderr
     );
+}
+
+#[tokio::test]
+async fn the_upgrade_to_the_terms_table_keeps_every_chunks_words_and_its_readers() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    // Release 0008: the words in tenant_knowledge itself, and an application role
+    // that reads it (as the README told applications to grant).
+    let client = at_migration(&db, 8).await;
+    let role = format!("kbsync_app_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!(
+            "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
+                                           text_search_config)
+             VALUES ('1', 'faq', 'a', 0, 'Hold the reset button', sha256('a'), 'english'),
+                    ('2', 'faq', 'b', 0, 'Cards and bank transfers', sha256('b'), 'simple');
+             CREATE ROLE {role} NOLOGIN;
+             GRANT USAGE ON SCHEMA kbsync TO {role};
+             GRANT SELECT ON public.tenant_knowledge TO {role};"
+        ))
+        .await
+        .unwrap();
+    let out = db.kbsync(&["install"]);
+    out.assert_success();
+    assert!(out.stdout.contains("migration 0009"), "{}", out.stdout);
+    assert_eq!(
+        terms_out_of_step(&client).await,
+        0,
+        "the chunks' words were not carried over"
+    );
+    let (stemmed, reader_may_read): (bool, bool) = {
+        let row = client
+            .query_one(
+                "SELECT content_tsv @@ to_tsquery('english', 'buttons')
+                   FROM kbsync.knowledge_terms WHERE tenant_id = '1'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let may: bool = client
+            .query_one(
+                "SELECT has_table_privilege($1, 'kbsync.knowledge_terms', 'SELECT')",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (row.get(0), may)
+    };
+    assert!(
+        stemmed,
+        "the chunk's own text search configuration was lost"
+    );
+    assert!(
+        reader_may_read,
+        "a role that read tenant_knowledge cannot read its words after the upgrade: its text searches would fail"
+    );
+    client
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}
+
+/// Chunks whose row in kbsync.knowledge_terms is missing, left over, or holds other
+/// words than the chunk's text in its configuration.
+async fn terms_out_of_step(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM public.tenant_knowledge t
+               FULL JOIN kbsync.knowledge_terms w ON w.id = t.id
+              WHERE w.id IS NULL OR t.id IS NULL OR w.tenant_id <> t.tenant_id OR w.source <> t.source
+                 OR w.text_search_config <> t.text_search_config
+                 OR w.content_tsv <> to_tsvector(t.text_search_config, t.content)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn every_write_to_the_knowledge_table_keeps_its_words_in_step() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync(&["install"]).assert_success();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash)
+             SELECT (n % 2)::text, 'faq', n::text, 0, 'answer number ' || n, sha256(n::text::bytea)
+               FROM generate_series(1, 50) n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .query_one("SELECT count(*) FROM kbsync.knowledge_terms", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        50
+    );
+    assert_eq!(terms_out_of_step(&client).await, 0, "after an insert");
+
+    let untouched =
+        "SELECT w.xmin::text FROM kbsync.knowledge_terms w JOIN tenant_knowledge t USING (id)
+                      WHERE t.source_key = '2'";
+    let before: String = client.query_one(untouched, &[]).await.unwrap().get(0);
+    // The daemon's write: an upsert that stores embeddings and, for one key, new words.
+    client
+        .batch_execute(
+            "UPDATE tenant_knowledge SET embedding_model = 'm', updated_at = now();
+             INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash)
+             VALUES ('1', 'faq', '1', 0, 'the router was reset', sha256('x')),
+                    ('1', 'faq', '1', 1, 'a second chunk', sha256('y'))
+             ON CONFLICT (source, source_key, chunk_index)
+             DO UPDATE SET content = EXCLUDED.content, content_hash = EXCLUDED.content_hash;
+             UPDATE tenant_knowledge SET text_search_config = 'english' WHERE source_key = '3';
+             UPDATE tenant_knowledge SET tenant_id = '9', source = 'page' WHERE source_key = '5';",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        terms_out_of_step(&client).await,
+        0,
+        "after updates and an upsert"
+    );
+    let after: String = client.query_one(untouched, &[]).await.unwrap().get(0);
+    assert_eq!(
+        before, after,
+        "an update that changed no words rewrote the chunk's terms"
+    );
+    let found: i64 = client
+        .query_one(
+            "SELECT count(*) FROM kbsync.knowledge_terms
+              WHERE tenant_id = '1' AND content_tsv @@ websearch_to_tsquery('simple', 'router reset')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(found, 1);
+
+    client
+        .batch_execute("DELETE FROM tenant_knowledge WHERE source_key IN ('1', '7', '8')")
+        .await
+        .unwrap();
+    assert_eq!(terms_out_of_step(&client).await, 0, "after a delete");
+    client
+        .batch_execute("TRUNCATE tenant_knowledge")
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM kbsync.knowledge_terms", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a truncate left words behind");
 }

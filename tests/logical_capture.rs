@@ -124,11 +124,12 @@ async fn logical_capture_records_exactly_what_the_triggers_record() {
         count(
             &l,
             "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-              JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'kbsync'"
+              JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%'"
         )
         .await,
         0,
-        "logical capture installs no trigger"
+        "logical capture installs no capture trigger"
     );
     let daemon = DaemonProcess::start(logical_config.path(), by_wal.url());
     by_wal
@@ -165,7 +166,8 @@ async fn install_switches_capture_modes_both_ways() {
     let db = TestDb::create().await.with_demo_schema().await;
     let client = db.client().await;
     let kbsync_triggers = "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-                            JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'kbsync'";
+                            JOIN pg_namespace n ON n.oid = p.pronamespace
+                            WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%'";
     let publication = "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'kbsync'";
     let slots = "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()";
     let full_identity = "SELECT count(*) FROM pg_class WHERE relreplident = 'f' AND relname IN

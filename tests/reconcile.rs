@@ -733,11 +733,7 @@ async fn the_fingerprint_notices_every_kind_of_drift_alone() {
         ),
     ];
     s.client
-        // Without the generated tsvector, which is computed again on the way back.
-        .batch_execute(
-            "CREATE TABLE saved_knowledge AS SELECT * FROM tenant_knowledge;
-             ALTER TABLE saved_knowledge DROP COLUMN content_tsv;",
-        )
+        .batch_execute("CREATE TABLE saved_knowledge AS SELECT * FROM tenant_knowledge")
         .await
         .unwrap();
     for (what, name, drift, undo) in &cases {

@@ -372,7 +372,7 @@ async fn row_level_security_shows_an_application_role_only_its_sessions_tenant()
         .batch_execute(&format!(
             "CREATE ROLE {role} NOLOGIN;
              GRANT USAGE ON SCHEMA kbsync TO {role};
-             GRANT SELECT ON public.tenant_knowledge TO {role};"
+             GRANT SELECT ON public.tenant_knowledge, kbsync.knowledge_terms TO {role};"
         ))
         .await
         .expect("an application role");
@@ -403,6 +403,21 @@ async fn row_level_security_shows_an_application_role_only_its_sessions_tenant()
     assert_eq!(visible(reader(Some("1")).await).await, keys.of_tenant(1));
     assert_eq!(visible(reader(Some("2")).await).await, keys.of_tenant(2));
     assert!(visible(reader(None).await).await.is_empty());
+    // The words full-text search reads are guarded the same way.
+    let words = |client: Client| async move {
+        client
+            .query(
+                "SELECT DISTINCT tenant_id FROM kbsync.knowledge_terms ORDER BY 1",
+                &[],
+            )
+            .await
+            .expect("reading the terms as the application role")
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(words(reader(Some("1")).await).await, ["1"]);
+    assert!(words(reader(None).await).await.is_empty());
 
     let one = reader(Some("1")).await;
     // Asking the function for another tenant finds nothing: its rows are hidden.

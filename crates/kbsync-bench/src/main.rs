@@ -403,7 +403,8 @@ async fn main() {
              (all-MiniLM-L6-v2, the shipped config: `text_search` simple), every question asked through \
              `kbsync.search()` with k 10 in each mode; a rank below 10 counts as not found. Beside it, the ranking \
              of the independent NumPy implementation of the same model (`tools/reference/minilm_reference.py`, \
-             exact cosine over the tenant's chunks). Latency: random 384-dimension vectors with the HNSW index, \
+             exact cosine over the tenant's chunks). Latency: 100,000 FAQ-like texts made from the set's sentences \
+             for each of two tenants, embedded by the offline model (384 dimensions), with the HNSW index; \
              tenant 1 queried through `kbsync.search()` (one statement a query, on one connection), against an \
              exact scan of the same tenant in the same run. {} build.\n\n{}\n",
                 build_profile(),

@@ -465,7 +465,8 @@ async fn many_chunks(
         .batch_execute(&format!(
             "SET maintenance_work_mem = '1GB';
              CREATE INDEX {HNSW_INDEX} ON tenant_knowledge USING hnsw (embedding vector_cosine_ops);
-             ANALYZE tenant_knowledge;"
+             ANALYZE tenant_knowledge;
+             ANALYZE kbsync.knowledge_terms;"
         ))
         .await
         .expect("building the index");
@@ -532,7 +533,7 @@ pub async fn latency_rows() -> Vec<(String, String)> {
         matching.push(
             client
                 .query_one(
-                    "SELECT count(*) FROM tenant_knowledge
+                    "SELECT count(*) FROM kbsync.knowledge_terms
                       WHERE tenant_id = '1' AND content_tsv @@ websearch_to_tsquery('simple', $1)",
                     &[words],
                 )

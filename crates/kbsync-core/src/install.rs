@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "full_text",
         sql: include_str!("../../../sql/migrations/0008_full_text.sql"),
     },
+    Migration {
+        version: 9,
+        name: "knowledge_terms",
+        sql: include_str!("../../../sql/migrations/0009_knowledge_terms.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
@@ -241,22 +246,26 @@ async fn plan_search(
             ),
         );
     }
-    let enabled: bool = client
-        .query_opt(
-            "SELECT c.relrowsecurity AND EXISTS (SELECT 1 FROM pg_policy p
-                                                  WHERE p.polrelid = c.oid AND p.polname = 'kbsync_tenant_isolation')
-               FROM pg_class c WHERE c.oid = to_regclass('public.tenant_knowledge')",
+    // Both tables must have the policy (an upgrade from 0008 has it on one only).
+    let (everywhere, anywhere): (bool, bool) = client
+        .query_one(
+            "SELECT count(*) = 2 AND coalesce(bool_and(guarded), false), coalesce(bool_or(guarded), false)
+               FROM (SELECT c.relrowsecurity AND EXISTS (
+                                SELECT 1 FROM pg_policy p
+                                 WHERE p.polrelid = c.oid AND p.polname = 'kbsync_tenant_isolation') AS guarded
+                       FROM pg_class c
+                      WHERE c.oid IN (to_regclass('public.tenant_knowledge'), to_regclass('kbsync.knowledge_terms'))) tables",
             &[],
         )
-        .await?
-        .is_some_and(|r| r.get(0));
-    match (config.search.row_level_security, enabled) {
-        (true, false) => plan.push(
-            "enable row-level security on tenant_knowledge (each session sees the tenant in kbsync.tenant)",
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    match (config.search.row_level_security, everywhere, anywhere) {
+        (true, false, _) => plan.push(
+            "enable row-level security on tenant_knowledge and kbsync.knowledge_terms (each session sees the tenant in kbsync.tenant)",
             format!("{};\n{}", search::NO_ROW_LEVEL_SECURITY_SQL, search::ROW_LEVEL_SECURITY_SQL),
         ),
-        (false, true) => plan.push(
-            "disable row-level security on tenant_knowledge (search.row_level_security = false)",
+        (false, _, true) => plan.push(
+            "disable row-level security on tenant_knowledge and kbsync.knowledge_terms (search.row_level_security = false)",
             search::NO_ROW_LEVEL_SECURITY_SQL,
         ),
         _ => {}

@@ -9,7 +9,7 @@
 //! when it filters by tenant afterwards, or a narrow filter) it scans the tenant's
 //! chunks exactly if they are few (`EXACT_UP_TO`) or the index found fewer than k.
 //! The full-text ranking uses each chunk's own text search configuration (its
-//! source's `text_search`) and the GIN index of migration 0008.
+//! source's `text_search`) and the narrow terms table of migration 0009.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -28,7 +28,7 @@ use crate::sql_ident::Ident;
 pub enum Mode {
     /// Cosine similarity of the embeddings: paraphrases, other wordings.
     Vector,
-    /// Full-text relevance (`websearch_to_tsquery`, `ts_rank_cd`): exact terms,
+    /// Full-text relevance (`websearch_to_tsquery`, `ts_rank`): exact terms,
     /// product codes, names, error numbers.
     Text,
     /// Both rankings fused by reciprocal rank fusion.
@@ -108,7 +108,7 @@ pub struct Hit {
     /// Its place in the vector ranking (1 = nearest) and its cosine similarity.
     pub vector_rank: Option<i64>,
     pub vector_similarity: Option<f64>,
-    /// Its place in the full-text ranking and its `ts_rank_cd`.
+    /// Its place in the full-text ranking and its `ts_rank`.
     pub text_rank: Option<i64>,
     pub text_score: Option<f32>,
 }
@@ -248,15 +248,21 @@ BEGIN
     END IF;
 
     IF mode <> 'vector' THEN
+        -- The narrow terms table (migration 0009): a common word matches tens of
+        -- thousands of chunks, each ranked; tenant_knowledge's rows carry their vectors.
         SELECT array_agg(c.id ORDER BY c.relevance DESC, c.id), array_agg(c.relevance ORDER BY c.relevance DESC, c.id)
           INTO text_ids, text_scores
-          FROM (SELECT t.id, ts_rank_cd(t.content_tsv, q.tsq) AS relevance
+          FROM (SELECT w.id, ts_rank(w.content_tsv, q.tsq) AS relevance
                   FROM (VALUES {configs}) AS cfg(name)
                  CROSS JOIN LATERAL (SELECT websearch_to_tsquery(cfg.name, query_text) AS tsq) q
-                  JOIN public.tenant_knowledge t
-                    ON t.text_search_config = cfg.name AND t.content_tsv @@ q.tsq
-                 WHERE {scope}
-                 ORDER BY relevance DESC, t.id
+                  JOIN kbsync.knowledge_terms w
+                    ON w.text_search_config = cfg.name AND w.content_tsv @@ q.tsq
+                 WHERE w.tenant_id = tenant
+                   AND (sources IS NULL OR w.source = ANY (sources))
+                   AND (metadata_filter IS NULL
+                        OR EXISTS (SELECT 1 FROM public.tenant_knowledge t
+                                    WHERE t.id = w.id AND t.metadata @> metadata_filter))
+                 ORDER BY relevance DESC, w.id
                  LIMIT candidates) c;
     END IF;
 
@@ -288,19 +294,24 @@ $kbsync$"#,
     )
 }
 
-/// Row-level security on tenant_knowledge: a role that does not own the table (and is
+/// Row-level security on tenant_knowledge and its terms (kbsync.knowledge_terms): a role that does not own the table (and is
 /// no superuser) reads only the rows of the tenant its session names with
 /// `SET kbsync.tenant = '...'`; with no tenant set, none. Nobody but the owner
 /// (kbsync) writes it.
 pub const ROW_LEVEL_SECURITY_SQL: &str =
     "ALTER TABLE public.tenant_knowledge ENABLE ROW LEVEL SECURITY;
 CREATE POLICY kbsync_tenant_isolation ON public.tenant_knowledge FOR SELECT
+    USING (tenant_id = current_setting('kbsync.tenant', true));
+ALTER TABLE kbsync.knowledge_terms ENABLE ROW LEVEL SECURITY;
+CREATE POLICY kbsync_tenant_isolation ON kbsync.knowledge_terms FOR SELECT
     USING (tenant_id = current_setting('kbsync.tenant', true))";
 
 /// Undoes `ROW_LEVEL_SECURITY_SQL`.
 pub const NO_ROW_LEVEL_SECURITY_SQL: &str =
     "DROP POLICY IF EXISTS kbsync_tenant_isolation ON public.tenant_knowledge;
-ALTER TABLE public.tenant_knowledge DISABLE ROW LEVEL SECURITY";
+ALTER TABLE public.tenant_knowledge DISABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS kbsync_tenant_isolation ON kbsync.knowledge_terms;
+ALTER TABLE kbsync.knowledge_terms DISABLE ROW LEVEL SECURITY";
 
 /// The configured text search configurations that this database does not have.
 pub async fn unknown_text_search_configs(
