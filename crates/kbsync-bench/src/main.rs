@@ -10,6 +10,7 @@ mod backfill;
 mod bench_db;
 mod coalescing;
 mod local_model;
+mod migrate;
 mod reconcile_sweep;
 mod search_eval;
 mod trigger_overhead;
@@ -239,7 +240,7 @@ fn table(rows: &[(String, String)]) -> String {
     table
 }
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "triggers",
     "latency",
     "backfill",
@@ -248,6 +249,7 @@ const SECTIONS: [&str; 8] = [
     "model",
     "reconcile",
     "search",
+    "migrate",
 ];
 
 /// `kbsync-bench [SECTION...]`: all sections (and BENCHMARKS.md written) by default.
@@ -409,6 +411,20 @@ async fn main() {
              exact scan of the same tenant in the same run. {} build.\n\n{}\n",
                 build_profile(),
                 table(&rows)
+            ),
+        );
+    }
+    if run("migrate") {
+        section(
+            &mut report,
+            format!(
+                "## Changing the embedding model\n\nOne daemon, the shipped config on two OpenAI-compatible test servers answering at once \
+             (`[embedding]` and `[next_embedding]`, 384 dimensions each); QAPairs queued at once and drained (the plain backfill), the \
+             HNSW index then built; then `kbsync model start` and the time until every chunk has the new model's vector, \
+             the same chunks: a ratio of the two throughputs. An edit every 100 ms, its commit → visible time without a \
+             migration and during it. {} build.\n\n{}\n",
+                build_profile(),
+                table(&migrate::rows().await)
             ),
         );
     }

@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "knowledge_terms",
         sql: include_str!("../../../sql/migrations/0009_knowledge_terms.sql"),
     },
+    Migration {
+        version: 10,
+        name: "model_migration",
+        sql: include_str!("../../../sql/migrations/0010_model_migration.sql"),
+    },
 ];
 
 /// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
@@ -96,6 +101,8 @@ pub enum InstallError {
         "replication slot {slot} is in use by a running kbsync daemon (logical capture); stop the daemons, run `kbsync install` again, then start them with capture.mode = \"triggers\""
     )]
     SlotActive { slot: String },
+    #[error(transparent)]
+    ModelMigration(#[from] crate::model_migration::ModelMigrationError),
     #[error("sources.{source_name}: {problem}")]
     Source {
         source_name: String,
@@ -341,7 +348,33 @@ async fn plan_embedding_column(
     options: InstallOptions,
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
-    let wanted = config.embedding.dimensions;
+    // During a model migration `embedding` is the active model's: [next_embedding]'s
+    // after the cut-over.
+    let has_migrations: bool = client
+        .query_one(
+            "SELECT to_regclass('kbsync.model_migration') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let migrating = if has_migrations {
+        crate::model_migration::state(client).await?
+    } else {
+        None
+    };
+    let wanted = crate::model_migration::models(config, migrating.as_ref())?
+        .active
+        .dimensions;
+    if options.reset_embeddings
+        && migrating
+            .as_ref()
+            .is_some_and(|s| s.phase != crate::model_migration::Phase::Finished)
+    {
+        return Err(crate::model_migration::ModelMigrationError::Refused(
+            "a model migration is running: `kbsync install --reset-embeddings` would clear the vectors it is moving; finish it or roll it back first (`kbsync model status`)".into(),
+        )
+        .into());
+    }
     // None: the table does not exist yet (migration pending); -1: no dimension yet.
     let current: Option<i32> = client
         .query_opt(

@@ -143,6 +143,58 @@ pub struct ChunkWrite {
     pub chunk_count: i32,
 }
 
+/// The upsert of a batch's chunks; during a model migration with the other model's
+/// vector column too (`$15` its vectors, NULL where none was obtained, `$16` its model).
+/// The column names come from a closed set (`model_migration::OtherColumn`).
+fn upsert_sql(other: Option<&str>) -> String {
+    let (columns, values, updates) = match other {
+        Some(o) => (
+            format!(", {o}, {o}_model"),
+            ", w.other, CASE WHEN w.other IS NULL THEN NULL ELSE $16 END".to_owned(),
+            format!(", {o} = EXCLUDED.{o}, {o}_model = EXCLUDED.{o}_model"),
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
+    let (other_array, other_name) = match other {
+        Some(_) => (", $15::vector[]", ", other"),
+        None => ("", ""),
+    };
+    format!(
+        "INSERT INTO public.tenant_knowledge AS k
+                (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
+                 source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64, text_search_config{columns})
+         SELECT $1, w.tenant_id, w.source_key, w.chunk_index, w.content, w.content_hash, w.embedding, w.embedding_model,
+                w.metadata, w.source_text_hash, w.chunking, w.chunk_count, w.source_text_hash64,
+                hashtextextended(w.content COLLATE \"C\", 0), $14::text::regconfig{values}
+           FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[],
+                       $10::bytea[], $11::text[], $12::int[], $13::bigint[]{other_array})
+                AS w(tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
+                     source_text_hash, chunking, chunk_count, source_text_hash64{other_name})
+         ON CONFLICT (source, source_key, chunk_index) DO UPDATE
+            SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content,
+                content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
+                embedding_model = EXCLUDED.embedding_model, metadata = EXCLUDED.metadata,
+                source_text_hash = EXCLUDED.source_text_hash, chunking = EXCLUDED.chunking,
+                chunk_count = EXCLUDED.chunk_count, source_text_hash64 = EXCLUDED.source_text_hash64,
+                content_hash64 = EXCLUDED.content_hash64,
+                text_search_config = EXCLUDED.text_search_config, updated_at = now(){updates}"
+    )
+}
+
+static UPSERT: LazyLock<String> = LazyLock::new(|| upsert_sql(None));
+static UPSERT_WITH_NEXT: LazyLock<String> = LazyLock::new(|| upsert_sql(Some("embedding_next")));
+static UPSERT_WITH_PREVIOUS: LazyLock<String> =
+    LazyLock::new(|| upsert_sql(Some("embedding_previous")));
+
+/// The other model's vectors for a batch's chunks during a model migration.
+pub struct OtherVectors<'a> {
+    pub column: crate::model_migration::OtherColumn,
+    pub model: &'a str,
+    /// By content hash; a chunk whose text has none is written with NULL there (the
+    /// daemon's fill gives it one).
+    pub vectors: &'a HashMap<Vec<u8>, Vector>,
+}
+
 /// Upsert `writes`, then cut every key in `lengths` down to its new number of chunks
 /// (0 deletes the key's chunks).
 pub async fn write_batch(
@@ -150,6 +202,7 @@ pub async fn write_batch(
     source: &Source,
     writes: &[ChunkWrite],
     lengths: &[(String, i32)],
+    other: Option<&OtherVectors<'_>>,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let text_search = source.text_search.as_str();
     let source = source.name.as_str();
@@ -170,30 +223,36 @@ pub async fn write_batch(
         let text_hashes64: Vec<i64> = writes.iter().map(|w| w.source_text_hash64).collect();
         let chunkings: Vec<&str> = writes.iter().map(|w| w.chunking.as_str()).collect();
         let counts: Vec<i32> = writes.iter().map(|w| w.chunk_count).collect();
-        written = client
-            .execute(
-                "INSERT INTO public.tenant_knowledge AS k
-                        (source, tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
-                         source_text_hash, chunking, chunk_count, source_text_hash64, content_hash64, text_search_config)
-                 SELECT $1, w.tenant_id, w.source_key, w.chunk_index, w.content, w.content_hash, w.embedding, w.embedding_model,
-                        w.metadata, w.source_text_hash, w.chunking, w.chunk_count, w.source_text_hash64,
-                        hashtextextended(w.content COLLATE \"C\", 0), $14::text::regconfig
-                   FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::vector[], $8::text[], $9::jsonb[],
-                               $10::bytea[], $11::text[], $12::int[], $13::bigint[])
-                        AS w(tenant_id, source_key, chunk_index, content, content_hash, embedding, embedding_model, metadata,
-                             source_text_hash, chunking, chunk_count, source_text_hash64)
-                 ON CONFLICT (source, source_key, chunk_index) DO UPDATE
-                    SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content,
-                        content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
-                        embedding_model = EXCLUDED.embedding_model, metadata = EXCLUDED.metadata,
-                        source_text_hash = EXCLUDED.source_text_hash, chunking = EXCLUDED.chunking,
-                        chunk_count = EXCLUDED.chunk_count, source_text_hash64 = EXCLUDED.source_text_hash64,
-                        content_hash64 = EXCLUDED.content_hash64,
-                        text_search_config = EXCLUDED.text_search_config, updated_at = now()",
-                &[&source, &tenants, &keys, &indexes, &contents, &hashes, &embeddings, &models, &metadata,
-                  &text_hashes, &chunkings, &counts, &text_hashes64, &text_search],
-            )
-            .await?;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &source,
+            &tenants,
+            &keys,
+            &indexes,
+            &contents,
+            &hashes,
+            &embeddings,
+            &models,
+            &metadata,
+            &text_hashes,
+            &chunkings,
+            &counts,
+            &text_hashes64,
+            &text_search,
+        ];
+        let other_vectors: Vec<Option<&Vector>>;
+        let statement = match other {
+            None => UPSERT.as_str(),
+            Some(other) => {
+                other_vectors = writes.iter().map(|w| other.vectors.get(&w.hash)).collect();
+                params.push(&other_vectors);
+                params.push(&other.model);
+                match other.column {
+                    crate::model_migration::OtherColumn::Next => UPSERT_WITH_NEXT.as_str(),
+                    crate::model_migration::OtherColumn::Previous => UPSERT_WITH_PREVIOUS.as_str(),
+                }
+            }
+        };
+        written = client.execute(statement, &params).await?;
     }
     let mut deleted = 0;
     if !lengths.is_empty() {

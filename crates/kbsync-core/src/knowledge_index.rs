@@ -77,16 +77,22 @@ pub async fn state(client: &impl GenericClient) -> Result<IndexState, tokio_post
         .query_opt(
             "SELECT i.indisvalid, p.phase,
                     CASE WHEN p.tuples_total > 0 THEN p.tuples_done ELSE p.blocks_done END,
-                    CASE WHEN p.tuples_total > 0 THEN p.tuples_total ELSE p.blocks_total END
+                    CASE WHEN p.tuples_total > 0 THEN p.tuples_total ELSE p.blocks_total END,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                             WHERE a.datname = current_database() AND a.state = 'active'
+                               AND a.query = $2)
                FROM pg_catalog.pg_index i
                LEFT JOIN pg_catalog.pg_stat_progress_create_index p
                       ON p.relid = i.indrelid AND p.index_relid = i.indexrelid
               WHERE i.indexrelid = to_regclass($1)",
-            &[&format!("public.{HNSW_INDEX}")],
+            &[&format!("public.{HNSW_INDEX}"), &drop_sql()],
         )
         .await?;
     Ok(match row {
         None => IndexState::Missing,
+        // DROP INDEX CONCURRENTLY marks the index invalid first, then waits for the
+        // queries using it: no query plans with it any more, it is as good as gone.
+        Some(row) if !row.get::<_, bool>(0) && row.get::<_, bool>(4) => IndexState::Missing,
         Some(row) => match (row.get::<_, bool>(0), row.get::<_, Option<String>>(1)) {
             (_, Some(phase)) => IndexState::Building {
                 phase,
@@ -175,13 +181,14 @@ pub fn plan(state: &IndexState, backlog: i64, stored: i64, defer_above: u64) -> 
     }
 }
 
+/// The statement that drops the index; `state` recognises it running.
+fn drop_sql() -> String {
+    format!("DROP INDEX CONCURRENTLY IF EXISTS public.{HNSW_INDEX}")
+}
+
 /// `DROP INDEX CONCURRENTLY`: waits for queries using the index, blocks none.
 pub async fn drop_concurrently(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute(&format!(
-            "DROP INDEX CONCURRENTLY IF EXISTS public.{HNSW_INDEX}"
-        ))
-        .await
+    client.batch_execute(&drop_sql()).await
 }
 
 /// Build the index concurrently with `memory_mb` of `maintenance_work_mem` (the graph

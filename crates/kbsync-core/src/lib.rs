@@ -13,6 +13,7 @@ pub mod embed;
 pub mod install;
 pub mod knowledge;
 pub mod knowledge_index;
+pub mod model_migration;
 pub mod model_plan;
 pub mod outbox;
 pub mod rate_limit;

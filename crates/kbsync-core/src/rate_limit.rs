@@ -9,12 +9,12 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-/// The budget's row name.
-const BUDGET: &str = "embedding";
-
 #[derive(Debug)]
 pub struct SharedRateLimit {
     url: String,
+    /// The budget's row: one per model, so that a model migration's second model has
+    /// a budget of its own.
+    budget: String,
     requests_per_minute: Option<u32>,
     tokens_per_minute: Option<u64>,
     client: Mutex<Option<Client>>,
@@ -32,11 +32,13 @@ fn rate_and_burst(per_minute: Option<f64>) -> (f64, f64) {
 impl SharedRateLimit {
     pub fn new(
         url: String,
+        model: &str,
         requests_per_minute: Option<u32>,
         tokens_per_minute: Option<u64>,
     ) -> Self {
         Self {
             url,
+            budget: format!("model {model}"),
             requests_per_minute,
             tokens_per_minute,
             client: Mutex::new(None),
@@ -76,7 +78,7 @@ impl SharedRateLimit {
                     tokens = LEAST($3::float8, b.tokens + $5::float8 * EXTRACT(EPOCH FROM clock_timestamp() - b.updated_at)::float8) - $6::float8,
                     updated_at = clock_timestamp()
                  RETURNING requests, tokens",
-                &[&BUDGET, &request_burst, &token_burst, &request_rate, &token_rate, &cost],
+                &[&self.budget, &request_burst, &token_burst, &request_rate, &token_rate, &cost],
             )
             .await;
         let row = match row {

@@ -17,10 +17,11 @@ use kbsync_core::config::{Config, Source};
 use kbsync_core::db;
 use kbsync_core::embed::{EmbedError, InputOutcome, Provider};
 use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
+use kbsync_core::model_migration;
 use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
 use kbsync_core::source_rows::{SourceQuery, SourceRow};
 
-use crate::texts_in_flight::TextsInFlight;
+use crate::model_switch::ActiveModels;
 
 #[derive(Debug, Error)]
 pub enum BatchError {
@@ -31,6 +32,10 @@ pub enum BatchError {
     /// The chunking thread panicked: a bug, reported as such.
     #[error("chunking failed: {0}")]
     Chunking(String),
+    /// A model cut-over or rollback committed while the batch embedded with the model
+    /// active before it: nothing was written.
+    #[error("the embedding model switched during the batch")]
+    ModelChanged,
 }
 
 /// A source with everything prepared once at start-up.
@@ -108,13 +113,14 @@ enum EmbeddingSource {
 pub async fn process(
     client: &mut Client,
     pipeline: &SourcePipeline,
-    provider: &Provider,
-    in_flight: &TextsInFlight,
+    models: &ActiveModels,
     policy: &FailurePolicy,
     token: Uuid,
     claimed: &[Claimed],
 ) -> Result<BatchReport, BatchError> {
     let source = &pipeline.source;
+    let provider = models.active.as_ref();
+    let in_flight = &models.texts_in_flight;
     let model = provider.model().to_owned();
     let row_claims: Vec<&Claimed> = claimed.iter().filter(|c| c.scope == Scope::Row).collect();
     let whole_source = claimed.iter().find(|c| c.scope == Scope::Source);
@@ -333,6 +339,22 @@ pub async fn process(
         lengths.push((key.clone(), count as i32));
     }
 
+    // During a model migration every chunk written gets the other model's vector too.
+    let other_vectors = match &models.other {
+        Some((column, other, _)) => {
+            Some(other_model_vectors(&*client, *column, other, &writes).await?)
+        }
+        None => None,
+    };
+    let other = match (&models.other, &other_vectors) {
+        (Some((column, provider, _)), Some(vectors)) => Some(knowledge::OtherVectors {
+            column: *column,
+            model: provider.model(),
+            vectors,
+        }),
+        _ => None,
+    };
+    let other = other.as_ref();
     let prepared = Prepared {
         writes,
         lengths,
@@ -342,8 +364,16 @@ pub async fn process(
             .map(|c| (c.key.clone(), c.version))
             .collect(),
     };
-    let committed = match commit(client, pipeline, policy, token, &prepared, whole_source).await {
-        Ok(committed) => committed,
+    let generation = models.generation;
+    let fence = Fence {
+        token,
+        generation,
+        other,
+    };
+    let written = commit(client, pipeline, policy, &fence, &prepared, whole_source);
+    let committed = match written.await {
+        Ok(Some(committed)) => committed,
+        Ok(None) => return Err(BatchError::ModelChanged),
         Err(e) if db::connection_failed(client, &e) => return Err(e.into()),
         Err(e) => {
             tracing::warn!(
@@ -352,7 +382,9 @@ pub async fn process(
                 error = %db::describe(&e),
                 "PostgreSQL rejected the batch's write; writing its keys one at a time"
             );
-            isolate_rejected_writes(client, pipeline, policy, token, prepared, whole_source).await?
+            isolate_rejected_writes(client, pipeline, policy, &fence, prepared, whole_source)
+                .await?
+                .ok_or(BatchError::ModelChanged)?
         }
     };
     Ok(BatchReport {
@@ -360,6 +392,16 @@ pub async fn process(
         remote_embedding_time,
         ..committed
     })
+}
+
+/// What every write of a batch is fenced on, and writes besides its chunks.
+struct Fence<'a> {
+    /// The claim: only entries still claimed with it are written and acknowledged.
+    token: Uuid,
+    /// The model migration's generation its vectors were made in.
+    generation: i64,
+    /// During a model migration, the other model's vectors.
+    other: Option<&'a knowledge::OtherVectors<'a>>,
 }
 
 /// What a batch (or one key of it) writes, computed before its transaction.
@@ -418,18 +460,24 @@ impl BatchReport {
 /// One transaction: fence on our claim (a weak lock: new changes of the keys still
 /// fold in meanwhile), write, lock the entries for acknowledging, record failures,
 /// acknowledge; and the
-/// source-wide clean-up after a TRUNCATE if `whole_source` is claimed.
+/// source-wide clean-up after a TRUNCATE if `whole_source` is claimed. None, with
+/// nothing written, when the model migration is no longer at `generation`: the
+/// vectors were made by a model that is no longer the one in `embedding`.
 async fn commit(
     client: &mut Client,
     pipeline: &SourcePipeline,
     policy: &FailurePolicy,
-    token: Uuid,
+    fence: &Fence<'_>,
     prepared: &Prepared,
     whole_source: Option<&Claimed>,
-) -> Result<BatchReport, tokio_postgres::Error> {
+) -> Result<Option<BatchReport>, tokio_postgres::Error> {
+    let (token, generation, other) = (fence.token, fence.generation, fence.other);
     let source = &pipeline.source.name;
     let keys: Vec<String> = prepared.versions.iter().map(|(k, _)| k.clone()).collect();
     let tx = client.transaction().await?;
+    if model_migration::locked_generation(&tx).await? != generation {
+        return Ok(None);
+    }
     let ours: HashSet<String> = outbox::fence(&tx, source, token, Scope::Row, &keys)
         .await?
         .into_iter()
@@ -441,7 +489,7 @@ async fn commit(
     let lengths = only_ours(&prepared.lengths, all_ours, |(k, _)| is_ours(k));
     let failures = only_ours(&prepared.failures, all_ours, |f| is_ours(&f.key));
     let (chunks_written, mut chunks_deleted) =
-        knowledge::write_batch(&tx, &pipeline.source, &writes, &lengths).await?;
+        knowledge::write_batch(&tx, &pipeline.source, &writes, &lengths, other).await?;
     outbox::lock_for_acknowledge(&tx, source, token, Scope::Row, &keys).await?;
     let dead_lettered = outbox::record_failures(&tx, source, token, &failures, policy).await?;
     let done: Vec<(String, i64)> = prepared
@@ -481,14 +529,14 @@ async fn commit(
         chunks_deleted,
         dead_lettered,
     );
-    Ok(BatchReport {
+    Ok(Some(BatchReport {
         inputs_embedded: 0,
         chunks_written,
         chunks_deleted,
         failed: failures.len(),
         dead_lettered,
         remote_embedding_time: std::time::Duration::ZERO,
-    })
+    }))
 }
 
 /// Embeds `inputs[at]` for every `at` in `which` into `outcomes[at]`, counting the
@@ -531,14 +579,16 @@ async fn isolate_rejected_writes(
     client: &mut Client,
     pipeline: &SourcePipeline,
     policy: &FailurePolicy,
-    token: Uuid,
+    fence: &Fence<'_>,
     prepared: Prepared,
     whole_source: Option<&Claimed>,
-) -> Result<BatchReport, tokio_postgres::Error> {
+) -> Result<Option<BatchReport>, tokio_postgres::Error> {
+    let token = fence.token;
     let mut total = BatchReport::default();
     for part in prepared.split_by_key() {
-        match commit(client, pipeline, policy, token, &part, None).await {
-            Ok(committed) => total.add(committed),
+        match commit(client, pipeline, policy, fence, &part, None).await {
+            Ok(Some(committed)) => total.add(committed),
+            Ok(None) => return Ok(None),
             Err(e) if db::connection_failed(client, &e) => return Err(e),
             Err(e) => {
                 let key = part.versions[0].0.clone();
@@ -548,9 +598,64 @@ async fn isolate_rejected_writes(
     }
     if whole_source.is_some() {
         let nothing = Prepared::default();
-        total.add(commit(client, pipeline, policy, token, &nothing, whole_source).await?);
+        match commit(client, pipeline, policy, fence, &nothing, whole_source).await? {
+            Some(committed) => total.add(committed),
+            None => return Ok(None),
+        }
     }
-    Ok(total)
+    Ok(Some(total))
+}
+
+/// The other model's vectors for the texts of `writes`: those it has already (any
+/// chunk's, or adopted), and the rest embedded now. When its provider fails, the
+/// chunks are written without it and the daemon's fill gives them one: a migration
+/// must not hold up the live edits of the model applications read.
+async fn other_model_vectors(
+    client: &Client,
+    column: model_migration::OtherColumn,
+    provider: &Provider,
+    writes: &[ChunkWrite],
+) -> Result<HashMap<Vec<u8>, Vector>, tokio_postgres::Error> {
+    let model = provider.model();
+    let mut texts: HashMap<&[u8], &str> = HashMap::new();
+    for w in writes {
+        texts.insert(w.hash.as_slice(), w.content.as_str());
+    }
+    let hashes: Vec<&[u8]> = texts.keys().copied().collect();
+    let mut found: HashMap<Vec<u8>, Vector> =
+        model_migration::reusable(client, column, model, &hashes)
+            .await?
+            .into_iter()
+            .collect();
+    let missing: Vec<(&[u8], String)> = texts
+        .iter()
+        .filter(|(h, _)| !found.contains_key(**h))
+        .map(|(h, t)| (*h, (*t).to_owned()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(found);
+    }
+    let inputs: Vec<String> = missing.iter().map(|(_, t)| t.clone()).collect();
+    match provider.embed(&inputs).await {
+        Ok(outcomes) => {
+            for ((hash, _), outcome) in missing.iter().zip(outcomes) {
+                match outcome {
+                    Ok(vector) => {
+                        found.insert(hash.to_vec(), Vector::from(vector));
+                    }
+                    Err(why) => {
+                        tracing::warn!(model, error = %why, "the other model refused a chunk's text; it is written without that model's vector");
+                    }
+                }
+            }
+            metrics::counter!("kbsync_model_dual_write_texts_total", "model" => model.to_owned())
+                .increment(inputs.len() as u64);
+        }
+        Err(e) => {
+            tracing::warn!(model, error = %e, texts = inputs.len(), "the other model's provider failed; these chunks are written without its vector and the background fill gives them one");
+        }
+    }
+    Ok(found)
 }
 
 /// Count a failed attempt against `key` (it is retried with backoff, and parked in

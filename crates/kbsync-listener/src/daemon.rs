@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use kbsync_core::config::{CaptureMode, Config, ProviderKind, Source};
 use kbsync_core::db::{self, ErrorKind};
-use kbsync_core::embed::{EmbedError, Provider};
+use kbsync_core::embed::EmbedError;
 use kbsync_core::install::schema_is_current;
 use kbsync_core::outbox;
 
@@ -31,9 +31,9 @@ use crate::batch::{self, BatchError, SourcePipeline};
 use crate::batch_sizing::BatchSizer;
 use crate::health::Health;
 use crate::http::{self, HttpState};
+use crate::model_switch::{ModelSwitch, SwitchError};
 use crate::search_api::{Connections, SearchApi};
-use crate::texts_in_flight::TextsInFlight;
-use crate::{collector, decoder, index_manager, listener, systemd, telemetry};
+use crate::{collector, decoder, index_manager, listener, model_fill, systemd, telemetry};
 
 /// Database connections the search API's requests share.
 const SEARCH_CONNECTIONS: usize = 4;
@@ -69,9 +69,8 @@ struct Shared {
     /// is ready no sooner than this.
     shortest_window: Duration,
     url: String,
-    provider: Arc<Provider>,
-    /// Texts a worker is embedding: another worker that needs one waits for it.
-    texts_in_flight: TextsInFlight,
+    /// The model written into `embedding` now, and during a model migration the other.
+    models: Arc<ModelSwitch>,
     pipelines: Vec<SourcePipeline>,
     failure_policy: outbox::FailurePolicy,
     health: Arc<Health>,
@@ -186,7 +185,14 @@ impl Daemon {
                 )));
             }
         }
-        let provider = Arc::new(Provider::from_config(&self.config)?);
+        let models = Arc::new(ModelSwitch::new(&client, &self.config).await.map_err(
+            |e| match e {
+                SwitchError::Provider(e) => DaemonError::Provider(e),
+                SwitchError::Migration(e) => DaemonError::Source(e.to_string()),
+            },
+        )?);
+        // Chunks are cut as [embedding] cuts them, whichever model is active.
+        let chunking_provider = models.configured();
         let search_tokens = self.config.search.api_tokens().map_err(DaemonError::Http)?;
         if search_tokens.is_some() && self.config.http.listen.is_none() {
             return Err(DaemonError::Http(
@@ -201,7 +207,7 @@ impl Daemon {
                 "source"
             );
             pipelines.push(
-                SourcePipeline::prepare(&client, source, &self.config, &provider)
+                SourcePipeline::prepare(&client, source, &self.config, &chunking_provider)
                     .await
                     .map_err(DaemonError::Source)?,
             );
@@ -238,7 +244,15 @@ impl Daemon {
             None => None,
         };
         let workers = self.config.embedding.max_concurrency;
-        tracing::info!(workers, model = provider.model(), "kbsync daemon started");
+        {
+            let current = models.current();
+            tracing::info!(
+                workers,
+                model = current.active.model(),
+                other_model = current.other.as_ref().map(|(_, p, _)| p.model()),
+                "kbsync daemon started"
+            );
+        }
         let shortest_window = pipelines
             .iter()
             .map(|p| p.source.debounce.min(p.source.delete_debounce))
@@ -251,8 +265,7 @@ impl Daemon {
             failure_policy: outbox::FailurePolicy::from_config(&self.config),
             config: self.config,
             url: self.url,
-            provider,
-            texts_in_flight: TextsInFlight::default(),
+            models,
             pipelines,
         });
 
@@ -288,6 +301,11 @@ impl Daemon {
                 ));
             }
         }
+        tasks.spawn(model_fill::run(
+            shared.url.clone(),
+            shared.models.clone(),
+            work_cancel.clone(),
+        ));
         if shared.config.index.defer_above > 0 {
             tasks.spawn(keep_index(shared.clone(), work_cancel.clone()));
         }
@@ -316,7 +334,7 @@ impl Daemon {
                 tracing::info!(tokens = tokens.len(), "search API on POST /v1/search");
                 Arc::new(SearchApi {
                     tokens,
-                    provider: shared.provider.clone(),
+                    models: shared.models.clone(),
                     config: shared.config.clone(),
                     connections: Connections::new(shared.url.clone(), SEARCH_CONNECTIONS),
                 })
@@ -540,11 +558,11 @@ async fn worker(
                     }
                     did_work = true;
                     let span = tracing::info_span!("batch", source = %pipeline.source.name, keys = claimed.len());
+                    let models = shared.models.current();
                     let work = batch::process(
                         &mut client,
                         pipeline,
-                        &shared.provider,
-                        &shared.texts_in_flight,
+                        &models,
                         &shared.failure_policy,
                         token,
                         &claimed,
@@ -591,12 +609,44 @@ async fn worker(
                                 tracing::warn!(error = %pe, "could not postpone; the claim will expire instead");
                             }
                         }
+                        Err(BatchError::ModelChanged) => {
+                            // A cut-over or rollback committed while the batch embedded
+                            // with the model active before it: nothing was written; it
+                            // is redone at once with the active model, no attempt counted.
+                            tracing::info!(source = %pipeline.source.name, "the embedding model switched during the batch; redoing it with the active model");
+                            let _ = outbox::postpone(
+                                &lease_client,
+                                token,
+                                Duration::ZERO,
+                                "the embedding model switched during the batch",
+                            )
+                            .await;
+                            if let Err(e) = shared.models.refresh(&client).await {
+                                tracing::error!(error = %e, "reading the model migration failed");
+                            }
+                        }
                         Err(BatchError::Chunking(e)) => {
                             metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "chunking_error").increment(1);
                             tracing::error!(source = %pipeline.source.name, error = %e, "chunking a batch failed; it is retried in 30 s");
                             let _ =
                                 outbox::postpone(&lease_client, token, Duration::from_secs(30), &e)
                                     .await;
+                        }
+                        Err(BatchError::Db(e))
+                            if !db::connection_failed(&client, &e)
+                                && shared.models.refresh(&client).await.is_ok()
+                                && shared.models.current().generation != models.generation =>
+                        {
+                            // A cut-over, rollback or finish renamed or dropped the
+                            // column the batch's statements named: redone at once.
+                            tracing::info!(source = %pipeline.source.name, error = %db::describe(&e), "the model migration moved on during the batch; redoing it");
+                            let _ = outbox::postpone(
+                                &lease_client,
+                                token,
+                                Duration::ZERO,
+                                "the model migration moved on during the batch",
+                            )
+                            .await;
                         }
                         Err(BatchError::Db(e)) => {
                             // Keys PostgreSQL rejects are failed one by one inside the

@@ -77,7 +77,10 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         let (client, _conn) = db::connect(&state.url).await.map_err(|e| e.to_string())?;
         telemetry::refresh_backlog(&client, &names)
             .await
-            .map_err(|e| db::describe(&e))
+            .map_err(|e| db::describe(&e))?;
+        telemetry::refresh_model_migration(&client)
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     match refreshed {
@@ -104,9 +107,22 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
 async fn chunking_health(State(state): State<Arc<HttpState>>) -> Response {
     let result = tokio::time::timeout(QUERY_TIMEOUT * 6, async {
         let (client, _conn) = db::connect(&state.url).await.map_err(|e| e.to_string())?;
-        kbsync_reconcile::coverage::coverage(&client, &state.config)
+        let coverage = kbsync_reconcile::coverage::coverage(&client, &state.config)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let migration = match kbsync_core::model_migration::progress(&client).await {
+            Ok(p) => Some(p),
+            Err(kbsync_core::model_migration::ModelMigrationError::NotRunning) => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut body = serde_json::to_value(coverage).map_err(|e| e.to_string())?;
+        if let Some(object) = body.as_object_mut() {
+            object.insert(
+                "model_migration".into(),
+                serde_json::to_value(migration).map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(body)
     })
     .await
     .unwrap_or_else(|_| Err("timed out reading the database".to_owned()));

@@ -2,7 +2,8 @@
 //! decoder that turns the replication slot's changes into captured changes, a
 //! collector that moves captured changes into the outbox, and workers that claim ready outbox entries (the
 //! debounce windows), process them (read rows → chunk → embed → write) and
-//! acknowledge them, until cancelled; and the HTTP endpoint, with the search API.
+//! acknowledge them, until cancelled; during a model migration a task that fills the
+//! other model's vectors; and the HTTP endpoint, with the search API.
 
 mod batch;
 mod batch_sizing;
@@ -13,6 +14,8 @@ pub mod health;
 mod http;
 mod index_manager;
 mod listener;
+mod model_fill;
+mod model_switch;
 mod pgoutput;
 mod search_api;
 pub mod systemd;

@@ -2,7 +2,8 @@
 //! endpoint. Bearer tokens (`search.api_tokens_env` / `api_tokens_file`) are required;
 //! the tenant is required and a request only ever reads that tenant's chunks
 //! (`kbsync.search()` filters by it). The query is embedded with the daemon's own
-//! provider, so it is always the model the chunks were embedded with.
+//! provider of the active model, so it is always the model the chunks' `embedding`
+//! holds, also across a model cut-over (`model_switch`).
 //!
 //! Request: `{"tenant": "42", "query": "...", "k": 10, "mode": "hybrid",
 //! "sources": ["faq"], "metadata": {"category": "Shelter"}}` (only tenant and query
@@ -24,8 +25,10 @@ use tokio_postgres::Client;
 
 use kbsync_core::config::Config;
 use kbsync_core::db;
-use kbsync_core::embed::{EmbedOneError, Provider};
+use kbsync_core::embed::EmbedOneError;
 use kbsync_core::search::{self, MAX_K, Mode};
+
+use crate::model_switch::ModelSwitch;
 
 /// A search request's database work gives up after this long.
 const SEARCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,7 +72,7 @@ impl Connections {
 /// What the endpoint needs besides the config.
 pub struct SearchApi {
     pub tokens: Vec<String>,
-    pub provider: Arc<Provider>,
+    pub models: Arc<ModelSwitch>,
     pub config: Config,
     pub connections: Connections,
 }
@@ -182,36 +185,52 @@ pub async fn handle(
         Ok(q) => q,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    if query.mode.needs_vector() {
-        query.vector = match api.provider.embed_one(&query.text).await {
-            Ok(vector) => Some(Vector::from(vector)),
-            Err(EmbedOneError::Refused(refused)) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the embedding provider refused the query: {refused}"),
-                );
+    // A cut-over (or rollback) between embedding the query and searching makes the
+    // search fail or compare two models: then the query is embedded again with the
+    // model active now, once.
+    let mut attempts = 0;
+    let (found, model) = loop {
+        attempts += 1;
+        let models = api.models.current();
+        if query.mode.needs_vector() {
+            query.vector = match models.active.embed_one(&query.text).await {
+                Ok(vector) => Some(Vector::from(vector)),
+                Err(EmbedOneError::Refused(refused)) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("the embedding provider refused the query: {refused}"),
+                    );
+                }
+                Err(EmbedOneError::Provider(e)) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("embedding the query failed: {e}"),
+                    );
+                }
+            };
+        }
+        let found = tokio::time::timeout(SEARCH_TIMEOUT, async {
+            let client = api.connections.get().await?;
+            let found = search::search(&*client, &query)
+                .await
+                .map_err(|e| db::describe(&e));
+            if found.is_err() {
+                let _ = api.models.refresh(&*client).await;
             }
-            Err(EmbedOneError::Provider(e)) => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("embedding the query failed: {e}"),
-                );
-            }
-        };
-    }
-    let found = tokio::time::timeout(SEARCH_TIMEOUT, async {
-        let client = api.connections.get().await?;
-        search::search(&*client, &query)
-            .await
-            .map_err(|e| db::describe(&e))
-    })
-    .await
-    .unwrap_or_else(|_| Err("the search timed out".to_owned()));
+            found
+        })
+        .await
+        .unwrap_or_else(|_| Err("the search timed out".to_owned()));
+        if found.is_err() && attempts == 1 && api.models.current().generation != models.generation {
+            continue;
+        }
+        break (found, models.active.model().to_owned());
+    };
     match found {
         Ok(results) => Json(serde_json::json!({
             "tenant": query.tenant,
             "mode": query.mode,
-            "model": api.provider.model(),
+            "model": model,
             "results": results,
         }))
         .into_response(),

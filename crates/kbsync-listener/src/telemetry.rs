@@ -153,3 +153,40 @@ pub async fn refresh_backlog(
     }
     Ok(())
 }
+
+/// Set the model migration's gauges from the database: its phase (0 none, 1 filling,
+/// 2 cut over, 3 finished), the chunks and texts still without the other model's
+/// vector, and what was sent to fill them.
+pub async fn refresh_model_migration(
+    client: &impl GenericClient,
+) -> Result<(), kbsync_core::model_migration::ModelMigrationError> {
+    use kbsync_core::model_migration::{self, ModelMigrationError, Phase};
+    let progress = match model_migration::progress(client).await {
+        Ok(p) => p,
+        Err(ModelMigrationError::NotRunning) => {
+            metrics::gauge!("kbsync_model_migration_phase").set(0.0);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let s = &progress.state;
+    metrics::gauge!("kbsync_model_migration_phase").set(match s.phase {
+        Phase::Filling => 1.0,
+        Phase::CutOver => 2.0,
+        Phase::Finished => 3.0,
+    });
+    metrics::gauge!("kbsync_model_migration_chunks_missing").set(progress.chunks_missing as f64);
+    metrics::gauge!("kbsync_model_migration_texts_missing").set(progress.texts_missing as f64);
+    for (model, texts, tokens, requests) in [
+        (&s.to_model, s.to_texts, s.to_tokens, s.to_requests),
+        (&s.from_model, s.from_texts, s.from_tokens, s.from_requests),
+    ] {
+        metrics::gauge!("kbsync_model_migration_texts_sent", "model" => model.clone())
+            .set(texts as f64);
+        metrics::gauge!("kbsync_model_migration_tokens_sent", "model" => model.clone())
+            .set(tokens as f64);
+        metrics::gauge!("kbsync_model_migration_requests_sent", "model" => model.clone())
+            .set(requests as f64);
+    }
+    Ok(())
+}

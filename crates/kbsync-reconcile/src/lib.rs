@@ -64,6 +64,8 @@ pub enum ReconcileError {
     Cancelled,
     #[error("database error: {}", kbsync_core::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    ModelMigration(#[from] kbsync_core::model_migration::ModelMigrationError),
 }
 
 /// Who started the sweep.
@@ -194,6 +196,10 @@ async fn sweep_sources(
         .into_iter()
         .filter(|s| options.sources.is_empty() || options.sources.contains(&s.name))
         .collect();
+    // The model whose vectors `embedding` holds: [next_embedding]'s after a model
+    // cut-over. A chunk of another model is stale. The chunking stays [embedding]'s.
+    let models = kbsync_core::model_migration::current_models(&*client, config).await?;
+    let model = models.active.model.as_str();
     for source in &sources {
         let rows = RowSql::prepare(&*client, source).await?;
         if rows.key_type.is_none() {
@@ -212,7 +218,7 @@ async fn sweep_sources(
             &fingerprint::FingerprintScan::new(&rows),
             scope.tenant,
             &fingerprint,
-            &config.embedding.model,
+            model,
         )
         .await?;
         if compared.in_sync {
@@ -228,7 +234,7 @@ async fn sweep_sources(
                 &scan,
                 &scope,
                 &fingerprint,
-                &config.embedding.model,
+                model,
                 &mut found,
                 progress,
             )

@@ -68,8 +68,10 @@ enum Command {
         after_help = "Example (the old Django TenantKnowledge table):\n  kbsync adopt --table ai_model_tenantknowledge --content-column content --embedding-column embedding --model-column embedding_model"
     )]
     Adopt(adopt_cmd::AdoptArgs),
-    /// Changing the embedding model: `plan` prices the move to the model in
-    /// `[next_embedding]` before anything is spent.
+    /// Changing the embedding model blue/green: `plan` prices the move to the model in
+    /// `[next_embedding]`, `start` has the daemon fill in its vectors beside the active
+    /// ones, `cutover` makes them the ones applications read, `rollback` goes back at
+    /// no cost, `finish` drops the old ones.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
@@ -164,6 +166,27 @@ enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Begin the migration: a second vector column of the new model's dimension, which
+    /// the running daemon fills (newest chunks first) while live sync goes on.
+    Start,
+    /// Progress: chunks and texts still without the other model's vector, the rate,
+    /// the time left, what was sent.
+    Status {
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second until nothing is missing (Ctrl-C stops).
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// Make the new model's vectors the ones applications read, in one transaction,
+    /// once every chunk has one (its HNSW index is built first).
+    Cutover,
+    /// After a cut-over: back to the old model at once, no embedding spent. Before one:
+    /// abandon the migration (the new model's vectors are kept for a later start).
+    Rollback,
+    /// After a cut-over: drop the old model's vectors and index.
+    Finish,
 }
 
 #[derive(Subcommand)]
@@ -228,9 +251,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             reset_embeddings,
         } => done(install_cmd::install(&load(config)?, dry_run, reset_embeddings).await),
         Command::Adopt(args) => done(adopt_cmd::adopt(&load(config)?, args).await),
-        Command::Model {
-            command: ModelCommand::Plan { json },
-        } => done(model_cmd::plan(&load(config)?, json).await),
+        Command::Model { command } => {
+            let config = load(config)?;
+            done(match command {
+                ModelCommand::Plan { json } => model_cmd::plan(&config, json).await,
+                ModelCommand::Start => model_cmd::start(&config).await,
+                ModelCommand::Status { json, watch } => {
+                    model_cmd::status(&config, json, watch).await
+                }
+                ModelCommand::Cutover => model_cmd::cutover(&config).await,
+                ModelCommand::Rollback => model_cmd::rollback(&config).await,
+                ModelCommand::Finish => model_cmd::finish(&config).await,
+            })
+        }
         Command::Run => done(run_cmd::run(config, load(config)?).await),
         Command::Reconcile {
             dry_run,

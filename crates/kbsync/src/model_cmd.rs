@@ -1,7 +1,12 @@
-//! `kbsync model plan`: what a change of embedding model would cost (see
-//! `kbsync_core::model_plan`).
+//! `kbsync model`: what a change of embedding model would cost (`plan`, see
+//! `kbsync_core::model_plan`), and the blue/green migration itself (`start`, `status`,
+//! `cutover`, `rollback`, `finish`, see `kbsync_core::model_migration`).
+
+use std::io::IsTerminal;
+use std::time::Duration;
 
 use kbsync_core::config::Config;
+use kbsync_core::model_migration::{self, MigrationState, Phase, Progress};
 use kbsync_core::model_plan::{self, ModelPlan};
 
 pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
@@ -12,6 +17,161 @@ pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
     } else {
         print!("{}", render(&plan));
     }
+    Ok(())
+}
+
+pub async fn start(config: &Config) -> anyhow::Result<()> {
+    let mut client = crate::connect_installed(config).await?;
+    let state = model_migration::start(&mut client, config).await?;
+    println!(
+        "kbsync model start: {} -> {} ({} dimensions) begun.\n  \
+         Applications go on reading {}'s vectors; a running daemon fills in {}'s beside them, the newest chunks first, and gives every chunk written from now on both.\n  \
+         Follow it with `kbsync model status`; when nothing is missing, `kbsync model cutover`.",
+        state.from_model, state.to_model, state.to_dimensions, state.from_model, state.to_model
+    );
+    Ok(())
+}
+
+pub async fn status(config: &Config, json: bool, watch: bool) -> anyhow::Result<()> {
+    let client = crate::connect_installed(config).await?;
+    if json {
+        let progress = model_migration::progress(&client).await?;
+        println!("{}", serde_json::to_string_pretty(&progress)?);
+        return Ok(());
+    }
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let progress = model_migration::progress(&client).await?;
+        let text = render_progress(&progress, terminal);
+        if watch && terminal {
+            // Redraw in place.
+            print!("\x1b[2J\x1b[H{text}");
+        } else {
+            print!("{text}");
+        }
+        if !watch || progress.filling_column.is_none() || progress.chunks_missing == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn render_progress(p: &Progress, terminal: bool) -> String {
+    let s = &p.state;
+    let mut out = format!(
+        "kbsync model migration: {} -> {} ({} dimensions), {}\n",
+        s.from_model,
+        s.to_model,
+        s.to_dimensions,
+        phase_words(s)
+    );
+    if let (Some(column), Some(model)) = (p.filling_column, &p.filling_model) {
+        let done = p.chunks - p.chunks_missing;
+        let share = if p.chunks > 0 {
+            done as f64 / p.chunks as f64
+        } else {
+            1.0
+        };
+        if terminal {
+            let filled = (share * 30.0).round() as usize;
+            out.push_str(&format!(
+                "  [{}{}] {:.1}%\n",
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                share * 100.0
+            ));
+        }
+        out.push_str(&format!(
+            "  {column} ({model}): {done} of {} chunks have a vector; missing {} chunks, {} distinct texts\n",
+            p.chunks, p.chunks_missing, p.texts_missing
+        ));
+        match (p.texts_per_second, p.eta_seconds) {
+            (Some(rate), Some(eta)) if p.texts_missing > 0 => out.push_str(&format!(
+                "  rate {rate:.1} texts/s; about {} left\n",
+                duration(eta)
+            )),
+            _ if p.texts_missing > 0 => out.push_str(
+                "  rate: nothing embedded yet (is a daemon running? it fills the column)\n",
+            ),
+            _ => {}
+        }
+        if let Some(valid) = p.other_index_valid {
+            out.push_str(&format!(
+                "  its HNSW index: {}\n",
+                if valid { "valid" } else { "being built" }
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "  sent for {}: {} texts, {} tokens, {} requests; for {}: {} texts, {} tokens, {} requests\n",
+        s.to_model,
+        s.to_texts,
+        s.to_tokens,
+        s.to_requests,
+        s.from_model,
+        s.from_texts,
+        s.from_tokens,
+        s.from_requests
+    ));
+    out.push_str(match s.phase {
+        Phase::Filling if p.chunks_missing == 0 => "  next: `kbsync model cutover`\n",
+        Phase::Filling => "  next: wait until nothing is missing, then `kbsync model cutover`\n",
+        Phase::CutOver => {
+            "  next: `kbsync model finish` (drops the old vectors), or `kbsync model rollback`\n"
+        }
+        Phase::Finished => {
+            "  next: put the new model's settings in [embedding] and remove [next_embedding]\n"
+        }
+    });
+    out
+}
+
+fn phase_words(s: &MigrationState) -> String {
+    match s.phase {
+        Phase::Filling => format!("filling: applications read {}", s.from_model),
+        Phase::CutOver => format!(
+            "cut over: applications read {}; {} kept current for a rollback",
+            s.to_model, s.from_model
+        ),
+        Phase::Finished => format!("finished: {} only", s.to_model),
+    }
+}
+
+pub async fn cutover(config: &Config) -> anyhow::Result<()> {
+    let mut client = crate::connect_installed(config).await?;
+    let state = model_migration::cutover(&mut client).await?;
+    println!(
+        "kbsync model cutover: tenant_knowledge.embedding now holds {}'s vectors ({} dimensions), in one transaction, with its HNSW index.\n  \
+         Applications that embed their queries themselves must embed them with {} from now on; kbsync search and POST /v1/search already do.\n  \
+         {}'s vectors are kept current in embedding_previous: `kbsync model rollback` goes back at no cost, `kbsync model finish` drops them.",
+        state.to_model, state.to_dimensions, state.to_model, state.from_model
+    );
+    Ok(())
+}
+
+pub async fn rollback(config: &Config) -> anyhow::Result<()> {
+    let mut client = crate::connect_installed(config).await?;
+    match model_migration::rollback(&mut client).await? {
+        Some(state) => println!(
+            "kbsync model rollback: tenant_knowledge.embedding holds {}'s vectors again; no embedding was requested.\n  \
+             {}'s are kept in embedding_next and kept current: `kbsync model cutover` again when you want them.",
+            state.from_model, state.to_model
+        ),
+        None => println!(
+            "kbsync model rollback: the migration is abandoned and embedding_next dropped; the new model's vectors are kept in kbsync.adopted_embeddings, so a later `kbsync model start` sends only texts changed since."
+        ),
+    }
+    Ok(())
+}
+
+pub async fn finish(config: &Config) -> anyhow::Result<()> {
+    let mut client = crate::connect_installed(config).await?;
+    let state = model_migration::finish(&mut client).await?;
+    println!(
+        "kbsync model finish: {}'s vectors and their index are dropped; tenant_knowledge has one vector column, {}'s.\n  \
+         Now put {}'s settings in [embedding] and remove [next_embedding] (the daemons go on meanwhile, embedding with {}).",
+        state.from_model, state.to_model, state.to_model, state.to_model
+    );
     Ok(())
 }
 

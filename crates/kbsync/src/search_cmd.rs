@@ -6,6 +6,7 @@ use pgvector::Vector;
 
 use kbsync_core::config::Config;
 use kbsync_core::embed::Provider;
+use kbsync_core::model_migration;
 use kbsync_core::search::{self, MAX_K, Mode};
 
 pub struct Query {
@@ -27,13 +28,16 @@ pub async fn search(config: &Config, query: Query) -> anyhow::Result<()> {
     if let Some(name) = &query.source {
         config.source_named(name).map_err(anyhow::Error::msg)?;
     }
+    let client = crate::connect(config).await?;
+    // The query is embedded with the model `embedding` holds: [next_embedding]'s after
+    // a model cut-over.
     let vector = if query.mode.needs_vector() {
-        let provider = Provider::from_config(config)?;
+        let models = model_migration::current_models(&client, config).await?;
+        let provider = Provider::from_config(&model_migration::with_model(config, &models))?;
         Some(Vector::from(provider.embed_one(&query.text).await?))
     } else {
         None
     };
-    let client = crate::connect(config).await?;
     let hits = search::search(
         &client,
         &search::Query {

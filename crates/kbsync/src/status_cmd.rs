@@ -6,6 +6,7 @@
 
 use kbsync_core::config::{CaptureMode, Config};
 use kbsync_core::knowledge_index::{self, IndexState};
+use kbsync_core::model_migration;
 use kbsync_core::replication;
 use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
@@ -16,6 +17,11 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let runs = recent_runs(&client, 5).await?;
     let capture = capture_status(&client, config).await?;
     let index = index_status(&client, config).await?;
+    let migration = match model_migration::progress(&client).await {
+        Ok(p) => Some(p),
+        Err(model_migration::ModelMigrationError::NotRunning) => None,
+        Err(e) => return Err(e.into()),
+    };
     if json {
         let runs: Vec<serde_json::Value> = runs
             .iter()
@@ -32,7 +38,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "sources": cover.sources, "capture": capture.json, "index": index.json,
-                "reconcile_runs": runs,
+                "model_migration": migration, "reconcile_runs": runs,
             }))?
         );
         return Ok(());
@@ -68,6 +74,9 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     println!();
     println!("capture: {}", capture.line);
     println!("embedding index: {}", index.line);
+    if let Some(p) = &migration {
+        println!("model migration: {}", migration_line(p));
+    }
     println!();
     println!("reconcile sweeps (latest first)");
     if runs.is_empty() {
@@ -126,6 +135,31 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
 struct StatusPart {
     line: String,
     json: serde_json::Value,
+}
+
+/// One line on the model migration (`kbsync model status` has the whole of it).
+fn migration_line(p: &model_migration::Progress) -> String {
+    let s = &p.state;
+    let phase = match s.phase {
+        model_migration::Phase::Filling => format!("filling, applications read {}", s.from_model),
+        model_migration::Phase::CutOver => format!("cut over, applications read {}", s.to_model),
+        model_migration::Phase::Finished => format!("finished, {} only", s.to_model),
+    };
+    match (p.filling_column, &p.filling_model) {
+        (Some(column), Some(model)) => format!(
+            "{} -> {}: {phase}; {column} ({model}) missing for {} of {} chunks ({} texts){}",
+            s.from_model,
+            s.to_model,
+            p.chunks_missing,
+            p.chunks,
+            p.texts_missing,
+            p.eta_seconds
+                .filter(|_| p.texts_missing > 0)
+                .map(|eta| format!(", about {eta:.0} s left"))
+                .unwrap_or_default()
+        ),
+        _ => format!("{} -> {}: {phase}", s.from_model, s.to_model),
+    }
 }
 
 /// The HNSW index's state, and what the index keeper will do next.

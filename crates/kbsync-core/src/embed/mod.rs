@@ -37,6 +37,25 @@ pub enum EmbedError {
     Config(String),
 }
 
+/// Requests, inputs and tokens a provider client sent since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SentTotals {
+    pub requests: u64,
+    pub inputs: u64,
+    pub tokens: u64,
+}
+
+impl SentTotals {
+    /// What was sent since `earlier`.
+    pub fn since(self, earlier: SentTotals) -> SentTotals {
+        SentTotals {
+            requests: self.requests.saturating_sub(earlier.requests),
+            inputs: self.inputs.saturating_sub(earlier.inputs),
+            tokens: self.tokens.saturating_sub(earlier.tokens),
+        }
+    }
+}
+
 pub enum Provider {
     OpenAi(Box<openai::OpenAiClient>),
     Local(Arc<local::LocalModel>),
@@ -91,6 +110,14 @@ impl Provider {
         match self {
             Self::OpenAi(_) => TokenCounter::cl100k(),
             Self::Local(m) => TokenCounter::WordPiece(m.counter()),
+        }
+    }
+
+    /// What was sent to a remote provider so far (the local model sends nothing).
+    pub fn sent(&self) -> SentTotals {
+        match self {
+            Self::OpenAi(c) => c.sent(),
+            Self::Local(_) => SentTotals::default(),
         }
     }
 

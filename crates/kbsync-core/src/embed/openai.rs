@@ -2,6 +2,7 @@
 //! gateways, Ollama, vLLM, text-embeddings-inference).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -49,6 +50,10 @@ pub struct OpenAiClient {
     not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// requests/tokens per minute for all daemons together, if configured.
     rate_limit: Option<SharedRateLimit>,
+    /// What this client sent: requests (retries included), inputs and their tokens.
+    requests_sent: AtomicU64,
+    inputs_sent: AtomicU64,
+    tokens_sent: AtomicU64,
 }
 
 /// One request's failure, before retries are decided.
@@ -166,7 +171,7 @@ impl OpenAiClient {
                         "embedding.requests_per_minute / tokens_per_minute are shared by all daemons through the database: set KBSYNC_DATABASE_URL or DATABASE_URL".into(),
                     )
                 })?;
-                Some(SharedRateLimit::new(url, rpm, tpm))
+                Some(SharedRateLimit::new(url, &e.model, rpm, tpm))
             }
         };
         let http = reqwest::Client::builder()
@@ -190,11 +195,23 @@ impl OpenAiClient {
             encoding_format: e.encoding_format,
             not_before: std::sync::Mutex::new(None),
             rate_limit,
+            requests_sent: AtomicU64::new(0),
+            inputs_sent: AtomicU64::new(0),
+            tokens_sent: AtomicU64::new(0),
         })
     }
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// What this client sent so far.
+    pub fn sent(&self) -> super::SentTotals {
+        super::SentTotals {
+            requests: self.requests_sent.load(Ordering::Relaxed),
+            inputs: self.inputs_sent.load(Ordering::Relaxed),
+            tokens: self.tokens_sent.load(Ordering::Relaxed),
+        }
     }
 
     pub fn token_limit(&self) -> usize {
@@ -230,6 +247,8 @@ impl OpenAiClient {
             current.push(i);
             current_tokens += tokens;
             metrics::counter!("kbsync_embedding_tokens_total").increment(tokens as u64);
+            self.inputs_sent.fetch_add(1, Ordering::Relaxed);
+            self.tokens_sent.fetch_add(tokens as u64, Ordering::Relaxed);
         }
         if !current.is_empty() {
             batches.push(current);
@@ -333,6 +352,7 @@ impl OpenAiClient {
                 .map_err(RequestError::Transport)?;
         }
         metrics::counter!("kbsync_embedding_requests_total", "provider" => "openai").increment(1);
+        self.requests_sent.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("kbsync_embedding_inputs_total").increment(texts.len() as u64);
         let started = std::time::Instant::now();
         let result = self.send(texts).await;

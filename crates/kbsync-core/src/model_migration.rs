@@ -1,0 +1,878 @@
+//! Changing the embedding model blue/green: `kbsync model start`, `cutover`,
+//! `rollback`, `finish`, with the state in `kbsync.model_migration` (migration 0010).
+//!
+//! While a migration runs, every chunk carries two vectors: the active model's in
+//! `embedding`, which applications and `kbsync.search()` read, and the other model's in
+//! a second column of its own dimension: `embedding_next` before the cut-over (the
+//! model migrated to, being filled in), `embedding_previous` after it (the model
+//! migrated from, kept current so that a rollback costs nothing). A cut-over and a
+//! rollback rename the two columns, their model columns and their indexes in one
+//! transaction: a search sees one model or the other, never a NULL vector.
+//!
+//! Both models embed the same chunks, cut as `[embedding]` cuts them: one set of rows
+//! keeps the full-text terms, metadata filters and row-level security as they are, and
+//! `start` refuses a new model that cannot read those chunks whole. The chunking moves
+//! to the new model's only when the config names it in `[embedding]` after `finish`;
+//! the texts that cuts differently (`kbsync model plan` counts them) are embedded then.
+//!
+//! The daemon fills the other column (`kbsync_listener::model_fill`): a chunk whose text
+//! changes loses its other vector (a trigger) and gets it again within seconds. The
+//! active model's vector is written with the chunk, as always. A text already embedded
+//! with a model, in any chunk or in `kbsync.adopted_embeddings`, is never sent again.
+
+use std::sync::LazyLock;
+
+use pgvector::Vector;
+use serde::Serialize;
+use thiserror::Error;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::config::Config;
+use crate::embed::SentTotals;
+use crate::knowledge_index::HNSW_INDEX;
+
+/// pgvector's HNSW index takes `vector` up to this many dimensions.
+pub const MAX_VECTOR_INDEX_DIMENSIONS: u32 = 2000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Applications read the old model; the new model's vectors are being filled in.
+    Filling,
+    /// Applications read the new model; the old model's are kept current.
+    CutOver,
+    /// The old model's vectors are gone.
+    Finished,
+}
+
+impl Phase {
+    fn parse(s: &str) -> Phase {
+        match s {
+            "filling" => Phase::Filling,
+            "cut_over" => Phase::CutOver,
+            _ => Phase::Finished,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Filling => "filling",
+            Phase::CutOver => "cut_over",
+            Phase::Finished => "finished",
+        }
+    }
+}
+
+/// The row of `kbsync.model_migration`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationState {
+    pub from_model: String,
+    pub from_dimensions: i32,
+    pub to_model: String,
+    pub to_dimensions: i32,
+    pub phase: Phase,
+    pub generation: i64,
+    pub seconds_since_start: f64,
+    pub seconds_since_change: f64,
+    /// Texts, tokens and requests sent to fill the other column, per model.
+    pub to_texts: i64,
+    pub to_tokens: i64,
+    pub to_requests: i64,
+    pub from_texts: i64,
+    pub from_tokens: i64,
+    pub from_requests: i64,
+}
+
+impl MigrationState {
+    /// The model whose vectors are in `embedding`.
+    pub fn active_model(&self) -> &str {
+        match self.phase {
+            Phase::Filling => &self.from_model,
+            Phase::CutOver | Phase::Finished => &self.to_model,
+        }
+    }
+
+    /// The column of the model that is not active, and that model; None once finished.
+    pub fn other(&self) -> Option<(OtherColumn, &str)> {
+        match self.phase {
+            Phase::Filling => Some((OtherColumn::Next, &self.to_model)),
+            Phase::CutOver => Some((OtherColumn::Previous, &self.from_model)),
+            Phase::Finished => None,
+        }
+    }
+}
+
+/// The second vector column, named for its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherColumn {
+    /// `embedding_next`: the model migrated to, before the cut-over.
+    Next,
+    /// `embedding_previous`: the model migrated from, after it.
+    Previous,
+}
+
+/// The statements that read and fill one other column. Its identifiers come from this
+/// closed set of two names, never from input.
+pub struct ColumnSql {
+    pub column: &'static str,
+    /// `$1` = at most this many rows, `$2` = content hashes to pass over: (content_hash,
+    /// content) of chunks without a vector here, the most recently written first (live
+    /// edits before the backlog).
+    pub pending: String,
+    /// `$1` = content hashes, `$2` = the model: vectors of it already stored for them,
+    /// in this column of any chunk or adopted.
+    pub reusable: String,
+    /// `$1` = content hashes, `$2` = their vectors, `$3` = the model: set them on every
+    /// chunk with that text and no vector here yet.
+    pub fill: String,
+    /// Chunks without a vector here, and their distinct texts.
+    pub remaining: String,
+}
+
+impl ColumnSql {
+    fn for_column(column: &'static str) -> ColumnSql {
+        ColumnSql {
+            column,
+            pending: format!(
+                "SELECT content_hash, content FROM public.tenant_knowledge
+                  WHERE {column} IS NULL AND NOT (content_hash = ANY($2))
+                  ORDER BY updated_at DESC LIMIT $1"
+            ),
+            reusable: format!(
+                "SELECT DISTINCT ON (content_hash) content_hash, vector
+                   FROM (SELECT content_hash, {column} AS vector, 0 AS preference
+                           FROM public.tenant_knowledge
+                          WHERE content_hash = ANY($1) AND {column}_model = $2 AND {column} IS NOT NULL
+                            AND content_hash = sha256(convert_to(content, 'UTF8'))
+                         UNION ALL
+                         SELECT content_hash, embedding, 1 FROM kbsync.adopted_embeddings
+                          WHERE content_hash = ANY($1) AND embedding_model = $2) found
+                  ORDER BY content_hash, preference"
+            ),
+            fill: format!(
+                "UPDATE public.tenant_knowledge t SET {column} = v.vector, {column}_model = $3
+                   FROM unnest($1::bytea[], $2::vector[]) AS v(content_hash, vector)
+                  WHERE t.content_hash = v.content_hash AND t.{column} IS NULL
+                    AND t.content_hash = sha256(convert_to(t.content, 'UTF8'))"
+            ),
+            remaining: format!(
+                "SELECT count(*), count(DISTINCT content_hash) FROM public.tenant_knowledge WHERE {column} IS NULL"
+            ),
+        }
+    }
+}
+
+static NEXT_SQL: LazyLock<ColumnSql> = LazyLock::new(|| ColumnSql::for_column("embedding_next"));
+static PREVIOUS_SQL: LazyLock<ColumnSql> =
+    LazyLock::new(|| ColumnSql::for_column("embedding_previous"));
+
+impl OtherColumn {
+    pub fn sql(self) -> &'static ColumnSql {
+        match self {
+            OtherColumn::Next => &NEXT_SQL,
+            OtherColumn::Previous => &PREVIOUS_SQL,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ModelMigrationError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(
+        "no [next_embedding] in the config: add the model to move to as [next_embedding] (the fields of [embedding]) and run `kbsync model plan` to see what it costs"
+    )]
+    NoNextModel,
+    #[error(
+        "a migration from {from} to {to} is already {phase}: see `kbsync model status`; `kbsync model rollback` abandons it"
+    )]
+    AlreadyRunning {
+        from: String,
+        to: String,
+        phase: &'static str,
+    },
+    #[error("no model migration is running: `kbsync model start` begins one")]
+    NotRunning,
+    #[error("{0}")]
+    Refused(String),
+    #[error(
+        "the database is migrating from {from} to {to} ({phase}), but the config has [embedding] {embedding} and [next_embedding] {next}: keep [embedding] = {from} and [next_embedding] = {to} until `kbsync model finish`, then put {to}'s settings in [embedding]"
+    )]
+    ConfigMismatch {
+        from: String,
+        to: String,
+        phase: &'static str,
+        embedding: String,
+        next: String,
+    },
+}
+
+/// The migration row, if any.
+pub async fn state(
+    client: &impl GenericClient,
+) -> Result<Option<MigrationState>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT from_model, from_dimensions, to_model, to_dimensions, phase, generation,
+                    extract(epoch FROM now() - started_at)::float8, extract(epoch FROM now() - changed_at)::float8,
+                    to_texts, to_tokens, to_requests, from_texts, from_tokens, from_requests
+               FROM kbsync.model_migration",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| MigrationState {
+        from_model: r.get(0),
+        from_dimensions: r.get(1),
+        to_model: r.get(2),
+        to_dimensions: r.get(3),
+        phase: Phase::parse(r.get(4)),
+        generation: r.get(5),
+        seconds_since_start: r.get(6),
+        seconds_since_change: r.get(7),
+        to_texts: r.get(8),
+        to_tokens: r.get(9),
+        to_requests: r.get(10),
+        from_texts: r.get(11),
+        from_tokens: r.get(12),
+        from_requests: r.get(13),
+    }))
+}
+
+/// The migration's generation, 0 without one, locked against a cut-over or rollback
+/// until the caller's transaction ends (`FOR KEY SHARE`: the fill's counter updates do
+/// not wait for it). A write of vectors embedded with the model that was active at
+/// generation G checks that G is still current, in its own transaction, first.
+pub async fn locked_generation(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT generation FROM kbsync.model_migration FOR KEY SHARE",
+            &[],
+        )
+        .await?
+        .map_or(0, |r| r.get(0)))
+}
+
+/// Which model is active, and the other one being kept, as one daemon sees them.
+#[derive(Debug, Clone)]
+pub struct Models {
+    pub generation: i64,
+    /// The config section of the model in `embedding`.
+    pub active: crate::config::EmbeddingConfig,
+    /// The other column and the config section of its model.
+    pub other: Option<(OtherColumn, crate::config::EmbeddingConfig)>,
+}
+
+/// The models as the database's migration state and the config name them. Without a
+/// migration, `[embedding]` is active. During one, `[embedding]` must be the model
+/// migrated from and `[next_embedding]` the one migrated to. After `finish` either that
+/// or `[embedding]` = the new model.
+pub fn models(
+    config: &Config,
+    state: Option<&MigrationState>,
+) -> Result<Models, ModelMigrationError> {
+    let Some(state) = state else {
+        return Ok(Models {
+            generation: 0,
+            active: config.embedding.clone(),
+            other: None,
+        });
+    };
+    let next = config.next_embedding.as_ref();
+    let mismatch = || ModelMigrationError::ConfigMismatch {
+        from: state.from_model.clone(),
+        to: state.to_model.clone(),
+        phase: state.phase.as_str(),
+        embedding: config.embedding.model.clone(),
+        next: next.map_or("(none)".to_owned(), |n| n.model.clone()),
+    };
+    let as_started = config.embedding.model == state.from_model
+        && next.is_some_and(|n| n.model == state.to_model);
+    match state.phase {
+        Phase::Finished if config.embedding.model == state.to_model => Ok(Models {
+            generation: state.generation,
+            active: config.embedding.clone(),
+            other: None,
+        }),
+        _ if !as_started => Err(mismatch()),
+        Phase::Filling => Ok(Models {
+            generation: state.generation,
+            active: config.embedding.clone(),
+            other: next.map(|n| (OtherColumn::Next, n.clone())),
+        }),
+        Phase::CutOver => Ok(Models {
+            generation: state.generation,
+            active: next.cloned().ok_or_else(mismatch)?,
+            other: Some((OtherColumn::Previous, config.embedding.clone())),
+        }),
+        Phase::Finished => Ok(Models {
+            generation: state.generation,
+            active: next.cloned().ok_or_else(mismatch)?,
+            other: None,
+        }),
+    }
+}
+
+/// `models` read from the database now.
+pub async fn current_models(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Models, ModelMigrationError> {
+    models(config, state(client).await?.as_ref())
+}
+
+/// This config with the active model as `[embedding]`, for what embeds queries or
+/// judges stored vectors (search, reconcile); chunking stays `config`'s.
+pub fn with_model(config: &Config, models: &Models) -> Config {
+    Config {
+        embedding: models.active.clone(),
+        ..config.clone()
+    }
+}
+
+/// Progress of the fill of the other column.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub state: MigrationState,
+    /// The column being filled, when one is.
+    pub filling_column: Option<&'static str>,
+    pub filling_model: Option<String>,
+    pub chunks: i64,
+    pub chunks_missing: i64,
+    pub texts_missing: i64,
+    /// Texts embedded for the model being filled per second since the phase began.
+    pub texts_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    /// The index the other column has (built by `cutover`), if any.
+    pub other_index_valid: Option<bool>,
+}
+
+pub async fn progress(client: &impl GenericClient) -> Result<Progress, ModelMigrationError> {
+    let state = state(client)
+        .await?
+        .ok_or(ModelMigrationError::NotRunning)?;
+    let chunks: i64 = client
+        .query_one("SELECT count(*) FROM public.tenant_knowledge", &[])
+        .await?
+        .get(0);
+    let (mut chunks_missing, mut texts_missing) = (0, 0);
+    let (mut filling_column, mut filling_model, mut rate, mut eta, mut index_valid) =
+        (None, None, None, None, None);
+    if let Some((column, model)) = state.other() {
+        let row = client.query_one(&column.sql().remaining, &[]).await?;
+        (chunks_missing, texts_missing) = (row.get(0), row.get(1));
+        filling_column = Some(column.sql().column);
+        filling_model = Some(model.to_owned());
+        let texts = if column == OtherColumn::Next {
+            state.to_texts
+        } else {
+            state.from_texts
+        };
+        let seconds = if column == OtherColumn::Next {
+            state.seconds_since_start
+        } else {
+            state.seconds_since_change
+        };
+        if texts > 0 && seconds > 0.0 {
+            let per_second = texts as f64 / seconds;
+            rate = Some(per_second);
+            eta = Some(texts_missing as f64 / per_second);
+        }
+        index_valid = client
+            .query_opt(
+                "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+                &[&other_index(column)],
+            )
+            .await?
+            .map(|r| r.get(0));
+    }
+    Ok(Progress {
+        state,
+        filling_column,
+        filling_model,
+        chunks,
+        chunks_missing,
+        texts_missing,
+        texts_per_second: rate,
+        eta_seconds: eta,
+        other_index_valid: index_valid,
+    })
+}
+
+fn other_index(column: OtherColumn) -> &'static str {
+    match column {
+        OtherColumn::Next => "public.tenant_knowledge_embedding_next_hnsw",
+        OtherColumn::Previous => "public.tenant_knowledge_embedding_previous_hnsw",
+    }
+}
+
+/// The trigger function that takes a chunk's other vector away when its text changes
+/// and the writer did not give it the new text's (a daemon's batch does; any other
+/// writer leaves it to the fill), for the column the phase keeps. Its search path has
+/// `public` for pgvector's `=`, as kbsync.search()'s has for `<=>`.
+fn reset_function_sql(column: OtherColumn) -> String {
+    let column = column.sql().column;
+    format!(
+        "CREATE OR REPLACE FUNCTION kbsync.model_other_reset() RETURNS trigger
+         LANGUAGE plpgsql SET search_path = pg_catalog, public AS $$
+         BEGIN
+             IF NEW.{column} IS NOT DISTINCT FROM OLD.{column} THEN
+                 NEW.{column} := NULL;
+                 NEW.{column}_model := NULL;
+             END IF;
+             RETURN NEW;
+         END $$"
+    )
+}
+
+/// Begin a migration to `[next_embedding]`: the second column, its pending index, the
+/// trigger that resets it on edits. Filling is the daemon's.
+pub async fn start(
+    client: &mut Client,
+    config: &Config,
+) -> Result<MigrationState, ModelMigrationError> {
+    let next = config
+        .next_embedding
+        .as_ref()
+        .ok_or(ModelMigrationError::NoNextModel)?;
+    if let Some(s) = state(&*client).await? {
+        if s.phase != Phase::Finished {
+            return Err(ModelMigrationError::AlreadyRunning {
+                from: s.from_model,
+                to: s.to_model,
+                phase: s.phase.as_str(),
+            });
+        }
+        if config.embedding.model != s.to_model {
+            return Err(ModelMigrationError::Refused(format!(
+                "the last migration finished on {}, but [embedding] is {}: put {}'s settings in [embedding] first",
+                s.to_model, config.embedding.model, s.to_model
+            )));
+        }
+    }
+    if next.dimensions > MAX_VECTOR_INDEX_DIMENSIONS {
+        let version: Option<String> = client
+            .query_opt(
+                "SELECT extversion FROM pg_extension WHERE extname = 'vector'",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0));
+        return Err(ModelMigrationError::Refused(format!(
+            "next_embedding.dimensions = {}: pgvector's HNSW index takes vector columns of at most {MAX_VECTOR_INDEX_DIMENSIONS} dimensions, and this kbsync does not yet migrate to halfvec columns (up to 4,000, pgvector 0.7.0 and later; this database has pgvector {}). Choose a model of at most {MAX_VECTOR_INDEX_DIMENSIONS} dimensions, or one that can shorten its vectors (next_embedding.send_dimensions)",
+            next.dimensions,
+            version.as_deref().unwrap_or("(not installed)")
+        )));
+    }
+    let next_config = config
+        .with_next_model()
+        .ok_or(ModelMigrationError::NoNextModel)?;
+    let limit = next_config.model_token_limit();
+    if let Some(source) = config
+        .sources()
+        .into_iter()
+        .find(|s| s.chunk_tokens > limit)
+    {
+        return Err(ModelMigrationError::Refused(format!(
+            "sources.{}.chunk_tokens = {}, but {} reads at most {limit} tokens: both models embed the chunks [embedding] cuts, so lower chunk_tokens to {limit} or less first (`kbsync reconcile` re-cuts the chunks; `kbsync model plan` shows the cost)",
+            source.name, source.chunk_tokens, next.model
+        )));
+    }
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO kbsync.model_migration (from_model, from_dimensions, to_model, to_dimensions, phase)
+         VALUES ($1, $2, $3, $4, 'filling')
+         ON CONFLICT (singleton) DO UPDATE
+            SET from_model = EXCLUDED.from_model, from_dimensions = EXCLUDED.from_dimensions,
+                to_model = EXCLUDED.to_model, to_dimensions = EXCLUDED.to_dimensions, phase = 'filling',
+                generation = nextval('kbsync.model_migration_generation'), started_at = now(), changed_at = now(),
+                to_texts = 0, to_tokens = 0, to_requests = 0, from_texts = 0, from_tokens = 0, from_requests = 0",
+        &[
+            &config.embedding.model,
+            &(config.embedding.dimensions as i32),
+            &next.model,
+            &(next.dimensions as i32),
+        ],
+    )
+    .await?;
+    // The dimension is a validated integer (1..=2000): DDL takes no parameters.
+    tx.batch_execute(&format!(
+        "ALTER TABLE public.tenant_knowledge
+             ADD COLUMN embedding_next vector({dimensions}), ADD COLUMN embedding_next_model text;
+         CREATE INDEX tenant_knowledge_embedding_next_pending
+             ON public.tenant_knowledge (updated_at) WHERE embedding_next IS NULL;
+         {reset};
+         CREATE TRIGGER kbsync_model_other_reset BEFORE UPDATE ON public.tenant_knowledge
+             FOR EACH ROW WHEN (NEW.content_hash IS DISTINCT FROM OLD.content_hash)
+             EXECUTE FUNCTION kbsync.model_other_reset();",
+        dimensions = next.dimensions,
+        reset = reset_function_sql(OtherColumn::Next),
+    ))
+    .await?;
+    tx.commit().await?;
+    state(&*client)
+        .await?
+        .ok_or(ModelMigrationError::NotRunning)
+}
+
+/// The HNSW index of the column the cut-over makes active, built without blocking
+/// kbsync's writes; an invalid one (an interrupted build) is dropped and built again.
+async fn build_next_index(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let valid: Option<bool> = client
+        .query_opt(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('public.tenant_knowledge_embedding_next_hnsw')",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if valid == Some(false) {
+        client
+            .batch_execute("DROP INDEX CONCURRENTLY public.tenant_knowledge_embedding_next_hnsw")
+            .await?;
+    }
+    if valid != Some(true) {
+        // Separate statements: several in one simple query form a transaction block,
+        // which CREATE INDEX CONCURRENTLY refuses.
+        client
+            .batch_execute("SET maintenance_work_mem = '512MB'")
+            .await?;
+        client
+            .batch_execute(
+                "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
+                     ON public.tenant_knowledge USING hnsw (embedding_next vector_cosine_ops)",
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The renames that swap the roles of the two vector columns and their indexes.
+fn swap_sql(from: OtherColumn) -> String {
+    let (other, now) = match from {
+        // Cut-over: next becomes active, active becomes previous.
+        OtherColumn::Next => ("embedding_next", "embedding_previous"),
+        // Rollback: previous becomes active, active becomes next.
+        OtherColumn::Previous => ("embedding_previous", "embedding_next"),
+    };
+    format!(
+        "ALTER TABLE public.tenant_knowledge RENAME COLUMN embedding TO {now};
+         ALTER TABLE public.tenant_knowledge RENAME COLUMN embedding_model TO {now}_model;
+         ALTER TABLE public.tenant_knowledge RENAME COLUMN {other} TO embedding;
+         ALTER TABLE public.tenant_knowledge RENAME COLUMN {other}_model TO embedding_model;
+         ALTER INDEX IF EXISTS public.{HNSW_INDEX} RENAME TO tenant_knowledge_{now}_hnsw;
+         ALTER INDEX IF EXISTS public.tenant_knowledge_{other}_hnsw RENAME TO {HNSW_INDEX};
+         DROP INDEX public.tenant_knowledge_{other}_pending;
+         {reset};",
+        reset = reset_function_sql(match from {
+            OtherColumn::Next => OtherColumn::Previous,
+            OtherColumn::Previous => OtherColumn::Next,
+        }),
+    )
+}
+
+/// The index that finds the chunks the fill must do in the column that becomes the
+/// other one at the swap (today's `embedding`), built before the swap without blocking
+/// writes: it is nearly empty, but a build reads the whole table.
+async fn build_pending_index(
+    client: &Client,
+    from: OtherColumn,
+) -> Result<(), tokio_postgres::Error> {
+    let index = match from {
+        OtherColumn::Next => "tenant_knowledge_embedding_previous_pending",
+        OtherColumn::Previous => "tenant_knowledge_embedding_next_pending",
+    };
+    let qualified = format!("public.{index}");
+    let valid: Option<bool> = client
+        .query_opt(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+            &[&qualified],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if valid == Some(false) {
+        client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY {qualified}"))
+            .await?;
+    }
+    if valid != Some(true) {
+        client
+            .batch_execute(&format!(
+                "CREATE INDEX CONCURRENTLY {index} ON public.tenant_knowledge (updated_at) WHERE embedding IS NULL"
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Swap the columns in one transaction, once the other column is complete: the
+/// migration's row is locked first (so no daemon's write of the old roles commits
+/// after it), then the table, then nothing may be missing.
+async fn swap(
+    client: &mut Client,
+    from: OtherColumn,
+    phase: Phase,
+) -> Result<MigrationState, ModelMigrationError> {
+    build_pending_index(client, from).await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT 1 FROM kbsync.model_migration FOR UPDATE", &[])
+        .await?;
+    tx.batch_execute("LOCK TABLE public.tenant_knowledge IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let missing: i64 = tx.query_one(&from.sql().remaining, &[]).await?.get(0);
+    if missing > 0 {
+        return Err(ModelMigrationError::Refused(format!(
+            "{missing} chunks have no vector in {} yet (written since the check): the daemon fills them within seconds; run it again",
+            from.sql().column
+        )));
+    }
+    tx.batch_execute(&swap_sql(from)).await?;
+    tx.execute(
+        "UPDATE kbsync.model_migration SET phase = $1, generation = nextval('kbsync.model_migration_generation'), changed_at = now()",
+        &[&phase.as_str()],
+    )
+    .await?;
+    tx.commit().await?;
+    state(&*client)
+        .await?
+        .ok_or(ModelMigrationError::NotRunning)
+}
+
+/// The migration, when it is in `phase`; else why `kbsync model {command}` does not
+/// apply now.
+async fn in_phase(
+    client: &Client,
+    phase: Phase,
+    command: &str,
+) -> Result<MigrationState, ModelMigrationError> {
+    let s = state(client)
+        .await?
+        .ok_or(ModelMigrationError::NotRunning)?;
+    if s.phase != phase {
+        return Err(ModelMigrationError::Refused(format!(
+            "the migration to {} is {}: `kbsync model {command}` applies when it is {}",
+            s.to_model,
+            s.phase.as_str(),
+            phase.as_str()
+        )));
+    }
+    Ok(s)
+}
+
+/// Make the new model's vectors the ones applications read.
+pub async fn cutover(client: &mut Client) -> Result<MigrationState, ModelMigrationError> {
+    let s = in_phase(client, Phase::Filling, "cutover").await?;
+    let (chunks, texts): (i64, i64) = {
+        let row = client.query_one(&NEXT_SQL.remaining, &[]).await?;
+        (row.get(0), row.get(1))
+    };
+    if chunks > 0 {
+        return Err(ModelMigrationError::Refused(format!(
+            "{chunks} chunks ({texts} distinct texts) have no {} vector yet: wait until `kbsync model status` shows none missing (a running daemon fills them)",
+            s.to_model
+        )));
+    }
+    build_next_index(client).await?;
+    swap(client, OtherColumn::Next, Phase::CutOver).await
+}
+
+/// After a cut-over: the old model's vectors back at once (they were kept current).
+/// Before one: abandon the migration; the new model's vectors are kept in
+/// `kbsync.adopted_embeddings`, so a later `start` pays only for texts changed since.
+pub async fn rollback(client: &mut Client) -> Result<Option<MigrationState>, ModelMigrationError> {
+    let s = state(&*client)
+        .await?
+        .ok_or(ModelMigrationError::NotRunning)?;
+    match s.phase {
+        Phase::CutOver => Ok(Some(
+            swap(client, OtherColumn::Previous, Phase::Filling).await?,
+        )),
+        Phase::Filling => {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT 1 FROM kbsync.model_migration FOR UPDATE", &[])
+                .await?;
+            tx.execute(
+                "INSERT INTO kbsync.adopted_embeddings (embedding_model, content_hash, embedding, adopted_from)
+                 SELECT DISTINCT ON (content_hash) embedding_next_model, content_hash, embedding_next,
+                        'kbsync model rollback (tenant_knowledge.embedding_next)'
+                   FROM public.tenant_knowledge
+                  WHERE embedding_next IS NOT NULL AND content_hash = sha256(convert_to(content, 'UTF8'))
+                 ON CONFLICT (embedding_model, content_hash) DO NOTHING",
+                &[],
+            )
+            .await?;
+            tx.batch_execute(
+                "DROP TRIGGER kbsync_model_other_reset ON public.tenant_knowledge;
+                 DROP FUNCTION kbsync.model_other_reset();
+                 ALTER TABLE public.tenant_knowledge DROP COLUMN embedding_next, DROP COLUMN embedding_next_model;
+                 DELETE FROM kbsync.model_migration;",
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(None)
+        }
+        Phase::Finished => Err(ModelMigrationError::Refused(format!(
+            "the migration to {} is finished: the old model's vectors are gone; a migration back is a new `kbsync model start`",
+            s.to_model
+        ))),
+    }
+}
+
+/// After a cut-over: drop the old model's vectors and index. One vector column is left.
+pub async fn finish(client: &mut Client) -> Result<MigrationState, ModelMigrationError> {
+    in_phase(client, Phase::CutOver, "finish").await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT 1 FROM kbsync.model_migration FOR UPDATE", &[])
+        .await?;
+    tx.batch_execute(
+        "DROP TRIGGER kbsync_model_other_reset ON public.tenant_knowledge;
+         DROP FUNCTION kbsync.model_other_reset();
+         ALTER TABLE public.tenant_knowledge DROP COLUMN embedding_previous, DROP COLUMN embedding_previous_model;
+         UPDATE kbsync.model_migration SET phase = 'finished', generation = nextval('kbsync.model_migration_generation'), changed_at = now();",
+    )
+    .await?;
+    tx.commit().await?;
+    state(&*client)
+        .await?
+        .ok_or(ModelMigrationError::NotRunning)
+}
+
+/// Vectors of `model` already stored for these texts, in the other column or adopted.
+pub async fn reusable(
+    client: &impl GenericClient,
+    column: OtherColumn,
+    model: &str,
+    hashes: &[&[u8]],
+) -> Result<Vec<(Vec<u8>, Vector)>, tokio_postgres::Error> {
+    Ok(client
+        .query(&column.sql().reusable, &[&hashes, &model])
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Write `vectors` of `model` into the other column, if the migration is still at
+/// `generation` (else nothing is written and false is returned).
+pub async fn fill(
+    client: &mut Client,
+    generation: i64,
+    column: OtherColumn,
+    model: &str,
+    vectors: &[(Vec<u8>, Vector)],
+) -> Result<bool, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    if locked_generation(&tx).await? != generation {
+        return Ok(false);
+    }
+    let hashes: Vec<&[u8]> = vectors.iter().map(|(h, _)| h.as_slice()).collect();
+    let values: Vec<&Vector> = vectors.iter().map(|(_, v)| v).collect();
+    tx.execute(&column.sql().fill, &[&hashes, &values, &model])
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Add what was sent to the other model's provider (by the fill and by live sync's
+/// second vectors) to the migration's counters of that model.
+pub async fn add_sent(
+    client: &impl GenericClient,
+    generation: i64,
+    column: OtherColumn,
+    sent: SentTotals,
+) -> Result<(), tokio_postgres::Error> {
+    let counters = match column {
+        OtherColumn::Next => {
+            "UPDATE kbsync.model_migration
+                SET to_texts = to_texts + $1, to_tokens = to_tokens + $2, to_requests = to_requests + $3
+              WHERE generation = $4"
+        }
+        OtherColumn::Previous => {
+            "UPDATE kbsync.model_migration
+                SET from_texts = from_texts + $1, from_tokens = from_tokens + $2, from_requests = from_requests + $3
+              WHERE generation = $4"
+        }
+    };
+    client
+        .execute(
+            counters,
+            &[
+                &(sent.inputs as i64),
+                &(sent.tokens as i64),
+                &(sent.requests as i64),
+                &generation,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(phase: Phase) -> MigrationState {
+        MigrationState {
+            from_model: "old".into(),
+            from_dimensions: 8,
+            to_model: "new".into(),
+            to_dimensions: 16,
+            phase,
+            generation: 3,
+            seconds_since_start: 0.0,
+            seconds_since_change: 0.0,
+            to_texts: 0,
+            to_tokens: 0,
+            to_requests: 0,
+            from_texts: 0,
+            from_tokens: 0,
+            from_requests: 0,
+        }
+    }
+
+    fn config(embedding: &str, next: Option<&str>) -> Config {
+        let mut config = crate::config::for_tests("", "");
+        config.embedding.model = embedding.into();
+        config.next_embedding = next.map(|n| crate::config::EmbeddingConfig {
+            model: n.into(),
+            ..config.embedding.clone()
+        });
+        config
+    }
+
+    #[test]
+    fn the_active_model_follows_the_phase_and_the_config_must_match_it() {
+        let both = config("old", Some("new"));
+        let m = models(&both, Some(&state(Phase::Filling))).unwrap();
+        assert_eq!(m.active.model, "old");
+        assert!(matches!(&m.other, Some((OtherColumn::Next, c)) if c.model == "new"));
+        let m = models(&both, Some(&state(Phase::CutOver))).unwrap();
+        assert_eq!(m.active.model, "new");
+        assert!(matches!(&m.other, Some((OtherColumn::Previous, c)) if c.model == "old"));
+        assert_eq!(m.generation, 3);
+        let m = models(&both, Some(&state(Phase::Finished))).unwrap();
+        assert_eq!((m.active.model.as_str(), m.other.is_none()), ("new", true));
+        let moved = config("new", None);
+        let m = models(&moved, Some(&state(Phase::Finished))).unwrap();
+        assert_eq!(m.active.model, "new");
+        // During the migration the config must name both models as they were started.
+        for phase in [Phase::Filling, Phase::CutOver] {
+            assert!(matches!(
+                models(&moved, Some(&state(phase))),
+                Err(ModelMigrationError::ConfigMismatch { .. })
+            ));
+        }
+        let m = models(&config("old", None), None).unwrap();
+        assert_eq!((m.active.model.as_str(), m.generation), ("old", 0));
+    }
+
+    #[test]
+    fn the_swap_renames_both_ways_symmetrically() {
+        let cut = swap_sql(OtherColumn::Next);
+        assert!(cut.contains("RENAME COLUMN embedding TO embedding_previous;"));
+        assert!(cut.contains("RENAME COLUMN embedding_next TO embedding;"));
+        assert!(cut.contains("NEW.embedding_previous := NULL"));
+        let back = swap_sql(OtherColumn::Previous);
+        assert!(back.contains("RENAME COLUMN embedding TO embedding_next;"));
+        assert!(back.contains("RENAME COLUMN embedding_previous TO embedding;"));
+        assert!(back.contains("NEW.embedding_next := NULL"));
+    }
+}
