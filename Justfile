@@ -75,7 +75,7 @@ soak SEEDS="200" CAPTURE="":
     KBSYNC_CONVERGENCE_SEEDS={{SEEDS}} cargo test -p kbsync-tests --test convergence -- --nocapture {{CAPTURE}}
 
 # Benchmarks of the release build against a real PostgreSQL; prints a table and writes
-# BENCHMARKS.md (sections: triggers, latency, backfill, concurrency, coalescing, model, reconcile, search;
+# BENCHMARKS.md (sections: triggers, latency, backfill, concurrency, coalescing, model, reconcile, search, migrate;
 # all by default, and only then is the file written).
 bench *SECTIONS:
     #!/usr/bin/env bash
