@@ -106,6 +106,10 @@ fn a_text_alone_and_in_a_padded_batch_gets_the_same_vector() {
         worst < 1e-5,
         "padding changed the vector by {worst}: the attention mask is not applied"
     );
+    // What a model migration reports for the local model: texts and tokens, no requests.
+    let sent = m.sent();
+    assert_eq!((sent.requests, sent.inputs), (0, 3));
+    assert!(sent.tokens > 3 + 30, "{sent:?}");
 }
 
 #[test]

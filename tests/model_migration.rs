@@ -452,6 +452,14 @@ async fn a_migration_abandoned_and_started_again_sends_only_the_texts_changed_si
         "{}",
         again.stderr
     );
+    let reset =
+        s.t.db
+            .kbsync_with_config(s.config.path(), &["install", "--reset-embeddings"]);
+    assert!(
+        !reset.status.success() && reset.stderr.contains("a model migration is running"),
+        "{}",
+        reset.stderr
+    );
     // Live sync writes both models' vectors of an edited chunk in one transaction; the
     // fill (slowed down here) would take longer than this check.
     s.next.set_latency(Duration::from_millis(500));

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -26,6 +27,10 @@ pub struct LocalModel {
     /// No truncation: for counting tokens while chunking.
     counter: Arc<Tokenizer>,
     model_name: String,
+    /// Texts embedded and their tokens (as read: at most 256 each), for what a model
+    /// migration reports; no requests, no bill.
+    inputs_embedded: AtomicU64,
+    tokens_embedded: AtomicU64,
 }
 
 fn config_error(dir: &Path, what: impl std::fmt::Display) -> EmbedError {
@@ -72,7 +77,18 @@ impl LocalModel {
             tokenizer,
             counter: Arc::new(counter),
             model_name: model_name.to_owned(),
+            inputs_embedded: AtomicU64::new(0),
+            tokens_embedded: AtomicU64::new(0),
         })
+    }
+
+    /// Texts and tokens embedded so far; the local model sends no requests.
+    pub fn sent(&self) -> super::SentTotals {
+        super::SentTotals {
+            requests: 0,
+            inputs: self.inputs_embedded.load(Ordering::Relaxed),
+            tokens: self.tokens_embedded.load(Ordering::Relaxed),
+        }
     }
 
     pub fn model(&self) -> &str {
@@ -91,6 +107,10 @@ impl LocalModel {
             .encode_batch(inputs.to_vec(), true)
             .map_err(|e| EmbedError::Protocol(format!("local model tokenizer: {e}")))?;
         let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+        self.inputs_embedded
+            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        self.tokens_embedded
+            .fetch_add(ids.iter().map(|i| i.len() as u64).sum(), Ordering::Relaxed);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shares = shares_by_tokens(&ids, cores);
         let mut out: Vec<InputOutcome> =

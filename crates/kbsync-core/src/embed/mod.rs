@@ -113,11 +113,12 @@ impl Provider {
         }
     }
 
-    /// What was sent to a remote provider so far (the local model sends nothing).
+    /// What this provider embedded so far: requests sent (none for the local model),
+    /// texts and tokens.
     pub fn sent(&self) -> SentTotals {
         match self {
             Self::OpenAi(c) => c.sent(),
-            Self::Local(_) => SentTotals::default(),
+            Self::Local(m) => m.sent(),
         }
     }
 
