@@ -424,17 +424,33 @@ fn reset_function_sql(column: OtherColumn) -> String {
     )
 }
 
-/// Begin a migration to `[next_embedding]`: the second column, its pending index, the
-/// trigger that resets it on edits. Filling is the daemon's.
-pub async fn start(
-    client: &mut Client,
-    config: &Config,
-) -> Result<MigrationState, ModelMigrationError> {
+/// What `start` did.
+#[derive(Debug)]
+pub enum Started {
+    /// The migration began now.
+    Began(MigrationState),
+    /// It was running already, to the same model (its index checked).
+    AlreadyFilling(MigrationState),
+}
+
+/// Begin a migration to `[next_embedding]`: the second column and the trigger that
+/// resets it on edits (one short transaction), then the index of the chunks still
+/// without a vector there, built concurrently: a plain build would keep the table
+/// locked against searches while it reads every row. Filling is the daemon's. Run
+/// again while filling to the same model, it only makes sure that index is there.
+pub async fn start(client: &mut Client, config: &Config) -> Result<Started, ModelMigrationError> {
     let next = config
         .next_embedding
         .as_ref()
         .ok_or(ModelMigrationError::NoNextModel)?;
     if let Some(s) = state(&*client).await? {
+        if s.phase == Phase::Filling
+            && s.from_model == config.embedding.model
+            && s.to_model == next.model
+        {
+            ensure_pending_index(client, OtherColumn::Next, "embedding_next").await?;
+            return Ok(Started::AlreadyFilling(s));
+        }
         if s.phase != Phase::Finished {
             return Err(ModelMigrationError::AlreadyRunning {
                 from: s.from_model,
@@ -498,8 +514,6 @@ pub async fn start(
     tx.batch_execute(&format!(
         "ALTER TABLE public.tenant_knowledge
              ADD COLUMN embedding_next vector({dimensions}), ADD COLUMN embedding_next_model text;
-         CREATE INDEX tenant_knowledge_embedding_next_pending
-             ON public.tenant_knowledge (updated_at) WHERE embedding_next IS NULL;
          {reset};
          CREATE TRIGGER kbsync_model_other_reset BEFORE UPDATE ON public.tenant_knowledge
              FOR EACH ROW WHEN (NEW.content_hash IS DISTINCT FROM OLD.content_hash)
@@ -509,9 +523,19 @@ pub async fn start(
     ))
     .await?;
     tx.commit().await?;
-    state(&*client)
-        .await?
-        .ok_or(ModelMigrationError::NotRunning)
+    ensure_pending_index(client, OtherColumn::Next, "embedding_next")
+        .await
+        .map_err(|e| {
+            ModelMigrationError::Refused(format!(
+                "the migration began, but building the index of the chunks to fill failed ({}); run `kbsync model start` again to build it",
+                crate::db::describe(&e)
+            ))
+        })?;
+    Ok(Started::Began(
+        state(&*client)
+            .await?
+            .ok_or(ModelMigrationError::NotRunning)?,
+    ))
 }
 
 /// The HNSW index of the column the cut-over makes active, built without blocking
@@ -569,17 +593,21 @@ fn swap_sql(from: OtherColumn) -> String {
     )
 }
 
-/// The index that finds the chunks the fill must do in the column that becomes the
-/// other one at the swap (today's `embedding`), built before the swap without blocking
-/// writes: it is nearly empty, but a build reads the whole table.
-async fn build_pending_index(
+/// The index of the chunks without a vector in `nullable` (the other column, or the
+/// column that becomes it at a swap, today's `embedding`), named for `column`'s role:
+/// the fill reads it newest first. Built without blocking writes or searches; an
+/// invalid one (an interrupted build) is dropped and built again.
+async fn ensure_pending_index(
     client: &Client,
-    from: OtherColumn,
+    column: OtherColumn,
+    nullable: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let index = match from {
-        OtherColumn::Next => "tenant_knowledge_embedding_previous_pending",
-        OtherColumn::Previous => "tenant_knowledge_embedding_next_pending",
+    let index = match column {
+        OtherColumn::Next => "tenant_knowledge_embedding_next_pending",
+        OtherColumn::Previous => "tenant_knowledge_embedding_previous_pending",
     };
+    // `nullable` is one of this module's two column names, never input.
+    debug_assert!(["embedding", "embedding_next"].contains(&nullable));
     let qualified = format!("public.{index}");
     let valid: Option<bool> = client
         .query_opt(
@@ -596,7 +624,7 @@ async fn build_pending_index(
     if valid != Some(true) {
         client
             .batch_execute(&format!(
-                "CREATE INDEX CONCURRENTLY {index} ON public.tenant_knowledge (updated_at) WHERE embedding IS NULL"
+                "CREATE INDEX CONCURRENTLY {index} ON public.tenant_knowledge (updated_at) WHERE {nullable} IS NULL"
             ))
             .await?;
     }
@@ -611,7 +639,12 @@ async fn swap(
     from: OtherColumn,
     phase: Phase,
 ) -> Result<MigrationState, ModelMigrationError> {
-    build_pending_index(client, from).await?;
+    // The column that becomes the other one is today's `embedding`.
+    let becomes_other = match from {
+        OtherColumn::Next => OtherColumn::Previous,
+        OtherColumn::Previous => OtherColumn::Next,
+    };
+    ensure_pending_index(client, becomes_other, "embedding").await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT 1 FROM kbsync.model_migration FOR UPDATE", &[])
         .await?;

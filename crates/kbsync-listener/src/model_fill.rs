@@ -58,8 +58,17 @@ impl From<String> for Stop {
 /// longer matches the database's migration (then the daemon stops with that error).
 pub async fn run(url: String, switch: Arc<ModelSwitch>, cancel: CancellationToken) {
     let mut failures: i32 = 0;
+    // What the other model's provider had sent when last counted, per generation: the
+    // fill's requests and live sync's second vectors both go through it. Kept across
+    // reconnections, so that nothing is counted twice.
+    let mut counted: Option<(i64, SentTotals)> = None;
     loop {
-        let result = fill_while_connected(&url, &switch, &cancel).await;
+        let connected = std::time::Instant::now();
+        let result = fill_while_connected(&url, &switch, &mut counted, &cancel).await;
+        // A connection that worked for a while starts the backoff afresh.
+        if connected.elapsed() > Duration::from_secs(60) {
+            failures = 0;
+        }
         if cancel.is_cancelled() {
             return;
         }
@@ -82,6 +91,7 @@ pub async fn run(url: String, switch: Arc<ModelSwitch>, cancel: CancellationToke
 async fn fill_while_connected(
     url: &str,
     switch: &ModelSwitch,
+    counted: &mut Option<(i64, SentTotals)>,
     cancel: &CancellationToken,
 ) -> Result<(), Stop> {
     let (mut client, _connection) = db::connect(url).await.map_err(|e| e.to_string())?;
@@ -89,9 +99,6 @@ async fn fill_while_connected(
     // Texts the provider refused (too long, empty): left without a vector and logged,
     // not asked for again by this daemon.
     let mut refused: HashSet<Vec<u8>> = HashSet::new();
-    // What the other model's provider had sent when last counted, per generation: the
-    // fill's requests and live sync's second vectors both go through it.
-    let mut counted: Option<(i64, SentTotals)> = None;
     loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -114,7 +121,7 @@ async fn fill_while_connected(
                     .get(0);
             }
             let sent = provider.sent();
-            let since = match counted {
+            let since = match *counted {
                 Some((generation, before)) if generation == models.generation => before,
                 // A new phase: its other provider served live sync until now.
                 Some(_) => sent,
@@ -127,7 +134,7 @@ async fn fill_while_connected(
                     .await
                     .map_err(|e| db::describe(&e))?;
             }
-            counted = Some((models.generation, sent));
+            *counted = Some((models.generation, sent));
             if holds_lock {
                 let size = round_size(
                     provider,

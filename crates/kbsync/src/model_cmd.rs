@@ -22,7 +22,16 @@ pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
 
 pub async fn start(config: &Config) -> anyhow::Result<()> {
     let mut client = crate::connect_installed(config).await?;
-    let state = model_migration::start(&mut client, config).await?;
+    let state = match model_migration::start(&mut client, config).await? {
+        model_migration::Started::Began(state) => state,
+        model_migration::Started::AlreadyFilling(state) => {
+            println!(
+                "kbsync model start: the migration {} -> {} is already filling; nothing to do (`kbsync model status` shows its progress)",
+                state.from_model, state.to_model
+            );
+            return Ok(());
+        }
+    };
     println!(
         "kbsync model start: {} -> {} ({} dimensions) begun.\n  \
          Applications go on reading {}'s vectors; a running daemon fills in {}'s beside them, the newest chunks first, and gives every chunk written from now on both.\n  \
