@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use kbsync_testkit::demo_state::{TEST_MODEL, converged, converged_with_model};
 use kbsync_testkit::{
-    DaemonProcess, FakeOpenAi, Installed, TempConfig, deterministic_vector, shown_in_readme,
-    wait_for,
+    DaemonProcess, FakeOpenAi, Installed, TEST_API_KEY, TempConfig, deterministic_vector,
+    run_kbsync, shown_in_readme, wait_for,
 };
 use pgvector::Vector;
 use tokio_postgres::Client;
@@ -27,12 +27,25 @@ struct Setup {
     t: Installed,
     next: FakeOpenAi,
     config: TempConfig,
+    /// The search API's tokens file (`SEARCH_TOKEN`).
+    _tokens: tempfile::NamedTempFile,
 }
+
+const SEARCH_TOKEN: &str = "migration-search-token";
 
 async fn setup(faqs: i32, next_inputs_per_request: usize) -> Setup {
     let t = Installed::new(DIMS, "0s", "0s").await;
     let next = FakeOpenAi::start(NEXT_DIMS).await;
-    let text = std::fs::read_to_string(t.config.path()).expect("the test config");
+    let tokens = tempfile::NamedTempFile::new().expect("a tokens file");
+    std::fs::write(tokens.path(), format!("{SEARCH_TOKEN}\n")).expect("tokens");
+    let with_api = t.config.edited(&[(
+        "max_query_chars = 2000",
+        &format!(
+            "max_query_chars = 2000\napi_tokens_file = \"{}\"",
+            tokens.path().display()
+        ),
+    )]);
+    let text = std::fs::read_to_string(with_api.path()).expect("the test config");
     let config = TempConfig::new(&format!(
         "{text}
 [next_embedding]
@@ -58,7 +71,12 @@ request_timeout = \"10s\"
         ))
         .await
         .expect("the FAQs");
-    Setup { t, next, config }
+    Setup {
+        t,
+        next,
+        config,
+        _tokens: tokens,
+    }
 }
 
 impl Setup {
@@ -423,6 +441,46 @@ async fn rollback_costs_nothing_and_finish_leaves_one_vector_column_with_a_valid
     assert_eq!(
         dims, NEXT_DIMS as i32,
         "the index is not on the new model's column"
+    );
+    // `kbsync search` and POST /v1/search embed the question with the new model.
+    let (old_requests, new_requests) = (s.t.server.request_count(), s.next.request_count());
+    let out = run_kbsync(
+        s.config.path(),
+        &[
+            "search",
+            "--tenant",
+            "1",
+            "--mode",
+            "vector",
+            "--json",
+            "What about item 7?",
+        ],
+        &[
+            ("DATABASE_URL", s.t.db.url()),
+            ("OPENAI_API_KEY", TEST_API_KEY),
+        ],
+    );
+    out.assert_success();
+    let hits: serde_json::Value = serde_json::from_str(&out.stdout).expect("search --json");
+    assert_eq!(hits.as_array().map(Vec::len), Some(5), "{hits}");
+    let (code, answer) = daemon
+        .http_post_json(
+            "/v1/search",
+            Some(SEARCH_TOKEN),
+            &serde_json::json!({"tenant": "1", "query": "What about item 7?", "mode": "vector", "k": 3}),
+        )
+        .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["model"], NEXT_MODEL, "{answer}");
+    assert_eq!(
+        answer["results"].as_array().map(Vec::len),
+        Some(3),
+        "{answer}"
+    );
+    assert_eq!(
+        (s.t.server.request_count(), s.next.request_count()),
+        (old_requests, new_requests + 2),
+        "the queries were not embedded with the new model"
     );
     // The daemon goes on with the new model alone.
     s.t.client

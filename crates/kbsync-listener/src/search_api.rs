@@ -191,6 +191,14 @@ pub async fn handle(
     let mut attempts = 0;
     let (found, model) = loop {
         attempts += 1;
+        // The migration's state as of now (one small read), so that the query is not
+        // embedded with a model the chunks no longer hold.
+        if query.mode.needs_vector()
+            && let Ok(client) = api.connections.get().await
+            && let Err(e) = api.models.refresh(&*client).await
+        {
+            tracing::warn!(error = %e, "reading the model migration for a search failed");
+        }
         let models = api.models.current();
         if query.mode.needs_vector() {
             query.vector = match models.active.embed_one(&query.text).await {

@@ -110,8 +110,9 @@ enum Command {
         json: bool,
     },
     /// Search a tenant's knowledge through kbsync.search(): vector similarity (the
-    /// question embedded with the configured provider), full-text relevance, or both
-    /// fused (hybrid, the default). Only that tenant's chunks are ever searched.
+    /// question embedded with the model the chunks' vectors are of: [next_embedding]'s
+    /// after a model cut-over), full-text relevance, or both fused (hybrid, the
+    /// default). Only that tenant's chunks are ever searched.
     Search {
         /// The tenant whose chunks are searched (tenant_knowledge.tenant_id).
         #[arg(long)]
