@@ -30,29 +30,39 @@ pub struct StoredChunk {
     pub intact: bool,
 }
 
-/// Where an embedding of `model` ($2) for one of these content hashes ($1) may be
-/// taken from, whichever key or tenant holds it (an embedding depends on the text and
-/// the model only): stored chunks first, then what `kbsync adopt` took over from an
-/// earlier table. A chunk whose text no longer matches its hash (edited by hand) is
-/// never a source.
-const REUSABLE_EMBEDDINGS: &str = "
-    SELECT content_hash, embedding, 0 AS preference
-      FROM public.tenant_knowledge
-     WHERE content_hash = ANY($1) AND embedding_model = $2 AND embedding IS NOT NULL
-       AND content_hash = sha256(convert_to(content, 'UTF8'))
-    UNION ALL
-    SELECT content_hash, embedding, 1
-      FROM kbsync.adopted_embeddings
-     WHERE content_hash = ANY($1) AND embedding_model = $2";
+/// Where a vector of `model` ($2) for one of these content hashes ($1) may be taken
+/// from, whichever key or tenant holds it (a vector depends on the text and the model
+/// only): stored chunks' `column` first (`embedding`, or during a model migration the
+/// other model's column, a name from `model_migration::OtherColumn`, never input), then
+/// what `kbsync adopt` took over from an earlier table. A chunk whose text no longer
+/// matches its hash (edited by hand) is never a source.
+fn reusable_sql(column: &str) -> String {
+    format!(
+        "SELECT content_hash, {column} AS embedding, 0 AS preference
+           FROM public.tenant_knowledge
+          WHERE content_hash = ANY($1) AND {column}_model = $2 AND {column} IS NOT NULL
+            AND content_hash = sha256(convert_to(content, 'UTF8'))
+         UNION ALL
+         SELECT content_hash, embedding, 1
+           FROM kbsync.adopted_embeddings
+          WHERE content_hash = ANY($1) AND embedding_model = $2"
+    )
+}
 
-/// Built once: `embeddings_by_hash` runs in every batch.
-static EMBEDDINGS_BY_HASH: LazyLock<String> = LazyLock::new(|| {
+/// One reusable vector per content hash (`reusable_sql`), stored ones first.
+pub(crate) fn vectors_by_hash_sql(column: &str) -> String {
     format!(
         "SELECT DISTINCT ON (content_hash) content_hash, embedding
-           FROM ({REUSABLE_EMBEDDINGS}) found
-          ORDER BY content_hash, preference"
+           FROM ({}) found
+          ORDER BY content_hash, preference",
+        reusable_sql(column)
     )
-});
+}
+
+static REUSABLE_EMBEDDINGS: LazyLock<String> = LazyLock::new(|| reusable_sql("embedding"));
+
+/// Built once: `embeddings_by_hash` runs in every batch.
+static EMBEDDINGS_BY_HASH: LazyLock<String> = LazyLock::new(|| vectors_by_hash_sql("embedding"));
 
 /// Reusable embeddings of `model` for these content hashes (`REUSABLE_EMBEDDINGS`).
 pub async fn embeddings_by_hash(
@@ -74,7 +84,10 @@ pub async fn hashes_with_embeddings(
     hashes: &[[u8; 32]],
 ) -> Result<HashSet<[u8; 32]>, tokio_postgres::Error> {
     const HASHES_PER_STATEMENT: usize = 10_000;
-    let statement = format!("SELECT DISTINCT content_hash FROM ({REUSABLE_EMBEDDINGS}) found");
+    let statement = format!(
+        "SELECT DISTINCT content_hash FROM ({}) found",
+        REUSABLE_EMBEDDINGS.as_str()
+    );
     let mut found = HashSet::new();
     for part in hashes.chunks(HASHES_PER_STATEMENT) {
         let part: Vec<&[u8]> = part.iter().map(|h| h.as_slice()).collect();

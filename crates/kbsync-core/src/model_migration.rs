@@ -20,6 +20,7 @@
 //! active model's vector is written with the chunk, as always. A text already embedded
 //! with a model, in any chunk or in `kbsync.adopted_embeddings`, is never sent again.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use pgvector::Vector;
@@ -84,6 +85,18 @@ pub struct MigrationState {
 }
 
 impl MigrationState {
+    /// The phase in words, with the model applications read.
+    pub fn phase_words(&self) -> String {
+        match self.phase {
+            Phase::Filling => format!("filling: applications read {}", self.from_model),
+            Phase::CutOver => format!(
+                "cut over: applications read {}; {} kept current for a rollback",
+                self.to_model, self.from_model
+            ),
+            Phase::Finished => format!("finished: {} only", self.to_model),
+        }
+    }
+
     /// The model whose vectors are in `embedding`.
     pub fn active_model(&self) -> &str {
         match self.phase {
@@ -138,17 +151,7 @@ impl ColumnSql {
                   WHERE {column} IS NULL AND NOT (content_hash = ANY($2))
                   ORDER BY updated_at DESC LIMIT $1"
             ),
-            reusable: format!(
-                "SELECT DISTINCT ON (content_hash) content_hash, vector
-                   FROM (SELECT content_hash, {column} AS vector, 0 AS preference
-                           FROM public.tenant_knowledge
-                          WHERE content_hash = ANY($1) AND {column}_model = $2 AND {column} IS NOT NULL
-                            AND content_hash = sha256(convert_to(content, 'UTF8'))
-                         UNION ALL
-                         SELECT content_hash, embedding, 1 FROM kbsync.adopted_embeddings
-                          WHERE content_hash = ANY($1) AND embedding_model = $2) found
-                  ORDER BY content_hash, preference"
-            ),
+            reusable: crate::knowledge::vectors_by_hash_sql(column),
             fill: format!(
                 "UPDATE public.tenant_knowledge t SET {column} = v.vector, {column}_model = $3
                    FROM unnest($1::bytea[], $2::vector[]) AS v(content_hash, vector)
@@ -346,6 +349,17 @@ pub struct Progress {
     pub other_index_valid: Option<bool>,
 }
 
+/// `progress`, or None when no migration has been started.
+pub async fn progress_if_any(
+    client: &impl GenericClient,
+) -> Result<Option<Progress>, ModelMigrationError> {
+    match progress(client).await {
+        Ok(p) => Ok(Some(p)),
+        Err(ModelMigrationError::NotRunning) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub async fn progress(client: &impl GenericClient) -> Result<Progress, ModelMigrationError> {
     let state = state(client)
         .await?
@@ -538,35 +552,47 @@ pub async fn start(client: &mut Client, config: &Config) -> Result<Started, Mode
     ))
 }
 
-/// The HNSW index of the column the cut-over makes active, built without blocking
-/// kbsync's writes; an invalid one (an interrupted build) is dropped and built again.
-async fn build_next_index(client: &Client) -> Result<(), tokio_postgres::Error> {
+/// Make sure `index` (in `public`) exists and is valid, built with `create`, a
+/// `CREATE INDEX CONCURRENTLY` (it blocks neither writes nor searches); an invalid
+/// one, left by an interrupted build, is dropped and built again.
+async fn ensure_valid_index(
+    client: &Client,
+    index: &str,
+    create: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let qualified = format!("public.{index}");
     let valid: Option<bool> = client
         .query_opt(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('public.tenant_knowledge_embedding_next_hnsw')",
-            &[],
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+            &[&qualified],
         )
         .await?
         .map(|r| r.get(0));
     if valid == Some(false) {
         client
-            .batch_execute("DROP INDEX CONCURRENTLY public.tenant_knowledge_embedding_next_hnsw")
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY {qualified}"))
             .await?;
     }
     if valid != Some(true) {
-        // Separate statements: several in one simple query form a transaction block,
-        // which CREATE INDEX CONCURRENTLY refuses.
-        client
-            .batch_execute("SET maintenance_work_mem = '512MB'")
-            .await?;
-        client
-            .batch_execute(
-                "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
-                     ON public.tenant_knowledge USING hnsw (embedding_next vector_cosine_ops)",
-            )
-            .await?;
+        client.batch_execute(create).await?;
     }
     Ok(())
+}
+
+/// The HNSW index of the column the cut-over makes active.
+async fn build_next_index(client: &Client) -> Result<(), tokio_postgres::Error> {
+    // Its own statement: several in one simple query form a transaction block, which
+    // CREATE INDEX CONCURRENTLY refuses.
+    client
+        .batch_execute("SET maintenance_work_mem = '512MB'")
+        .await?;
+    ensure_valid_index(
+        client,
+        "tenant_knowledge_embedding_next_hnsw",
+        "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
+             ON public.tenant_knowledge USING hnsw (embedding_next vector_cosine_ops)",
+    )
+    .await
 }
 
 /// The renames that swap the roles of the two vector columns and their indexes.
@@ -595,8 +621,7 @@ fn swap_sql(from: OtherColumn) -> String {
 
 /// The index of the chunks without a vector in `nullable` (the other column, or the
 /// column that becomes it at a swap, today's `embedding`), named for `column`'s role:
-/// the fill reads it newest first. Built without blocking writes or searches; an
-/// invalid one (an interrupted build) is dropped and built again.
+/// the fill reads it newest first.
 async fn ensure_pending_index(
     client: &Client,
     column: OtherColumn,
@@ -608,27 +633,14 @@ async fn ensure_pending_index(
     };
     // `nullable` is one of this module's two column names, never input.
     debug_assert!(["embedding", "embedding_next"].contains(&nullable));
-    let qualified = format!("public.{index}");
-    let valid: Option<bool> = client
-        .query_opt(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
-            &[&qualified],
-        )
-        .await?
-        .map(|r| r.get(0));
-    if valid == Some(false) {
-        client
-            .batch_execute(&format!("DROP INDEX CONCURRENTLY {qualified}"))
-            .await?;
-    }
-    if valid != Some(true) {
-        client
-            .batch_execute(&format!(
-                "CREATE INDEX CONCURRENTLY {index} ON public.tenant_knowledge (updated_at) WHERE {nullable} IS NULL"
-            ))
-            .await?;
-    }
-    Ok(())
+    ensure_valid_index(
+        client,
+        index,
+        &format!(
+            "CREATE INDEX CONCURRENTLY {index} ON public.tenant_knowledge (updated_at) WHERE {nullable} IS NULL"
+        ),
+    )
+    .await
 }
 
 /// Swap the columns in one transaction, once the other column is complete: the
@@ -774,7 +786,7 @@ pub async fn reusable(
     column: OtherColumn,
     model: &str,
     hashes: &[&[u8]],
-) -> Result<Vec<(Vec<u8>, Vector)>, tokio_postgres::Error> {
+) -> Result<HashMap<Vec<u8>, Vector>, tokio_postgres::Error> {
     Ok(client
         .query(&column.sql().reusable, &[&hashes, &model])
         .await?
@@ -790,14 +802,14 @@ pub async fn fill(
     generation: i64,
     column: OtherColumn,
     model: &str,
-    vectors: &[(Vec<u8>, Vector)],
+    vectors: &HashMap<Vec<u8>, Vector>,
 ) -> Result<bool, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     if locked_generation(&tx).await? != generation {
         return Ok(false);
     }
-    let hashes: Vec<&[u8]> = vectors.iter().map(|(h, _)| h.as_slice()).collect();
-    let values: Vec<&Vector> = vectors.iter().map(|(_, v)| v).collect();
+    let (hashes, values): (Vec<&[u8]>, Vec<&Vector>) =
+        vectors.iter().map(|(h, v)| (h.as_slice(), v)).unzip();
     tx.execute(&column.sql().fill, &[&hashes, &values, &model])
         .await?;
     tx.commit().await?;

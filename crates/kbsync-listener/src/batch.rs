@@ -622,20 +622,15 @@ async fn other_model_vectors(
         texts.insert(w.hash.as_slice(), w.content.as_str());
     }
     let hashes: Vec<&[u8]> = texts.keys().copied().collect();
-    let mut found: HashMap<Vec<u8>, Vector> =
-        model_migration::reusable(client, column, model, &hashes)
-            .await?
-            .into_iter()
-            .collect();
-    let missing: Vec<(&[u8], String)> = texts
-        .iter()
-        .filter(|(h, _)| !found.contains_key(**h))
-        .map(|(h, t)| (*h, (*t).to_owned()))
+    let mut found = model_migration::reusable(client, column, model, &hashes).await?;
+    let missing: Vec<(&[u8], &str)> = texts
+        .into_iter()
+        .filter(|(h, _)| !found.contains_key(*h))
         .collect();
     if missing.is_empty() {
         return Ok(found);
     }
-    let inputs: Vec<String> = missing.iter().map(|(_, t)| t.clone()).collect();
+    let inputs: Vec<String> = missing.iter().map(|(_, t)| (*t).to_owned()).collect();
     match provider.embed(&inputs).await {
         Ok(outcomes) => {
             for ((hash, _), outcome) in missing.iter().zip(outcomes) {

@@ -110,11 +110,9 @@ async fn chunking_health(State(state): State<Arc<HttpState>>) -> Response {
         let coverage = kbsync_reconcile::coverage::coverage(&client, &state.config)
             .await
             .map_err(|e| e.to_string())?;
-        let migration = match kbsync_core::model_migration::progress(&client).await {
-            Ok(p) => Some(p),
-            Err(kbsync_core::model_migration::ModelMigrationError::NotRunning) => None,
-            Err(e) => return Err(e.to_string()),
-        };
+        let migration = kbsync_core::model_migration::progress_if_any(&client)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut body = serde_json::to_value(coverage).map_err(|e| e.to_string())?;
         if let Some(object) = body.as_object_mut() {
             object.insert(

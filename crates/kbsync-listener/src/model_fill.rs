@@ -199,9 +199,11 @@ async fn fill_round(
     let mut vectors = model_migration::reusable(&*client, column, &model, &hashes)
         .await
         .map_err(|e| db::describe(&e))?;
-    let known: HashSet<Vec<u8>> = vectors.iter().map(|(h, _)| h.clone()).collect();
-    let to_send: Vec<&(Vec<u8>, String)> =
-        texts.iter().filter(|(h, _)| !known.contains(h)).collect();
+    let reused = vectors.len();
+    let to_send: Vec<&(Vec<u8>, String)> = texts
+        .iter()
+        .filter(|(h, _)| !vectors.contains_key(h))
+        .collect();
     let mut embedded = 0u64;
     if !to_send.is_empty() {
         let inputs: Vec<String> = to_send.iter().map(|(_, t)| t.clone()).collect();
@@ -213,7 +215,7 @@ async fn fill_round(
             match outcome {
                 Ok(vector) => {
                     embedded += 1;
-                    vectors.push((hash.clone(), Vector::from(vector)));
+                    vectors.insert(hash.clone(), Vector::from(vector));
                 }
                 Err(why) => {
                     tracing::error!(model = %model, error = %why, "the provider refused a chunk's text; it stays without this model's vector, and `kbsync model cutover` waits for it");
@@ -230,7 +232,7 @@ async fn fill_round(
         metrics::counter!("kbsync_model_fill_texts_total", "model" => model.clone())
             .increment(embedded);
         metrics::counter!("kbsync_model_fill_reused_total", "model" => model)
-            .increment(known.len() as u64);
+            .increment(reused as u64);
     }
     Ok(true)
 }

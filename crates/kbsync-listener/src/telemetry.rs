@@ -160,14 +160,10 @@ pub async fn refresh_backlog(
 pub async fn refresh_model_migration(
     client: &impl GenericClient,
 ) -> Result<(), kbsync_core::model_migration::ModelMigrationError> {
-    use kbsync_core::model_migration::{self, ModelMigrationError, Phase};
-    let progress = match model_migration::progress(client).await {
-        Ok(p) => p,
-        Err(ModelMigrationError::NotRunning) => {
-            metrics::gauge!("kbsync_model_migration_phase").set(0.0);
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    use kbsync_core::model_migration::{self, Phase};
+    let Some(progress) = model_migration::progress_if_any(client).await? else {
+        metrics::gauge!("kbsync_model_migration_phase").set(0.0);
+        return Ok(());
     };
     let s = &progress.state;
     metrics::gauge!("kbsync_model_migration_phase").set(match s.phase {

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use kbsync_core::config::Config;
-use kbsync_core::model_migration::{self, MigrationState, Phase, Progress};
+use kbsync_core::model_migration::{self, Phase, Progress};
 use kbsync_core::model_plan::{self, ModelPlan};
 
 pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
@@ -72,7 +72,7 @@ fn render_progress(p: &Progress, terminal: bool) -> String {
         s.from_model,
         s.to_model,
         s.to_dimensions,
-        phase_words(s)
+        s.phase_words()
     );
     if let (Some(column), Some(model)) = (p.filling_column, &p.filling_model) {
         let done = p.chunks - p.chunks_missing;
@@ -133,17 +133,6 @@ fn render_progress(p: &Progress, terminal: bool) -> String {
         }
     });
     out
-}
-
-fn phase_words(s: &MigrationState) -> String {
-    match s.phase {
-        Phase::Filling => format!("filling: applications read {}", s.from_model),
-        Phase::CutOver => format!(
-            "cut over: applications read {}; {} kept current for a rollback",
-            s.to_model, s.from_model
-        ),
-        Phase::Finished => format!("finished: {} only", s.to_model),
-    }
 }
 
 pub async fn cutover(config: &Config) -> anyhow::Result<()> {

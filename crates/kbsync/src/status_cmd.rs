@@ -17,11 +17,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let runs = recent_runs(&client, 5).await?;
     let capture = capture_status(&client, config).await?;
     let index = index_status(&client, config).await?;
-    let migration = match model_migration::progress(&client).await {
-        Ok(p) => Some(p),
-        Err(model_migration::ModelMigrationError::NotRunning) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let migration = model_migration::progress_if_any(&client).await?;
     if json {
         let runs: Vec<serde_json::Value> = runs
             .iter()
@@ -140,11 +136,7 @@ struct StatusPart {
 /// One line on the model migration (`kbsync model status` has the whole of it).
 fn migration_line(p: &model_migration::Progress) -> String {
     let s = &p.state;
-    let phase = match s.phase {
-        model_migration::Phase::Filling => format!("filling, applications read {}", s.from_model),
-        model_migration::Phase::CutOver => format!("cut over, applications read {}", s.to_model),
-        model_migration::Phase::Finished => format!("finished, {} only", s.to_model),
-    };
+    let phase = s.phase_words();
     match (p.filling_column, &p.filling_model) {
         (Some(column), Some(model)) => format!(
             "{} -> {}: {phase}; {column} ({model}) missing for {} of {} chunks ({} texts){}",
