@@ -28,10 +28,11 @@ run:
     if [ -z "${DATABASE_URL:-}" ]; then DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL; fi
     scripts/model.sh >/dev/null
     cargo build -p kbsync
-    {{kbsync}} config check >/dev/null
     {{kbsync}} demo schema
-    {{kbsync}} install
     {{kbsync}} demo data
+    {{kbsync}} config check --quiet
+    # Rows that exist before install are queued by it, as on a team's own database.
+    {{kbsync}} install
     exec {{kbsync}} run
 
 # One reconciliation sweep (options: --dry-run, --source NAME, --tenant ID, --json, --force).

@@ -4,6 +4,7 @@
 #   scripts/pg.sh start    start it (idempotent) and print the DATABASE_URL to use
 #   scripts/pg.sh stop     stop it
 #   scripts/pg.sh status   exit 0 when it is running
+#   scripts/pg.sh reload   re-read postgresql.conf and pg_hba.conf
 #   scripts/pg.sh url      print the DATABASE_URL of the throwaway server
 #   scripts/pg.sh bindir   print the PostgreSQL bin directory in use (fetching it if needed)
 #
@@ -135,6 +136,7 @@ case "${1:-}" in
   stop) stop ;;
   url) url ;;
   status) [ -f "$data/PG_VERSION" ] && as_owner "$(find_bindir)/pg_ctl" -D "$data" status >/dev/null 2>&1 ;;
+  reload) as_owner "$(find_bindir)/pg_ctl" -D "$data" reload >/dev/null ;;
   bindir) find_bindir ;;
-  *) die "usage: scripts/pg.sh start|stop|status|url|bindir" ;;
+  *) die "usage: scripts/pg.sh start|stop|status|reload|url|bindir" ;;
 esac

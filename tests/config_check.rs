@@ -1,5 +1,6 @@
 //! `kbsync config check`: the shipped config passes; broken configs fail naming the
-//! file, the field and what is wrong. No database needed.
+//! file, the field and what is wrong, as do a missing model directory or API key. No
+//! database needed (without one the check says what it could not check).
 
 #![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
 
@@ -112,14 +113,21 @@ fn broken_configs_name_the_file_the_field_and_the_problem() {
             "schedule = \"0 0 3 * * *\"",
             "schedule = \"every night\"",
             "reconcile.schedule",
-            "not a cron expression",
+            "has 2 fields; kbsync wants 6 or 7",
+        ),
+        // an hour out of range is worded as the inclusive limit it is
+        (
+            "schedule = \"0 0 3 * * *\"",
+            "schedule = \"0 0 24 * * *\"",
+            "reconcile.schedule",
+            "Hours must be at most 23",
         ),
         // five-field cron (the crate wants seconds first)
         (
             "schedule = \"0 0 3 * * *\"",
             "schedule = \"0 3 * * *\"",
             "reconcile.schedule",
-            "6 or 7 fields",
+            "has 5 fields; kbsync wants 6 or 7",
         ),
         // SQL injection through a table name
         (
@@ -217,15 +225,48 @@ fn openai_without_its_key_in_the_environment_is_an_error_naming_the_variable() {
     let out = run_kbsync(config.path(), &["config", "check"], &[]);
     out.assert_failure();
     assert!(
-        out.stderr.contains("embedding.api_key_env"),
+        out.stderr
+            .contains("environment variable OPENAI_API_KEY (embedding.api_key_env) is not set"),
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn a_missing_model_directory_fails_the_check() {
+    let config = TempConfig::shipped_with(&[(
+        "model_dir = \".kbsync/models/all-MiniLM-L6-v2\"",
+        "model_dir = \"/nonexistent/all-MiniLM-L6-v2\"",
+    )]);
+    let out = run_kbsync(config.path(), &["config", "check"], &[]);
+    out.assert_failure();
     assert!(
-        out.stderr.contains("OPENAI_API_KEY is not set"),
+        out.stderr.contains("/nonexistent/all-MiniLM-L6-v2"),
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn a_next_model_without_its_key_names_its_own_section() {
+    let config = TempConfig::shipped_with(&[(
+        "[capture]",
+        "[next_embedding]\nprovider = \"openai\"\nmodel = \"text-embedding-3-small\"\ndimensions = 1536\nbase_url = \"https://api.openai.com/v1\"\napi_key_env = \"NEXT_KEY\"\n\n[capture]",
+    )]);
+    let out = run_kbsync(config.path(), &["config", "check"], &[]);
+    out.assert_failure();
+    assert!(
+        out.stderr
+            .contains("environment variable NEXT_KEY (next_embedding.api_key_env) is not set"),
+        "{}",
+        out.stderr
+    );
+    run_kbsync(
+        config.path(),
+        &["config", "check"],
+        &[("NEXT_KEY", "sk-next")],
+    )
+    .assert_success();
 }
 
 #[test]

@@ -56,7 +56,8 @@ async fn writes_through_the_django_orm_reach_the_knowledge_base_and_read_back_th
     server.vectors_from_words(true);
     let db = TestDb::create().await;
 
-    // The application's tables come from its own migrations; kbsync's install follows.
+    // The application's tables come from its own migrations and hold data; kbsync's
+    // install follows.
     let migrated = django(
         &python,
         &db,
@@ -76,8 +77,39 @@ async fn writes_through_the_django_orm_reach_the_knowledge_base_and_read_back_th
         "0s",
         "0s",
     );
-    db.kbsync_with_config(config.path(), &["install"])
-        .assert_success();
+    // The shop already has data when it adopts kbsync.
+    let existing = django(
+        &python,
+        &db,
+        &server,
+        &["-m", "scenario.orm_writes", "existing"],
+    );
+    assert!(
+        existing.status.success(),
+        "writing the existing rows failed:\n{}",
+        text(&existing.stderr)
+    );
+    let install = db.kbsync_with_config(config.path(), &["install"]);
+    install.assert_success();
+    // What the README's cut-over shows `kbsync install` printing about them.
+    let readme =
+        std::fs::read_to_string(kbsync_testkit::repo_root().join("README.md")).expect("README.md");
+    let shown = readme
+        .split_once("   existing rows (reconcile run 1):\n")
+        .and_then(|(_, rest)| rest.split_once("   ```"))
+        .expect("README.md shows install's existing rows")
+        .0;
+    let printed = install
+        .stdout
+        .split_once("existing rows (reconcile run 1):\n")
+        .expect("install reports the existing rows")
+        .1;
+    let shown: Vec<&str> = shown.lines().map(str::trim).collect();
+    let printed: Vec<&str> = printed.lines().map(str::trim).collect();
+    assert_eq!(
+        printed, shown,
+        "README.md's cut-over shows another install output"
+    );
     let daemon = DaemonProcess::start(config.path(), db.url());
 
     let scenario = django(&python, &db, &server, &["-m", "scenario.orm_writes"]);

@@ -106,7 +106,9 @@ async fn a_database_url_that_is_not_one_is_a_clear_error() {
         );
         out.assert_failure();
         assert!(
-            out.stderr.contains("cannot connect to PostgreSQL") && !out.stderr.contains("panicked"),
+            out.stderr
+                .contains("the database URL is not valid (postgres://u:***@[::1)")
+                && !out.stderr.contains("panicked"),
             "{args:?}: {}",
             out.stderr
         );

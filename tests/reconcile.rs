@@ -396,7 +396,8 @@ async fn only_one_sweep_runs_at_a_time() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        s.count("SELECT count(*) FROM kbsync.reconcile_runs").await,
+        s.count("SELECT count(*) FROM kbsync.reconcile_runs WHERE origin = 'cli'")
+            .await,
         1,
         "the refused sweep was recorded"
     );

@@ -71,23 +71,25 @@ pub struct AdoptReport {
 pub enum AdoptError {
     #[error("{0}")]
     Input(String),
-    #[error(transparent)]
+    #[error("database error: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Texts(#[from] ChunkTextsError),
 }
 
 /// Adopt what `old` holds for the configured model; with `dry_run`, count only.
+/// Reading the sources' rows is reported to `progress`.
 pub async fn adopt(
     client: &mut Client,
     config: &Config,
     old: &OldTable,
     dry_run: bool,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<AdoptReport, AdoptError> {
     let model = config.embedding.model.clone();
     let dimensions = config.embedding.dimensions;
     check_old_table(client, old, &model, dimensions).await?;
-    let mut needed: HashSet<[u8; 32]> = distinct_chunk_texts(client, config)
+    let mut needed: HashSet<[u8; 32]> = distinct_chunk_texts(client, config, progress)
         .await?
         .into_keys()
         .collect();

@@ -25,9 +25,8 @@ use crate::sql_ident::quote_literal;
 /// NOTIFY channel the daemon listens on.
 pub const CHANNEL: &str = "kbsync";
 
-/// The advisory lock a capturing transaction must win to send the wake-up NOTIFY
-/// ("kbsync" + 2; 1 is the install lock). Per database, as advisory locks are.
-pub const WAKE_LOCK: i64 = 0x6b62_7379_6e63_0002;
+/// The advisory lock a capturing transaction must win to send the wake-up NOTIFY.
+pub const WAKE_LOCK: i64 = crate::advisory_locks::WAKE;
 
 pub fn function_name(source: &str) -> String {
     format!("capture_{source}")

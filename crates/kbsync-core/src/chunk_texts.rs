@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 use crate::chunk::{ChunkError, Chunker};
 use crate::config::Config;
 use crate::embed::{EmbedError, Provider};
+use crate::progress::Progress;
 use crate::source_rows::SourceQuery;
 
 /// Rows read per page while chunking a source.
@@ -17,7 +18,7 @@ const PAGE: i64 = 1_000;
 
 #[derive(Debug, Error)]
 pub enum ChunkTextsError {
-    #[error(transparent)]
+    #[error("database error: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Embed(#[from] EmbedError),
@@ -35,6 +36,7 @@ pub type Texts = HashMap<[u8; 32], usize>;
 pub async fn chunk_texts_by_source(
     client: &Client,
     configs: &[&Config],
+    progress: &dyn Progress,
 ) -> Result<Vec<(String, Vec<Texts>)>, ChunkTextsError> {
     let Some(first) = configs.first() else {
         return Ok(Vec::new());
@@ -54,12 +56,22 @@ pub async fn chunk_texts_by_source(
     let mut by_source = Vec::new();
     for (at, source) in first.sources().into_iter().enumerate() {
         let query = SourceQuery::prepare(client, &source).await?;
+        // The planner's row count: a good estimate for nothing (-1: never analysed).
+        let estimate: i64 = client
+            .query_one(
+                "SELECT coalesce((SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)), -1)",
+                &[&source.table.regclass_text()],
+            )
+            .await?
+            .get(0);
+        progress.step(&source.name, "rows", u64::try_from(estimate).ok());
         let mut texts: Vec<Texts> = vec![HashMap::new(); configs.len()];
         let mut after: Option<String> = None;
         loop {
             let rows = query.load_page(client, after.as_deref(), PAGE).await?;
             let Some(last) = rows.last() else { break };
             after = Some(last.key.clone());
+            progress.advance(rows.len() as u64);
             for (cut, chunkers) in texts.iter_mut().zip(&chunkers) {
                 for row in &rows {
                     cut.extend(
@@ -73,6 +85,7 @@ pub async fn chunk_texts_by_source(
         }
         by_source.push((source.name, texts));
     }
+    progress.finish();
     Ok(by_source)
 }
 
@@ -80,8 +93,9 @@ pub async fn chunk_texts_by_source(
 pub async fn distinct_chunk_texts(
     client: &Client,
     config: &Config,
+    progress: &dyn Progress,
 ) -> Result<Texts, ChunkTextsError> {
-    Ok(chunk_texts_by_source(client, &[config])
+    Ok(chunk_texts_by_source(client, &[config], progress)
         .await?
         .into_iter()
         .flat_map(|(_, mut cuts)| cuts.pop().unwrap_or_default())

@@ -60,6 +60,10 @@ pub struct Config {
     pub search: SearchConfig,
     /// Sources by name; the name is the chunk type stored in `tenant_knowledge.source`.
     pub sources: BTreeMap<String, SourceConfig>,
+    /// The section `embedding` was read from, for messages: "embedding", or
+    /// "next_embedding" in `with_next_model`'s copy.
+    #[serde(skip, default = "defaults::embedding_section")]
+    pub(crate) embedding_section: &'static str,
 }
 
 /// Retrieval for applications: `kbsync.search()` in SQL, `POST /v1/search` on the
@@ -321,6 +325,12 @@ pub struct DaemonConfig {
     /// On SIGTERM, in-flight batches get this long to finish. Default 30s.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// A source whose statements fail in a way waiting alone does not fix (a column it
+    /// names is missing, no privilege on its table) is marked broken — in `kbsync
+    /// status`, `/readyz` and `kbsync_source_broken` — and tried again this often, not
+    /// in a loop. Default 1m.
+    #[serde(default = "defaults::broken_source_retry", with = "humantime_serde")]
+    pub broken_source_retry: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -332,6 +342,7 @@ impl Default for DaemonConfig {
             batch_duration: defaults::batch_duration(),
             max_attempts: defaults::max_attempts(),
             drain_timeout: defaults::drain_timeout(),
+            broken_source_retry: defaults::broken_source_retry(),
         }
     }
 }
@@ -483,6 +494,9 @@ pub struct FilterRule {
 
 mod defaults {
     use std::time::Duration;
+    pub fn embedding_section() -> &'static str {
+        "embedding"
+    }
     pub fn text_search() -> String {
         "simple".into()
     }
@@ -536,6 +550,9 @@ mod defaults {
     }
     pub fn build_workers() -> u32 {
         1
+    }
+    pub fn broken_source_retry() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
@@ -614,13 +631,21 @@ impl Config {
         Ok(config)
     }
 
-    /// The database URL: environment first, then the file.
+    /// The database URL: environment first, then the file; with neither, an empty URL
+    /// when libpq's `PGHOST`/`PGDATABASE`/... variables are set (they fill it in, as for
+    /// psql).
     pub fn database_url(&self) -> Option<String> {
         std::env::var(ENV_DATABASE_URL)
             .ok()
+            .filter(|url| !url.is_empty())
             .or_else(|| std::env::var(ENV_DATABASE_URL_FALLBACK).ok())
             .filter(|url| !url.is_empty())
             .or_else(|| self.database.url.clone())
+            .or_else(|| {
+                crate::connection_defaults::Environment::from_process()
+                    .has_libpq_variables()
+                    .then(|| "postgresql://".to_owned())
+            })
     }
 
     pub fn max_chunk_tokens(&self) -> usize {
@@ -641,10 +666,23 @@ impl Config {
 
     /// The reconcile schedule, parsed.
     pub fn reconcile_schedule(&self) -> Result<cron::Schedule, String> {
-        cron::Schedule::from_str(&self.reconcile.schedule).map_err(|e| {
+        let expression = &self.reconcile.schedule;
+        let fields = expression.split_whitespace().count();
+        if !(6..=7).contains(&fields) {
+            return Err(format!(
+                "{expression:?} has {fields} fields; kbsync wants 6 or 7: second minute hour day-of-month month day-of-week [year], in UTC, e.g. \"0 0 3 * * *\" for daily at 03:00{}",
+                if fields == 5 {
+                    " (a 5-field crontab line: put \"0 \" in front of it)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        cron::Schedule::from_str(expression).map_err(|e| {
+            // The cron crate words an inclusive maximum as "less than" (hours: 23).
+            let problem = e.to_string().replace(" must be less than ", " must be at most ");
             format!(
-                "{:?} is not a cron expression ({e}); it wants 6 or 7 fields, seconds first, in UTC, e.g. \"0 0 3 * * *\" for daily at 03:00",
-                self.reconcile.schedule
+                "{expression:?} is not a valid cron expression: {problem} Fields: second minute hour day-of-month month day-of-week [year], in UTC"
             )
         })
     }
@@ -925,8 +963,14 @@ impl Config {
         Some(Config {
             embedding: next,
             next_embedding: None,
+            embedding_section: "next_embedding",
             ..self.clone()
         })
+    }
+
+    /// The section this config's `embedding` came from, for messages.
+    pub fn embedding_section(&self) -> &'static str {
+        self.embedding_section
     }
 
     /// The validated sources. Infallible after `load`/`parse`.

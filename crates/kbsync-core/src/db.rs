@@ -10,17 +10,32 @@ use tokio_postgres::{Client, NoTls};
 #[derive(Debug, Error)]
 pub enum DbError {
     #[error(
-        "no database URL: set KBSYNC_DATABASE_URL or DATABASE_URL, or database.url in the config"
+        "no database URL: set KBSYNC_DATABASE_URL or DATABASE_URL, database.url in the config, or libpq's PGHOST / PGDATABASE / PGUSER variables"
     )]
     NoUrl,
-    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    #[error("the database URL is not valid ({url}): {problem}")]
+    BadUrl { url: String, problem: String },
+    /// The server's or the socket's own message is in `cause`, once.
+    #[error("cannot connect to PostgreSQL at {target}: {cause}{hint}")]
     Connect {
-        url: String,
-        #[source]
-        source: tokio_postgres::Error,
+        target: String,
+        cause: String,
+        hint: String,
+        kind: ErrorKind,
     },
-    #[error(transparent)]
+    #[error("database error: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+impl DbError {
+    /// Waiting cannot fix it: a bad URL, password, role or database name.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            DbError::NoUrl | DbError::BadUrl { .. } => true,
+            DbError::Connect { kind, .. } => *kind == ErrorKind::Fatal,
+            DbError::Postgres(e) => classify(e) == ErrorKind::Fatal,
+        }
+    }
 }
 
 /// What to do about a failed database call.
@@ -84,31 +99,66 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The connection settings `url` gives, with what it leaves out filled in as libpq
+/// would (`PG*` variables, the password file, the local socket).
+pub fn connection_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    let bad_url = |problem: String| DbError::BadUrl {
+        url: crate::config::redact_url(url),
+        problem,
+    };
+    let env = crate::connection_defaults::Environment::from_process();
+    let (config, warnings) = crate::connection_defaults::resolve(url, &env).map_err(bad_url)?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
+}
+
 /// Connect and drive the connection on a task. The task ends when the client is
 /// dropped or the connection fails; callers notice through the client's errors.
 pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|source| DbError::Connect {
-        url: crate::config::redact_url(url),
-        source,
-    })?;
+    let mut config = connection_config(url)?;
     config
         .application_name("kbsync")
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| DbError::Connect {
-            url: crate::config::redact_url(url),
-            source,
-        })?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        let kind = match classify(&e) {
+            // tokio-postgres refuses a config without a password the server asks for.
+            _ if e.to_string().starts_with("invalid configuration") => ErrorKind::Fatal,
+            kind => kind,
+        };
+        DbError::Connect {
+            target: crate::connection_defaults::describe_target(&config),
+            hint: connect_hint(&e).unwrap_or_default().to_owned(),
+            cause: describe(&e),
+            kind,
+        }
+    })?;
     let handle = tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "database connection ended");
+            tracing::warn!(error = %describe(&e), "database connection ended");
         }
     });
     Ok((client, handle))
+}
+
+/// What to do about a connection failure whose message alone does not say.
+fn connect_hint(err: &tokio_postgres::Error) -> Option<&'static str> {
+    if err.to_string().contains("password missing") {
+        return Some(
+            " (the server asks for a password: put it in the URL, PGPASSWORD or ~/.pgpass)",
+        );
+    }
+    let code = err.code()?;
+    if *code == SqlState::INVALID_PASSWORD {
+        Some(" (check the user name and password in the URL, PGPASSWORD or ~/.pgpass)")
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        Some(" (check the database name in the URL; `\\l` in psql lists them)")
+    } else {
+        None
+    }
 }
 
 /// The whole story of a database error: tokio-postgres' own Display says only

@@ -71,15 +71,20 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "model_migration",
         sql: include_str!("../../../sql/migrations/0010_model_migration.sql"),
     },
+    Migration {
+        version: 11,
+        name: "source_problems",
+        sql: include_str!("../../../sql/migrations/0011_source_problems.sql"),
+    },
 ];
 
-/// Serialises concurrent installs (an arbitrary constant: "kbsync" + 1).
-const INSTALL_LOCK: i64 = 0x6b62_7379_6e63_0001;
+/// Serialises concurrent installs.
+const INSTALL_LOCK: i64 = crate::advisory_locks::INSTALL;
 use crate::knowledge_index::{self, HNSW_INDEX};
 
 #[derive(Debug, Error)]
 pub enum InstallError {
-    #[error(transparent)]
+    #[error("database error: {}", crate::db::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error(
         "migration {version} ({name}) was applied with a different text than this kbsync ships; released migrations must never be edited"
@@ -613,6 +618,18 @@ async fn plan_capture(
         plan_drop_logical(client, config, plan).await?;
     }
     Ok(())
+}
+
+/// What `kbsync install` would still change in the capture of the configured sources
+/// (triggers, functions, publication, slot): empty when the installed capture is this
+/// config's. A source whose table or columns are missing is an error.
+pub async fn capture_drift(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Vec<String>, InstallError> {
+    let mut plan = InstallPlan::default();
+    plan_capture(client, config, &mut plan).await?;
+    Ok(plan.steps.into_iter().map(|s| s.description).collect())
 }
 
 /// The publication lists exactly the source tables, each with REPLICA IDENTITY FULL.

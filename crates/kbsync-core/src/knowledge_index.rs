@@ -20,9 +20,8 @@ use tokio_postgres::GenericClient;
 /// The index's name in `public`.
 pub const HNSW_INDEX: &str = "tenant_knowledge_embedding_hnsw";
 
-/// Held by the daemon that manages the index ("kbsync" + 3; 1 is the install lock, 2
-/// the wake-up lock). Per database, as advisory locks are.
-pub const INDEX_LOCK: i64 = 0x6b62_7379_6e63_0003;
+/// Held by the daemon that manages the index.
+pub const INDEX_LOCK: i64 = crate::advisory_locks::INDEX;
 
 /// `CREATE INDEX` for the embedding index; `CONCURRENTLY` where kbsync's writes must go
 /// on meanwhile (it cannot run in a transaction block).
@@ -109,19 +108,7 @@ pub async fn state(client: &impl GenericClient) -> Result<IndexState, tokio_post
 pub async fn managed_by_a_daemon(
     client: &impl GenericClient,
 ) -> Result<bool, tokio_postgres::Error> {
-    // A bigint advisory key is stored as classid = high 32 bits, objid = low 32 bits.
-    let high = (INDEX_LOCK >> 32) as u32;
-    let low = (INDEX_LOCK & 0xffff_ffff) as u32;
-    Ok(client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks
-                             WHERE locktype = 'advisory' AND granted AND objsubid = 1
-                               AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
-                               AND classid::text::bigint = $1 AND objid::text::bigint = $2)",
-            &[&i64::from(high), &i64::from(low)],
-        )
-        .await?
-        .get(0))
+    crate::advisory_locks::held(client, INDEX_LOCK).await
 }
 
 /// Changes waiting: outbox entries plus captured changes not yet folded into it, each

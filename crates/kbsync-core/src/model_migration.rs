@@ -180,7 +180,7 @@ impl OtherColumn {
 
 #[derive(Debug, Error)]
 pub enum ModelMigrationError {
-    #[error(transparent)]
+    #[error("database error: {}", crate::db::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error(
         "no [next_embedding] in the config: add the model to move to as [next_embedding] (the fields of [embedding]) and run `kbsync model plan` to see what it costs"

@@ -61,12 +61,17 @@ pub enum ModelPlanError {
     NoNextModel,
     #[error(transparent)]
     Texts(#[from] ChunkTextsError),
-    #[error(transparent)]
+    #[error("database error: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 
-/// Price the move from `config.embedding` to `config.next_embedding`.
-pub async fn plan(client: &Client, config: &Config) -> Result<ModelPlan, ModelPlanError> {
+/// Price the move from `config.embedding` to `config.next_embedding`; reading the
+/// sources' rows is reported to `progress`.
+pub async fn plan(
+    client: &Client,
+    config: &Config,
+    progress: &dyn crate::progress::Progress,
+) -> Result<ModelPlan, ModelPlanError> {
     let next_config = config
         .with_next_model()
         .ok_or(ModelPlanError::NoNextModel)?;
@@ -76,7 +81,9 @@ pub async fn plan(client: &Client, config: &Config) -> Result<ModelPlan, ModelPl
     let mut texts = Texts::new();
     let mut today: HashSet<[u8; 32]> = HashSet::new();
     let mut by_source: Vec<(String, Texts)> = Vec::new();
-    for (source, mut cuts) in chunk_texts_by_source(client, &[&next_config, config]).await? {
+    for (source, mut cuts) in
+        chunk_texts_by_source(client, &[&next_config, config], progress).await?
+    {
         today.extend(cuts.pop().unwrap_or_default().into_keys());
         let cut = cuts.pop().unwrap_or_default();
         texts.extend(cut.iter().map(|(hash, tokens)| (*hash, *tokens)));

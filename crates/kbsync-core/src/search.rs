@@ -219,9 +219,10 @@ BEGIN
         -- give the caller's transaction its own setting back afterwards).
         caller_ef_search := current_setting('hnsw.ef_search', true);
         PERFORM set_config('hnsw.ef_search', least(greatest(4 * candidates, 40), 1000)::text, true);
-        SELECT array_agg(c.id ORDER BY c.distance, c.id), array_agg(1 - c.distance ORDER BY c.distance, c.id)
+        SELECT array_agg(c.id ORDER BY c.distance, c.source, c.source_key, c.chunk_index),
+               array_agg(1 - c.distance ORDER BY c.distance, c.source, c.source_key, c.chunk_index)
           INTO vector_ids, vector_sims
-          FROM (SELECT t.id, t.embedding <=> query_vector AS distance
+          FROM (SELECT t.id, t.source, t.source_key, t.chunk_index, t.embedding <=> query_vector AS distance
                   FROM public.tenant_knowledge t
                  WHERE {scope} AND t.embedding IS NOT NULL
                  ORDER BY t.embedding <=> query_vector
@@ -234,14 +235,16 @@ BEGIN
             -- Fewer than asked: a small tenant or a narrow filter, which the approximate
             -- walk may have passed over. Scan the tenant's chunks exactly when they are
             -- few (cheap), or when the index did not even find k.
-            SELECT array_agg(c.id ORDER BY c.distance, c.id), array_agg(1 - c.distance ORDER BY c.distance, c.id)
+            SELECT array_agg(c.id ORDER BY c.distance, c.source, c.source_key, c.chunk_index),
+                   array_agg(1 - c.distance ORDER BY c.distance, c.source, c.source_key, c.chunk_index)
               INTO vector_ids, vector_sims
-              FROM (SELECT x.id, x.distance
-                      FROM (SELECT t.id, t.embedding <=> query_vector AS distance
+              FROM (SELECT x.id, x.source, x.source_key, x.chunk_index, x.distance
+                      FROM (SELECT t.id, t.source, t.source_key, t.chunk_index,
+                                   t.embedding <=> query_vector AS distance
                               FROM public.tenant_knowledge t
                              WHERE {scope} AND t.embedding IS NOT NULL
                             OFFSET 0) x
-                     ORDER BY x.distance, x.id
+                     ORDER BY x.distance, x.source, x.source_key, x.chunk_index
                      LIMIT candidates) c;
         END IF;
         PERFORM set_config('hnsw.ef_search', coalesce(caller_ef_search, '40'), true);
@@ -250,7 +253,10 @@ BEGIN
     IF mode <> 'vector' THEN
         -- The narrow terms table (migration 0009): a common word matches tens of
         -- thousands of chunks, each ranked; tenant_knowledge's rows carry their vectors.
-        SELECT array_agg(c.id ORDER BY c.relevance DESC, c.id), array_agg(c.relevance ORDER BY c.relevance DESC, c.id)
+        -- Ties are ranked by the chunk's key, not its id, so that the same data ranks
+        -- the same way whatever order it was written in.
+        SELECT array_agg(c.id ORDER BY c.relevance DESC, t.source, t.source_key, t.chunk_index),
+               array_agg(c.relevance ORDER BY c.relevance DESC, t.source, t.source_key, t.chunk_index)
           INTO text_ids, text_scores
           FROM (SELECT w.id, ts_rank(w.content_tsv, q.tsq) AS relevance
                   FROM (VALUES {configs}) AS cfg(name)
@@ -263,7 +269,8 @@ BEGIN
                         OR EXISTS (SELECT 1 FROM public.tenant_knowledge t
                                     WHERE t.id = w.id AND t.metadata @> metadata_filter))
                  ORDER BY relevance DESC, w.id
-                 LIMIT candidates) c;
+                 LIMIT candidates) c
+          JOIN public.tenant_knowledge t ON t.id = c.id;
     END IF;
 
     RETURN QUERY
@@ -278,7 +285,7 @@ BEGIN
     SELECT t.tenant_id, t.source, t.source_key, t.chunk_index, t.content, t.metadata, f.fused_score::double precision,
            f.vector_place, f.similarity, f.text_place, f.relevance
       FROM fused f JOIN public.tenant_knowledge t ON t.id = f.id AND t.tenant_id = tenant
-     ORDER BY f.fused_score DESC, t.id
+     ORDER BY f.fused_score DESC, t.source, t.source_key, t.chunk_index
      LIMIT k;
 END
 $kbsync$"#,

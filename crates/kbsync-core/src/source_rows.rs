@@ -21,6 +21,29 @@ pub struct SourceRow {
     pub metadata: serde_json::Value,
 }
 
+/// Every configured source's statement, planned by the database: one line per source
+/// whose table, columns or filter the database does not have (empty: all fine).
+pub async fn unusable_sources(
+    client: &impl GenericClient,
+    config: &crate::config::Config,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for source in config.sources() {
+        let verified = match SourceQuery::prepare(client, &source).await {
+            Ok(query) => query.verify(client).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = verified {
+            problems.push(format!(
+                "sources.{}: {}",
+                source.name,
+                crate::db::describe(&e)
+            ));
+        }
+    }
+    problems
+}
+
 /// The prepared SELECT for one source.
 #[derive(Debug, Clone)]
 pub struct SourceQuery {
@@ -184,6 +207,13 @@ impl SourceQuery {
             text_columns,
             text: source.text.clone(),
         })
+    }
+
+    /// Have PostgreSQL parse and plan the source's statement without running it: a
+    /// missing table or column, or a filter that does not compile, fails here with the
+    /// server's own message rather than in the first batch.
+    pub async fn verify(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+        client.prepare(&self.load_sql).await.map(drop)
     }
 
     /// The rows of `keys` that exist and pass the filter.

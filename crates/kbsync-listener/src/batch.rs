@@ -25,7 +25,7 @@ use crate::model_switch::ActiveModels;
 
 #[derive(Debug, Error)]
 pub enum BatchError {
-    #[error(transparent)]
+    #[error("database error: {}", kbsync_core::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Provider(#[from] EmbedError),
@@ -53,9 +53,17 @@ impl SourcePipeline {
         config: &Config,
         provider: &Provider,
     ) -> Result<Self, String> {
+        let unusable = |e: tokio_postgres::Error| {
+            format!(
+                "sources.{}: {}; correct the source in the config (or the table), check it with `kbsync config check`, then run `kbsync install`",
+                source.name,
+                kbsync_core::db::describe(&e)
+            )
+        };
         let query = SourceQuery::prepare(client, &source)
             .await
-            .map_err(|e| format!("source {}: {e}", source.name))?;
+            .map_err(unusable)?;
+        query.verify(client).await.map_err(unusable)?;
         // The config's limit, not the provider's: the sweep computes the same chunking
         // fingerprint from the config alone.
         let chunker = Chunker::new(

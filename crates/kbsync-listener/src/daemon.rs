@@ -37,12 +37,14 @@ use crate::{collector, decoder, index_manager, listener, model_fill, systemd, te
 
 /// Database connections the search API's requests share.
 const SEARCH_CONNECTIONS: usize = 4;
+/// How often the daemon logs what it did and what is left (only while there is work).
+const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
     #[error(transparent)]
     Db(#[from] db::DbError),
-    #[error("database error at start-up: {0}")]
+    #[error("database error at start-up: {}", db::describe(.0))]
     Startup(#[from] tokio_postgres::Error),
     #[error(
         "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
@@ -76,9 +78,73 @@ struct Shared {
     health: Arc<Health>,
     /// scheduling.priority_tenants plus what priority_tenants_sql last returned.
     priority: std::sync::RwLock<Vec<String>>,
+    /// Keys processed since start, for the periodic summary.
+    keys_done: std::sync::atomic::AtomicU64,
+    /// Broken sources (see `source_broken`): not claimed from until this time.
+    paused_until: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 impl Shared {
+    /// Whether `source` is broken and its next try has not come yet.
+    fn paused(&self, source: &str) -> bool {
+        self.paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(source)
+            .is_some_and(|until| tokio::time::Instant::now() < *until)
+    }
+
+    /// A batch of `source` failed in a way waiting alone does not fix (a column the
+    /// config names is missing, no privilege on the table): the source is marked broken
+    /// — `/readyz`, `kbsync_source_broken`, `kbsync status` — its claims go back
+    /// without an attempt counted, and it is tried again after
+    /// `daemon.broken_source_retry`, not in a loop.
+    async fn source_broken(
+        &self,
+        lease_client: &Client,
+        token: Uuid,
+        source: &str,
+        err: &tokio_postgres::Error,
+    ) {
+        let retry = self.config.daemon.broken_source_retry;
+        let error = db::describe(err);
+        let fix = kbsync_core::source_problems::fix_for(source, err, retry);
+        self.paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.to_owned(), tokio::time::Instant::now() + retry);
+        metrics::gauge!("kbsync_source_broken", "source" => source.to_owned()).set(1.0);
+        if self.health.source_broken(source, &error) {
+            tracing::warn!(source, %error, "source still broken; tried again later");
+        } else {
+            tracing::error!(source, %error, %fix, "source broken: no batch of it can be written until this is fixed");
+        }
+        if let Err(e) = outbox::postpone(lease_client, token, retry, &error).await {
+            tracing::warn!(error = %db::describe(&e), "could not postpone; the claim will expire instead");
+        }
+        if let Err(e) =
+            kbsync_core::source_problems::record(lease_client, source, &error, &fix).await
+        {
+            tracing::warn!(source, error = %db::describe(&e), "could not record the broken source for `kbsync status`");
+        }
+    }
+
+    /// A batch of `source` went through: if it was broken, it is not any more.
+    async fn source_ok(&self, client: &Client, source: &str) {
+        if !self.health.source_ok(source) {
+            return;
+        }
+        self.paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source);
+        metrics::gauge!("kbsync_source_broken", "source" => source.to_owned()).set(0.0);
+        tracing::info!(source, "source works again");
+        if let Err(e) = kbsync_core::source_problems::clear(client, source).await {
+            tracing::warn!(source, error = %db::describe(&e), "could not clear the broken source's record");
+        }
+    }
+
     fn priority_tenants(&self) -> Vec<String> {
         self.priority
             .read()
@@ -141,18 +207,14 @@ impl Daemon {
     /// Run until `cancel` fires, then let in-flight batches finish within the drain
     /// timeout; whatever is not finished stays in the outbox.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), DaemonError> {
-        // A database that is down at start (a reboot, a failover) is waited for; a URL
-        // that cannot even be parsed is a configuration error.
-        if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
-            return Err(DaemonError::Db(db::DbError::Connect {
-                url: kbsync_core::config::redact_url(&self.url),
-                source: e,
-            }));
-        }
+        // A database that is down at start (a reboot, a failover) is waited for; what
+        // waiting cannot fix (a URL that does not parse, a wrong password, an unknown
+        // database or role) stops the daemon with the server's own words.
         let mut delays = db::reconnect_backoff();
         let (client, _conn) = loop {
             match db::connect(&self.url).await {
                 Ok(connected) => break connected,
+                Err(e) if e.is_fatal() => return Err(DaemonError::Db(e)),
                 Err(e) => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::error!(error = %e, ?delay, "database unavailable at start; retrying");
@@ -184,6 +246,22 @@ impl Daemon {
                     "capture.mode = \"logical\" but this database has no replication slot {slot}: run `kbsync install` with this config first (it creates the publication and the slot, and removes the capture triggers)"
                 )));
             }
+        }
+        // A daemon whose config is not the installed capture's would miss changes (a
+        // source not captured) or process keys the triggers no longer mean.
+        let drift = kbsync_core::install::capture_drift(&client, &self.config)
+            .await
+            .map_err(|e| match e {
+                kbsync_core::install::InstallError::Postgres(e) => DaemonError::Startup(e),
+                e => DaemonError::Source(format!(
+                    "{e}; correct the config (check it with `kbsync config check`), then run `kbsync install`"
+                )),
+            })?;
+        if !drift.is_empty() {
+            return Err(DaemonError::Source(format!(
+                "the capture installed in this database is not this config's; `kbsync install` would: {}. Run `kbsync install` with this config, then start the daemon",
+                drift.join("; ")
+            )));
         }
         let models = Arc::new(ModelSwitch::new(&client, &self.config).await.map_err(
             |e| match e {
@@ -229,6 +307,13 @@ impl Daemon {
         let health = Arc::new(Health::new(connected_rx));
         health.database_ok();
         let metrics = telemetry::handle().map_err(DaemonError::Http)?;
+        telemetry::register_series(
+            &pipelines
+                .iter()
+                .map(|p| p.source.name.clone())
+                .collect::<Vec<_>>(),
+            self.config.capture.mode == CaptureMode::Logical,
+        );
         // Bound before READY, so a taken port is a clear start-up error.
         let http_listener = match self.config.http.listen {
             Some(addr) => {
@@ -261,6 +346,8 @@ impl Daemon {
         let shared = Arc::new(Shared {
             shortest_window,
             priority: std::sync::RwLock::new(priority),
+            paused_until: std::sync::Mutex::new(std::collections::HashMap::new()),
+            keys_done: std::sync::atomic::AtomicU64::new(0),
             health: health.clone(),
             failure_policy: outbox::FailurePolicy::from_config(&self.config),
             config: self.config,
@@ -356,6 +443,7 @@ impl Daemon {
         if shared.config.scheduling.priority_tenants_sql.is_some() {
             tasks.spawn(refresh_priority(shared.clone(), work_cancel.clone()));
         }
+        tasks.spawn(summarize_progress(shared.clone(), work_cancel.clone()));
         tasks.spawn(systemd::watchdog(work_cancel.clone()));
         systemd::ready(&format!(
             "syncing {} sources with {workers} workers",
@@ -410,6 +498,56 @@ async fn connect_with_retry(
                 }
             }
         }
+    }
+}
+
+/// Every `SUMMARY_EVERY` while there is work: keys processed and their rate, what is
+/// left and when it will be done at that rate. The per-batch lines are at debug level.
+async fn summarize_progress(shared: Arc<Shared>, cancel: CancellationToken) {
+    let names: Vec<String> = shared
+        .pipelines
+        .iter()
+        .map(|p| p.source.name.clone())
+        .collect();
+    let mut last = shared.keys_done.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last_at = tokio::time::Instant::now();
+    let mut was_behind = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(SUMMARY_EVERY) => {}
+        }
+        let Some(client) = connect_with_retry(&shared.url, &cancel, &shared.health).await else {
+            return;
+        };
+        let backlog = match kbsync_reconcile::coverage::backlog(&client, &names).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %db::describe(&e), "reading the backlog for the progress summary failed");
+                continue;
+            }
+        };
+        let left: i64 = backlog.iter().map(|b| b.pending + b.uncollected).sum();
+        let done = shared.keys_done.load(std::sync::atomic::Ordering::Relaxed);
+        let keys = done - last;
+        let per_second = keys as f64 / last_at.elapsed().as_secs_f64();
+        (last, last_at) = (done, tokio::time::Instant::now());
+        if keys == 0 && left == 0 {
+            if was_behind {
+                tracing::info!("caught up: nothing is waiting");
+            }
+            was_behind = false;
+            continue;
+        }
+        was_behind = left > 0;
+        let seconds_left = (per_second > 0.0).then(|| (left as f64 / per_second).round());
+        tracing::info!(
+            keys,
+            keys_per_second = (per_second * 10.0).round() / 10.0,
+            waiting = left,
+            seconds_left,
+            "progress"
+        );
     }
 }
 
@@ -532,6 +670,9 @@ async fn worker(
                 for offset in 0..shared.pipelines.len() {
                     let pipeline =
                         &shared.pipelines[(first_source + offset) % shared.pipelines.len()];
+                    if shared.paused(&pipeline.source.name) {
+                        continue;
+                    }
                     let token = Uuid::new_v4();
                     let claimed = match outbox::claim(
                         &client,
@@ -574,6 +715,11 @@ async fn worker(
                     match result {
                         Ok(report) => {
                             metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "ok").increment(1);
+                            shared.source_ok(&client, &pipeline.source.name).await;
+                            shared.keys_done.fetch_add(
+                                claimed.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                             if report.inputs_embedded > 0 {
                                 shared.health.provider_ok();
                             }
@@ -586,7 +732,7 @@ async fn worker(
                                     .saturating_sub(report.remote_embedding_time),
                                 report.remote_embedding_time,
                             );
-                            tracing::info!(
+                            tracing::debug!(
                                 source = %pipeline.source.name,
                                 keys = claimed.len(),
                                 embedded = report.inputs_embedded,
@@ -648,20 +794,34 @@ async fn worker(
                             )
                             .await;
                         }
-                        Err(BatchError::Db(e)) => {
+                        Err(BatchError::Db(e))
+                            if !db::connection_failed(&client, &e)
+                                && db::classify(&e) == ErrorKind::Fatal =>
+                        {
                             // Keys PostgreSQL rejects are failed one by one inside the
-                            // batch; what is left here is the connection or the server.
+                            // batch: a statement that fails on a live connection is the
+                            // source's (a missing column, no privilege), not a key's.
+                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "source_broken").increment(1);
+                            shared
+                                .source_broken(&lease_client, token, &pipeline.source.name, &e)
+                                .await;
+                        }
+                        Err(BatchError::Db(e)) => {
+                            // What is left here is the connection or the server.
                             metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
                             shared.health.database_failed(&db::describe(&e));
                             let kind = db::classify(&e);
                             tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch; it is retried");
-                            let delay = if kind == ErrorKind::Fatal {
-                                Duration::from_secs(30)
-                            } else {
-                                Duration::from_secs(1)
-                            };
-                            let _ =
-                                outbox::postpone(&lease_client, token, delay, &e.to_string()).await;
+                            if let Err(pe) = outbox::postpone(
+                                &lease_client,
+                                token,
+                                Duration::from_secs(1),
+                                &db::describe(&e),
+                            )
+                            .await
+                            {
+                                tracing::warn!(error = %db::describe(&pe), "could not postpone; the claim will expire instead");
+                            }
                             if db::connection_failed(&client, &e) {
                                 continue 'connect;
                             }
@@ -731,6 +891,7 @@ async fn scheduled_sweeps(
         sources: Vec::new(),
         tenant: None,
         origin: Origin::Schedule,
+        queue_only: false,
     };
     loop {
         // Recomputed after each sweep: a sweep longer than the interval skips the

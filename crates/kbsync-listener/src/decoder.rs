@@ -287,12 +287,9 @@ async fn append(
 
 /// Connection settings of the replication session, from the database URL.
 fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig, DecodeError> {
-    let parsed: tokio_postgres::Config = url.parse().map_err(|source| db::DbError::Connect {
-        url: kbsync_core::config::redact_url(url),
-        source,
-    })?;
+    let parsed = db::connection_config(url)?;
     let port = parsed.get_ports().first().copied().unwrap_or(5432);
-    let user = parsed.get_user().unwrap_or("postgres").to_owned();
+    let user = parsed.get_user().unwrap_or_default().to_owned();
     let password = parsed
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())

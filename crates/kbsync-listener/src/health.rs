@@ -2,6 +2,7 @@
 //! every database call and embedding call they make, the listener publishes whether
 //! it is connected. `/readyz` and the systemd watchdog read it; nothing else writes it.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -37,10 +38,14 @@ pub struct Readiness {
     /// Trigger capture: always ok. Logical capture: the decoder's connection to the
     /// slot, and whether the slot holds back more WAL than `capture.max_retained_wal_mb`.
     pub capture: Component,
+    /// Sources no batch gets through until someone fixes something (a column the config
+    /// names is missing, no privilege): the error and since when. Not ready while any.
+    pub broken_sources: BTreeMap<String, Component>,
 }
 
 pub struct Health {
     database: Mutex<Component>,
+    broken: Mutex<BTreeMap<String, Component>>,
     provider: Mutex<Component>,
     capture: Mutex<Component>,
     listener: watch::Receiver<bool>,
@@ -60,6 +65,7 @@ impl Health {
             database: Mutex::new(Component::new(None, "not connected yet")),
             provider: Mutex::new(Component::new(None, "no embedding call yet")),
             capture: Mutex::new(Component::new(None, "not started yet")),
+            broken: Mutex::new(BTreeMap::new()),
             listener,
         }
     }
@@ -95,8 +101,29 @@ impl Health {
         set(&self.capture, false, error);
     }
 
+    /// `source`'s statements fail in a way waiting alone does not fix. Returns whether
+    /// it was already broken with this error (a repeat, not news).
+    pub fn source_broken(&self, source: &str, error: &str) -> bool {
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        let repeat = broken.get(source).is_some_and(|c| c.detail == error);
+        if !repeat {
+            broken.insert(source.to_owned(), Component::new(Some(false), error));
+        }
+        repeat
+    }
+
+    /// A batch of `source` went through. Returns whether it was broken until now.
+    pub fn source_ok(&self, source: &str) -> bool {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source)
+            .is_some()
+    }
+
     /// Ready: the database answered the last call, the listener is connected, the
-    /// provider's last call (if any) succeeded, and capture is not failing.
+    /// provider's last call (if any) succeeded, capture is not failing, and no source
+    /// is broken.
     pub fn readiness(&self) -> Readiness {
         let database = self
             .database
@@ -122,11 +149,18 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let broken_sources = self
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         Readiness {
             ready: database.ok == Some(true)
                 && connected
                 && provider.ok != Some(false)
-                && capture.ok != Some(false),
+                && capture.ok != Some(false)
+                && broken_sources.is_empty(),
+            broken_sources,
             database,
             listener,
             provider,

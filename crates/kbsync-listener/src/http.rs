@@ -78,6 +78,9 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         telemetry::refresh_backlog(&client, &names)
             .await
             .map_err(|e| db::describe(&e))?;
+        telemetry::refresh_index(&client)
+            .await
+            .map_err(|e| db::describe(&e))?;
         telemetry::refresh_model_migration(&client)
             .await
             .map_err(|e| e.to_string())

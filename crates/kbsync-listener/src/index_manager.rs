@@ -104,7 +104,8 @@ pub async fn run(
     }
 }
 
-fn publish(state: &IndexState) {
+/// Set `kbsync_embedding_index{state}`: 1 for `state`, 0 for the others.
+pub fn publish(state: &IndexState) {
     for name in ["valid", "building", "invalid", "missing"] {
         metrics::gauge!("kbsync_embedding_index", "state" => name).set(if state.name() == name {
             1.0

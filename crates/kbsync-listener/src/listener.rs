@@ -61,7 +61,7 @@ async fn listen_once(
     cancel: &CancellationToken,
 ) -> Ended {
     let lost = |error: String, listened: bool| Ended::Lost { error, listened };
-    let mut config: tokio_postgres::Config = match url.parse() {
+    let mut config = match kbsync_core::db::connection_config(url) {
         Ok(c) => c,
         Err(e) => return lost(e.to_string(), false),
     };
@@ -79,10 +79,14 @@ async fn listen_once(
     };
     let (client, mut connection) = match connect {
         Ok(pair) => pair,
-        Err(e) => return lost(e.to_string(), false),
+        Err(e) => return lost(kbsync_core::db::describe(&e), false),
     };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let listen_sql = format!("LISTEN \"{CHANNEL}\"");
+    // The shared daemon lock on this session tells `kbsync status` a daemon runs.
+    let listen_sql = format!(
+        "LISTEN \"{CHANNEL}\"; SELECT pg_advisory_lock_shared({})",
+        kbsync_core::advisory_locks::DAEMON
+    );
     let listen = client.batch_execute(&listen_sql);
     tokio::pin!(listen);
     // The connection has to be polled for LISTEN itself to complete.
@@ -91,7 +95,7 @@ async fn listen_once(
             _ = cancel.cancelled() => return Ended::Cancelled,
             done = &mut listen => match done {
                 Ok(()) => break,
-                Err(e) => return lost(e.to_string(), false),
+                Err(e) => return lost(kbsync_core::db::describe(&e), false),
             },
             message = messages.next() => match message {
                 Some(Ok(_)) => {}
@@ -114,7 +118,7 @@ async fn listen_once(
                     bump(wake);
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return lost(e.to_string(), true),
+                Some(Err(e)) => return lost(kbsync_core::db::describe(&e), true),
                 None => return lost("connection closed by the server".into(), true),
             },
         }

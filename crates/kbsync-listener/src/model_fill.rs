@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model_switch::ModelSwitch;
 
-/// Held by the daemon that fills ("kbsync" + 4; 3 is the index lock).
-pub const FILL_LOCK: i64 = 0x6b62_7379_6e63_0004;
+/// Held by the daemon that fills.
+pub const FILL_LOCK: i64 = kbsync_core::advisory_locks::MODEL_FILL;
 
 /// How often the migration state is read when there is nothing to fill.
 const IDLE_POLL: Duration = Duration::from_secs(1);

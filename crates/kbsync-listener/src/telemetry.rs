@@ -54,12 +54,12 @@ fn describe() {
     );
     describe_counter!(
         "kbsync_batches_total",
-        "Batches processed, by outcome (ok, provider_error, database_error)"
+        "Batches processed, by source and outcome (ok, provider_error, database_error, chunking_error, source_broken)"
     );
     describe_counter!("kbsync_chunks_written_total", "Chunks inserted or updated");
     describe_gauge!(
         "kbsync_embedding_index",
-        "The HNSW embedding index's state as this daemon's index keeper last saw it: 1 for the current of valid, building, invalid, missing"
+        "The HNSW embedding index's state at the last scrape: 1 for the current one of valid, building, invalid, missing; 0 for the others"
     );
     describe_counter!(
         "kbsync_index_deferrals_total",
@@ -85,7 +85,7 @@ fn describe() {
     );
     describe_counter!(
         "kbsync_embedding_requests_total",
-        "Embedding requests sent (local model: forward passes)"
+        "Embedding requests sent, by provider (local model: forward passes)"
     );
     describe_counter!("kbsync_embedding_inputs_total", "Texts sent to be embedded");
     describe_counter!(
@@ -107,7 +107,7 @@ fn describe() {
     describe_histogram!(
         "kbsync_embedding_request_seconds",
         Unit::Seconds,
-        "Duration of one embedding request"
+        "Duration of one embedding request (local model: one forward pass)"
     );
     describe_gauge!(
         "kbsync_outbox_backlog",
@@ -128,13 +128,157 @@ fn describe() {
     describe_gauge!("kbsync_dead_letters", "Keys parked in kbsync.dead_letters");
     describe_counter!(
         "kbsync_reconcile_runs_total",
-        "Scheduled reconcile sweeps, by outcome (ok, safety_stop, busy, error)"
+        "Reconcile sweeps this daemon's schedule started, by outcome (ok, safety_stop, busy, error)"
     );
     describe_counter!(
         "kbsync_reconcile_keys_total",
         "Keys the scheduled sweeps found, by action (missing, stale, missing_embedding, orphan_chunks, dead_letter_retried)"
     );
     describe_gauge!("kbsync_ready", "1 when /readyz would answer ready, else 0");
+    describe_gauge!(
+        "kbsync_source_broken",
+        "1 while a source's statements fail in a way waiting alone does not fix (a missing column, no privilege); kbsync status says what to do"
+    );
+    describe_counter!(
+        "kbsync_rejected_keys_total",
+        "Keys whose write PostgreSQL refused (counted against their attempts)"
+    );
+    describe_counter!(
+        "kbsync_changes_decoded_total",
+        "Changes decoded from the replication slot (capture.mode = logical)"
+    );
+    describe_gauge!(
+        "kbsync_replication_slot_retained_bytes",
+        Unit::Bytes,
+        "WAL the replication slot holds back (capture.mode = logical)"
+    );
+    describe_gauge!(
+        "kbsync_replication_slot_unconfirmed_bytes",
+        Unit::Bytes,
+        "WAL decoded but not yet confirmed to the server (capture.mode = logical)"
+    );
+    describe_gauge!(
+        "kbsync_model_migration_phase",
+        "The embedding model migration's phase: 0 none, 1 filling, 2 cut over, 3 finished"
+    );
+    describe_gauge!(
+        "kbsync_model_migration_chunks_missing",
+        "Chunks still without the other model's vector"
+    );
+    describe_gauge!(
+        "kbsync_model_migration_texts_missing",
+        "Distinct texts still without the other model's vector"
+    );
+    describe_gauge!(
+        "kbsync_model_migration_texts_sent",
+        "Texts sent to fill a model migration, by model"
+    );
+    describe_gauge!(
+        "kbsync_model_migration_tokens_sent",
+        "Tokens sent to fill a model migration, by model"
+    );
+    describe_gauge!(
+        "kbsync_model_migration_requests_sent",
+        "Requests sent to fill a model migration, by model"
+    );
+}
+
+/// Every series the daemon exports, at zero, so that dashboards and alerts see them from
+/// the start rather than from their first use: an alert on a series that does not exist
+/// yet never fires.
+pub fn register_series(sources: &[String], logical: bool) {
+    use metrics::{counter, gauge, histogram};
+    for name in [
+        "kbsync_notifications_total",
+        "kbsync_changes_collected_total",
+        "kbsync_embedding_inputs_total",
+        "kbsync_embedding_tokens_total",
+        "kbsync_embedding_retries_total",
+        "kbsync_index_deferrals_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    for provider in ["openai", "local"] {
+        counter!("kbsync_embedding_requests_total", "provider" => provider).increment(0);
+    }
+    for kind in [
+        "rate_limited",
+        "server_error",
+        "refused",
+        "transport",
+        "malformed",
+        "mismatch",
+    ] {
+        counter!("kbsync_embedding_errors_total", "kind" => kind).increment(0);
+    }
+    for outcome in ["ok", "safety_stop", "busy", "error"] {
+        counter!("kbsync_reconcile_runs_total", "outcome" => outcome).increment(0);
+    }
+    // Registered is enough: the exporter renders a histogram with no samples as zeros.
+    drop(histogram!("kbsync_embedding_request_seconds"));
+    drop(histogram!("kbsync_index_build_seconds"));
+    gauge!("kbsync_ready").set(0.0);
+    gauge!("kbsync_model_migration_phase").set(0.0);
+    for state in ["valid", "building", "invalid", "missing"] {
+        gauge!("kbsync_embedding_index", "state" => state).set(0.0);
+    }
+    if logical {
+        gauge!("kbsync_replication_slot_retained_bytes").set(0.0);
+        gauge!("kbsync_replication_slot_unconfirmed_bytes").set(0.0);
+    }
+    for source in sources {
+        let s = || source.clone();
+        for outcome in [
+            "ok",
+            "provider_error",
+            "database_error",
+            "chunking_error",
+            "source_broken",
+        ] {
+            counter!("kbsync_batches_total", "source" => s(), "outcome" => outcome).increment(0);
+        }
+        for name in [
+            "kbsync_changes_total",
+            "kbsync_keys_processed_total",
+            "kbsync_chunks_written_total",
+            "kbsync_chunks_deleted_total",
+            "kbsync_dead_lettered_total",
+            "kbsync_rejected_keys_total",
+            "kbsync_embeddings_reused_total",
+        ] {
+            counter!(name, "source" => s()).increment(0);
+        }
+        if logical {
+            counter!("kbsync_changes_decoded_total", "source" => s()).increment(0);
+        }
+        for action in [
+            "missing",
+            "stale",
+            "missing_embedding",
+            "orphan_chunks",
+            "dead_letter_retried",
+        ] {
+            counter!("kbsync_reconcile_keys_total", "source" => s(), "action" => action)
+                .increment(0);
+        }
+        drop(histogram!(SYNC_LAG, "source" => s()));
+        for name in [
+            "kbsync_outbox_backlog",
+            "kbsync_uncollected_changes",
+            "kbsync_outbox_oldest_pending_seconds",
+            "kbsync_dead_letters",
+            "kbsync_source_broken",
+        ] {
+            gauge!(name, "source" => s()).set(0.0);
+        }
+    }
+}
+
+/// Set `kbsync_embedding_index{state}` from the catalog (whether or not this daemon
+/// keeps the index).
+pub async fn refresh_index(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    crate::index_manager::publish(&kbsync_core::knowledge_index::state(client).await?);
+    Ok(())
 }
 
 /// Set the backlog gauges from the database.

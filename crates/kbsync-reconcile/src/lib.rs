@@ -37,8 +37,8 @@ use kbsync_core::source_rows::RowSql;
 pub use report::{Report, SafetyStop, SourceReport, StaleKeys};
 pub use runs::{RunRecord, recent_runs};
 
-/// The advisory lock that makes sweeps exclusive ("kbsync" + 2; install uses + 1).
-pub const SWEEP_LOCK: i64 = 0x6b62_7379_6e63_0002;
+/// The advisory lock that makes sweeps exclusive.
+pub const SWEEP_LOCK: i64 = kbsync_core::advisory_locks::SWEEP;
 
 #[derive(Debug, Error)]
 pub enum ReconcileError {
@@ -75,6 +75,8 @@ pub enum Origin {
     Cli,
     /// The schedule inside `kbsync run`.
     Schedule,
+    /// `kbsync install`, for the rows that existed before their capture did.
+    Install,
 }
 
 impl Origin {
@@ -82,6 +84,7 @@ impl Origin {
         match self {
             Origin::Cli => "cli",
             Origin::Schedule => "schedule",
+            Origin::Install => "install",
         }
     }
 }
@@ -97,24 +100,13 @@ pub struct Options {
     /// Only this tenant's rows and chunks.
     pub tenant: Option<String>,
     pub origin: Origin,
+    /// Only queue the rows whose chunks are missing or stale; leave orphaned chunks and
+    /// parked keys to a full sweep (what `kbsync install` does for the rows that existed
+    /// before their capture).
+    pub queue_only: bool,
 }
 
-/// Where a long sweep reports how far it is (a progress bar on a terminal).
-pub trait Progress: Sync {
-    /// A new step: `what` of `source`, of about `estimate` items when known.
-    fn step(&self, source: &str, what: &str, estimate: Option<u64>);
-    fn advance(&self, items: u64);
-    fn finish(&self);
-}
-
-/// No progress output.
-pub struct Quiet;
-
-impl Progress for Quiet {
-    fn step(&self, _: &str, _: &str, _: Option<u64>) {}
-    fn advance(&self, _: u64) {}
-    fn finish(&self) {}
-}
+pub use kbsync_core::progress::{Progress, Quiet};
 
 /// What every step of one sweep shares.
 pub(crate) struct Scope<'a> {
@@ -154,6 +146,7 @@ pub async fn sweep(
     let started = Instant::now();
     let recorded_options = serde_json::json!({
         "sources": options.sources, "tenant": options.tenant, "force": options.force,
+        "queue_only": options.queue_only,
     });
     let run_id = runs::start(&*client, options.dry_run, options.origin, &recorded_options).await?;
     let mut report = Report {
@@ -240,13 +233,17 @@ async fn sweep_sources(
             )
             .await?;
 
-            progress.step(&source.name, "chunks", Some(compared.chunks));
-            let scan = orphans::OrphanScan::new(&rows);
-            orphans::sweep(client, source, &scan, &scope, &mut found, progress).await?;
+            if !options.queue_only {
+                progress.step(&source.name, "chunks", Some(compared.chunks));
+                let scan = orphans::OrphanScan::new(&rows);
+                orphans::sweep(client, source, &scan, &scope, &mut found, progress).await?;
+            }
         }
 
-        let scan = dead_letters::DeadLetterScan::new(&rows);
-        dead_letters::sweep(&*client, source, &scan, &scope, &mut found).await?;
+        if !options.queue_only {
+            let scan = dead_letters::DeadLetterScan::new(&rows);
+            dead_letters::sweep(&*client, source, &scan, &scope, &mut found).await?;
+        }
 
         if !scope.dry_run && found.dead_letters_retried > 0 {
             client

@@ -165,7 +165,9 @@ pub(crate) async fn sweep(
             report.queued += queued;
             report.already_queued += keys.len() as u64 - queued;
         }
-        progress.advance(range as u64);
+        // Eligible rows, as the step's estimate counts them (a range also walks the
+        // rows the filter leaves out).
+        progress.advance(eligible as u64);
         match upper {
             Some(u) => lower = Some(u),
             None => return Ok(()),

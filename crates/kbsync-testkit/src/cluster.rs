@@ -122,6 +122,21 @@ impl PrivateCluster {
         (cluster, url)
     }
 
+    /// From now on `role` logs in over TCP with its password (SCRAM), as on a managed
+    /// server; the cluster's own superuser keeps trust.
+    pub fn require_password_for(&self, role: &str) {
+        let hba = self.state.join("pgdata/pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).expect("reading pg_hba.conf");
+        let first = format!("host all {role} 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(&hba, format!("{first}{rules}")).expect("writing pg_hba.conf");
+        self.control("reload");
+    }
+
+    /// The directory of the cluster's Unix socket, and its port.
+    pub fn socket(&self) -> (PathBuf, u16) {
+        (self.state.join("pgrun"), self.port)
+    }
+
     /// URL of database `name` on this cluster.
     pub fn database_url(&self, name: &str) -> String {
         let mut url = url::Url::parse(&self.url).expect("cluster URL");

@@ -138,15 +138,27 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     pub fn start(config: &Path, database_url: &str) -> Self {
+        Self::start_with_env(config, &[("DATABASE_URL", database_url)])
+    }
+
+    /// `start` with these variables for the database instead of `DATABASE_URL` (libpq's
+    /// `PG*` variables, say).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log_dir = tempfile::tempdir().expect("a directory for the daemon log");
         let log = log_dir.path().join("kbsync.log");
         let stderr = std::fs::File::create(&log).expect("daemon log file");
-        let child = Command::new(kbsync_bin())
+        let mut command = Command::new(kbsync_bin());
+        command
+            .env_remove("KBSYNC_DATABASE_URL")
+            .env_remove("DATABASE_URL");
+        for var in crate::LIBPQ_VARIABLES {
+            command.env_remove(var);
+        }
+        command.envs(env.iter().copied());
+        let child = command
             .arg("--config")
             .arg(config)
             .arg("run")
-            .env_remove("KBSYNC_DATABASE_URL")
-            .env("DATABASE_URL", database_url)
             .env("OPENAI_API_KEY", TEST_API_KEY)
             .env("RUST_LOG", "info,kbsync_listener=debug")
             .stdout(Stdio::null())
@@ -181,18 +193,7 @@ impl DaemonProcess {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kbsync did not exit within {within:?} of SIGTERM:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.exit_within(within).await
     }
 
     /// The address of the HTTP endpoint, read from the start-up log line (the test
@@ -264,6 +265,23 @@ impl DaemonProcess {
             .status()
             .expect("running kill");
         assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Wait (at most `within`) for the process to end by itself: a daemon that must
+    /// refuse to start.
+    pub async fn exit_within(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kbsync did not exit within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Exit status if the process has ended.

@@ -231,6 +231,17 @@ impl CommandOutput {
     }
 }
 
+/// libpq's connection variables, which kbsync reads as psql does: never inherited by a
+/// test's kbsync from the developer's shell.
+pub const LIBPQ_VARIABLES: &[&str] = &[
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+];
+
 /// Run kbsync with a clean environment for the variables it reads.
 pub fn run_kbsync(config: &Path, args: &[&str], env: &[(&str, &str)]) -> CommandOutput {
     let mut cmd = std::process::Command::new(kbsync_bin());
@@ -241,7 +252,10 @@ pub fn run_kbsync(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Command
         "KBSYNC_CONFIG",
         "OPENAI_API_KEY",
         "RUST_LOG",
-    ] {
+    ]
+    .iter()
+    .chain(LIBPQ_VARIABLES)
+    {
         cmd.env_remove(var);
     }
     for (k, v) in env {
@@ -270,11 +284,18 @@ impl TempConfig {
 
     /// The shipped config with `from` replaced by `to` (each must occur).
     pub fn shipped_with(edits: &[(&str, &str)]) -> Self {
-        let mut text = std::fs::read_to_string(shipped_config()).expect("reading kbsync.toml");
+        let shipped = shipped_config();
+        let mut text = std::fs::read_to_string(&shipped).expect("reading kbsync.toml");
         for (from, to) in edits {
             assert!(text.contains(from), "kbsync.toml has no {from:?}");
             text = text.replacen(from, to, 1);
         }
+        // The copy lives elsewhere: its model directory stays the checkout's.
+        let checkout = shipped.parent().expect("kbsync.toml has a directory");
+        text = text.replace(
+            "model_dir = \".kbsync/",
+            &format!("model_dir = \"{}/.kbsync/", checkout.display()),
+        );
         Self::new(&text)
     }
 

@@ -60,7 +60,14 @@ pub async fn adopt(config: &Config, request: AdoptArgs) -> anyhow::Result<()> {
         embedding: Ident::new(&request.embedding_column)?,
         model,
     };
-    let report = adopt::adopt(&mut client, config, &old, request.dry_run).await?;
+    let report = adopt::adopt(
+        &mut client,
+        config,
+        &old,
+        request.dry_run,
+        &crate::reconcile_cmd::Bar::new(),
+    )
+    .await?;
     if request.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

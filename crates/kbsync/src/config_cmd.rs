@@ -1,42 +1,65 @@
-//! `kbsync config check`.
+//! `kbsync config check`: what would break the daemon, found before it starts — the
+//! file, the embedding models' files, keys and variables, and, with a reachable
+//! database, every table and column the sources use and whether the installed capture
+//! is this config's.
 
 use std::path::Path;
 
 use anyhow::bail;
-use kbsync_core::config::{Config, ProviderKind, redact_url};
+use kbsync_core::config::{Config, redact_url};
+use kbsync_core::embed::Provider;
 
-pub fn check(path: &Path) -> anyhow::Result<()> {
+/// What the check of the database found.
+enum DatabaseCheck {
+    /// Every source's statement compiles against the database.
+    Checked {
+        /// What `kbsync install` would still change in the capture (empty: installed).
+        capture_drift: Vec<String>,
+        schema_current: bool,
+    },
+    /// Not checked, and why.
+    Unchecked(String),
+}
+
+pub async fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    if config.embedding.provider == ProviderKind::Openai && config.embedding.api_key_file.is_none()
-    {
-        let var = config
-            .embedding
-            .api_key_env
-            .as_deref()
-            .unwrap_or("OPENAI_API_KEY");
-        if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
-            bail!(
-                "{}: embedding.api_key_env: environment variable {var} is not set; export the API key there (or set api_key_file)",
-                path.display()
-            );
-        }
+    // The same code the daemon starts with: a model directory, a key file or a
+    // variable that is not there fails here.
+    Provider::from_config(&config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(next) = config.with_next_model() {
+        Provider::from_config(&next).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    config
+        .search
+        .api_tokens()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let schedule = config
+        .reconcile_schedule()
+        .map_err(|e| anyhow::anyhow!("{}: reconcile.schedule: {e}", path.display()))?;
+    let database = check_database(&config).await?;
+
+    let sources = config.sources();
+    if quiet {
+        println!(
+            "{}: OK ({} sources; {})",
+            path.display(),
+            sources.len(),
+            database_words(&database)
+        );
+        return Ok(());
     }
     println!("# {}: OK", path.display());
-    let url_source = if std::env::var("KBSYNC_DATABASE_URL").is_ok() {
-        "KBSYNC_DATABASE_URL"
-    } else if std::env::var("DATABASE_URL").is_ok() {
-        "DATABASE_URL"
-    } else if config.database.url.is_some() {
-        "database.url"
-    } else {
-        "not set"
-    };
     match config.database_url() {
-        Some(url) => println!("# database: {} (from {url_source})", redact_url(&url)),
-        None => println!("# database: not set: set KBSYNC_DATABASE_URL or DATABASE_URL"),
+        Some(url) => println!(
+            "# database: {} (from {}); {}",
+            redact_url(&url),
+            url_origin(&config),
+            database_words(&database)
+        ),
+        None => println!("# database: {}", database_words(&database)),
     }
     println!("# sources:");
-    for source in config.sources() {
+    for source in &sources {
         let columns: Vec<String> = source
             .relevant_columns()
             .iter()
@@ -51,7 +74,6 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
             source.chunk_overlap
         );
     }
-    let schedule = config.reconcile_schedule().map_err(anyhow::Error::msg)?;
     println!(
         "# reconcile schedule {:?} (UTC){}; next runs:",
         config.reconcile.schedule,
@@ -67,4 +89,65 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     println!();
     print!("{}", toml::to_string_pretty(&config.redacted())?);
     Ok(())
+}
+
+fn url_origin(config: &Config) -> &'static str {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty());
+    if set("KBSYNC_DATABASE_URL") {
+        "KBSYNC_DATABASE_URL"
+    } else if set("DATABASE_URL") {
+        "DATABASE_URL"
+    } else if config.database.url.is_some() {
+        "database.url"
+    } else {
+        "libpq's PG* variables"
+    }
+}
+
+fn database_words(check: &DatabaseCheck) -> String {
+    match check {
+        DatabaseCheck::Unchecked(why) => format!("NOT CHECKED against the database: {why}"),
+        DatabaseCheck::Checked {
+            schema_current: false,
+            ..
+        } => "every table and column the sources use exists; kbsync is not installed there yet: run `kbsync install`".to_owned(),
+        DatabaseCheck::Checked { capture_drift, .. } if capture_drift.is_empty() => {
+            "every table and column the sources use exists; the installed capture is this config's".to_owned()
+        }
+        DatabaseCheck::Checked { capture_drift, .. } => format!(
+            "every table and column the sources use exists; the installed capture is NOT this config's, so the daemon will refuse to start until `kbsync install` has run ({})",
+            capture_drift.join("; ")
+        ),
+    }
+}
+
+/// Every source's statement, planned by the database itself: a column typo in a text
+/// template, a filter or a tenant fails here, not in the first batch.
+async fn check_database(config: &Config) -> anyhow::Result<DatabaseCheck> {
+    let Some(url) = config.database_url() else {
+        return Ok(DatabaseCheck::Unchecked(
+            "no database URL (KBSYNC_DATABASE_URL, DATABASE_URL, database.url or PGHOST...)"
+                .to_owned(),
+        ));
+    };
+    let client = match kbsync_core::db::connect(&url).await {
+        Ok((client, _connection)) => client,
+        // A wrong password or database name is the config's fault.
+        Err(e) if e.is_fatal() => return Err(e.into()),
+        // A database that is down now may be up when the daemon starts (it waits).
+        Err(e) => return Ok(DatabaseCheck::Unchecked(e.to_string())),
+    };
+    let problems = kbsync_core::source_rows::unusable_sources(&client, config).await;
+    if !problems.is_empty() {
+        bail!(
+            "the database does not have what the sources use; correct the config or the tables:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    let schema_current = kbsync_core::install::schema_is_current(&client).await?;
+    let capture_drift = kbsync_core::install::capture_drift(&client, config).await?;
+    Ok(DatabaseCheck::Checked {
+        capture_drift,
+        schema_current,
+    })
 }

@@ -15,7 +15,6 @@ mod status_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use kbsync_core::config::Config;
 
@@ -209,8 +208,15 @@ enum ErrorsCommand {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate the config, print it with secrets redacted, and the next reconcile times.
-    Check,
+    /// Validate the config and what it names: the embedding models' directories, key
+    /// files and variables; with a reachable database, every table and column the
+    /// sources use and whether the installed capture is this config's. Prints the
+    /// config with secrets redacted and the next reconcile times.
+    Check {
+        /// Print one line on success (for the systemd unit's ExecStartPre).
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +229,12 @@ enum DemoCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A command whose reader went away (`kbsync status | head -1`) ends as other Unix
+    // tools do, not with a panic. Not the daemon: a client that hangs up on its HTTP
+    // endpoint must not kill it.
+    if !matches!(cli.command, Command::Run) {
+        sigpipe::reset();
+    }
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -234,10 +246,32 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: tokio-postgres says only "db
+/// error" and keeps the server's words in its source, so a database error is told
+/// whole (severity, SQLSTATE, message, detail, hint) and the chain stops there.
+fn report(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            let whole = kbsync_core::db::describe(pg);
+            if !parts.last().is_some_and(|last| last.contains(&whole)) {
+                parts.push(whole);
+            }
+            break;
+        }
+        let text = cause.to_string();
+        if text == "db error" || parts.last().is_some_and(|last| last.contains(&text)) {
+            continue;
+        }
+        parts.push(text);
+    }
+    parts.join(": ")
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -245,8 +279,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Config {
-            command: ConfigCommand::Check,
-        } => done(config_cmd::check(config)),
+            command: ConfigCommand::Check { quiet },
+        } => done(config_cmd::check(config, quiet).await),
         Command::Install {
             dry_run,
             reset_embeddings,
@@ -279,6 +313,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 sources,
                 tenant,
                 origin: kbsync_reconcile::Origin::Cli,
+                queue_only: false,
             };
             reconcile_cmd::reconcile(&load(config)?, options, json).await
         }
@@ -335,10 +370,13 @@ async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
     let url = config
         .database_url()
         .ok_or(kbsync_core::db::DbError::NoUrl)?;
-    let (client, _connection) = kbsync_core::db::connect(&url)
-        .await
-        .context("connecting to the database (is it running? `just db` starts a local one)")?;
-    Ok(client)
+    match kbsync_core::db::connect(&url).await {
+        Ok((client, _connection)) => Ok(client),
+        // `just db`'s throwaway server, not running: say how to start it.
+        Err(e) if url.contains(":54329/") && !e.is_fatal() => Err(anyhow::Error::new(e)
+            .context("the project's local server is not running; `just db` starts it")),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `connect`, for commands that need kbsync's schema as this kbsync knows it.

@@ -11,7 +11,7 @@ use kbsync_core::model_plan::{self, ModelPlan};
 
 pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
     let client = crate::connect_installed(config).await?;
-    let plan = model_plan::plan(&client, config).await?;
+    let plan = model_plan::plan(&client, config, &crate::reconcile_cmd::Bar::new()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {

@@ -39,7 +39,9 @@ pub async fn reconcile(config: &Config, options: Options, json: bool) -> anyhow:
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", summary(&report));
+        let daemon_running =
+            kbsync_core::advisory_locks::held(&client, kbsync_core::advisory_locks::DAEMON).await?;
+        print!("{}", summary(&report, daemon_running));
     }
     if report.safety_stops().next().is_some() {
         return Ok(ExitCode::from(EXIT_SAFETY_STOP));
@@ -48,7 +50,7 @@ pub async fn reconcile(config: &Config, options: Options, json: bool) -> anyhow:
 }
 
 /// The human summary: one line per source, then whatever needs attention.
-pub fn summary(report: &Report) -> String {
+pub fn summary(report: &Report, daemon_running: bool) -> String {
     let mut out = format!(
         "reconcile run {}{} in {:.1} s\n",
         report.run_id,
@@ -150,17 +152,21 @@ pub fn summary(report: &Report) -> String {
     }
     if !report.found_drift() {
         out.push_str("in sync: nothing to repair\n");
-    } else if !report.dry_run {
-        out.push_str("queued keys are processed by the running daemon (`kbsync run`)\n");
+    } else if !report.dry_run && report.sources.iter().any(|s| s.queued > 0) {
+        out.push_str(if daemon_running {
+            "queued keys are processed by the running daemon\n"
+        } else {
+            "queued keys wait for a daemon: none is running; start one (`kbsync run`, or the systemd unit)\n"
+        });
     }
     out
 }
 
 /// A progress bar on stderr when it is a terminal; nothing otherwise.
-struct Bar(ProgressBar);
+pub(crate) struct Bar(ProgressBar);
 
 impl Bar {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let bar = if std::io::stderr().is_terminal() {
             ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
         } else {
@@ -173,7 +179,7 @@ impl Bar {
 impl Progress for Bar {
     fn step(&self, source: &str, what: &str, estimate: Option<u64>) {
         let template = if estimate.is_some() {
-            "{msg:>20} [{bar:30}] {pos}/~{len} ({elapsed})"
+            "{msg:>20} [{bar:30}] {human_pos}/~{human_len} rows, {per_sec}, {eta} left"
         } else {
             "{msg:>20} {spinner} {pos} ({elapsed})"
         };

@@ -11,6 +11,34 @@ use kbsync_listener::{Daemon, systemd};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+/// What the daemon checks at start, checked before a reload switches to `config`: a
+/// config the daemon would refuse must not replace a running one. A database that cannot
+/// be reached now is no reason to refuse (the daemon waits for it).
+async fn fits_the_database(config: &Config) -> Result<(), String> {
+    let Some(url) = config.database_url() else {
+        return Err(kbsync_core::db::DbError::NoUrl.to_string());
+    };
+    let client = match kbsync_core::db::connect(&url).await {
+        Ok((client, _connection)) => client,
+        Err(e) if e.is_fatal() => return Err(e.to_string()),
+        Err(_) => return Ok(()),
+    };
+    let problems = kbsync_core::source_rows::unusable_sources(&client, config).await;
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let drift = kbsync_core::install::capture_drift(&client, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !drift.is_empty() {
+        return Err(format!(
+            "its capture is not the installed one: run `kbsync install` with it first (it would: {})",
+            drift.join("; ")
+        ));
+    }
+    Ok(())
+}
+
 pub async fn run(path: &Path, mut config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -36,7 +64,10 @@ pub async fn run(path: &Path, mut config: Config) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 _ = hangup.recv() => match Config::load(path) {
-                    Ok(new) => break new,
+                    Ok(new) => match fits_the_database(&new).await {
+                        Ok(()) => break new,
+                        Err(problem) => tracing::error!(%problem, "SIGHUP: the new config does not fit the database; keeping the running config"),
+                    },
                     Err(e) => tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the running config"),
                 },
             }

@@ -1,19 +1,105 @@
 //! `kbsync status`: what is behind and why — per source, eligible rows against rows
 //! with chunks, chunks without an embedding, the outbox backlog and its oldest change,
 //! parked keys; the capture (in logical mode the slot and the WAL it holds back); the
-//! embedding index (valid, deferred for a backlog, building); then the latest
-//! reconcile sweeps.
+//! embedding index (valid, deferred for a backlog, building); whether a daemon runs,
+//! how fast it syncs and when it catches up; broken sources and rows nobody queued,
+//! with what to run; then the latest reconcile sweeps.
 
+use kbsync_core::advisory_locks;
 use kbsync_core::config::{CaptureMode, Config};
 use kbsync_core::knowledge_index::{self, IndexState};
 use kbsync_core::model_migration;
 use kbsync_core::replication;
+use kbsync_core::source_problems::{self, SourceProblem};
+use kbsync_reconcile::coverage::SourceCoverage;
 use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
+
+/// Rows written per minute, measured over this window.
+const RATE_WINDOW_SECONDS: f64 = 60.0;
+
+/// Per source, the keys whose chunks were written in the last minute.
+async fn recent_rates(
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+    Ok(client
+        .query(
+            "SELECT source, count(DISTINCT source_key) FROM public.tenant_knowledge
+              WHERE updated_at > now() - make_interval(secs => $1) GROUP BY source",
+            &[&RATE_WINDOW_SECONDS],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// What needs doing, in words: broken sources, rows nobody queued, no daemon.
+fn attention(sources: &[SourceCoverage], problems: &[SourceProblem], daemons: i64) -> Vec<String> {
+    let mut lines = Vec::new();
+    for p in problems {
+        lines.push(format!(
+            "{}: BROKEN since {}: {}. Fix: {}",
+            p.source,
+            p.since.format("%Y-%m-%d %H:%M:%S UTC"),
+            p.error,
+            p.fix
+        ));
+    }
+    for s in sources {
+        let unsynced = s.eligible_rows - s.rows_with_chunks;
+        if unsynced > 0
+            && s.backlog == 0
+            && s.uncollected_changes == 0
+            && !problems.iter().any(|p| p.source == s.source)
+        {
+            lines.push(format!(
+                "{}: {unsynced} eligible rows have no chunks and none is queued (rows written before the capture, or missed): `kbsync reconcile` queues them",
+                s.source
+            ));
+        }
+    }
+    let waiting = sources
+        .iter()
+        .any(|s| s.backlog > 0 || s.uncollected_changes > 0);
+    if daemons == 0 {
+        lines.push(format!(
+            "no daemon is running{}: start one (`kbsync run`, or `systemctl start kbsync`)",
+            if waiting {
+                ", so the backlog is not being worked off"
+            } else {
+                ": new changes are not synced"
+            }
+        ));
+    }
+    lines
+}
+
+/// Time to work off `backlog` at `per_minute`, for people.
+fn catch_up(backlog: i64, per_minute: i64) -> String {
+    match (backlog, per_minute) {
+        (0, _) => "-".to_owned(),
+        (_, 0) => "?".to_owned(),
+        (b, r) => {
+            let seconds = b as f64 / r as f64 * 60.0;
+            if seconds < 90.0 {
+                format!("{seconds:.0} s")
+            } else if seconds < 5400.0 {
+                format!("{:.0} min", seconds / 60.0)
+            } else {
+                format!("{:.1} h", seconds / 3600.0)
+            }
+        }
+    }
+}
 
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let client = crate::connect_installed(config).await?;
     let cover = coverage(&client, config).await?;
+    let daemons = advisory_locks::holders(&client, advisory_locks::DAEMON).await?;
+    let problems = source_problems::list(&client).await?;
+    let rates = recent_rates(&client).await?;
+    let notes = attention(&cover.sources, &problems, daemons);
     let runs = recent_runs(&client, 5).await?;
     let capture = capture_status(&client, config).await?;
     let index = index_status(&client, config).await?;
@@ -35,12 +121,19 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "sources": cover.sources, "capture": capture.json, "index": index.json,
                 "model_migration": migration, "reconcile_runs": runs,
+                "daemons_running": daemons,
+                "rows_synced_last_minute": rates,
+                "broken_sources": problems.iter().map(|p| serde_json::json!({
+                    "source": p.source, "error": p.error, "fix": p.fix,
+                    "since": p.since.to_rfc3339(), "checked_at": p.checked_at.to_rfc3339(),
+                })).collect::<Vec<_>>(),
+                "attention": notes,
             }))?
         );
         return Ok(());
     }
     println!(
-        "{:<12} {:>9} {:>12} {:>9} {:>8} {:>13} {:>8} {:>12} {:>11} {:>13}",
+        "{:<12} {:>9} {:>12} {:>9} {:>8} {:>13} {:>8} {:>12} {:>11} {:>13} {:>9} {:>9}",
         "source",
         "eligible",
         "with chunks",
@@ -50,11 +143,14 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         "backlog",
         "uncollected",
         "oldest (s)",
-        "dead letters"
+        "dead letters",
+        "rows/min",
+        "catch-up"
     );
     for s in &cover.sources {
+        let per_minute = rates.get(&s.source).copied().unwrap_or(0);
         println!(
-            "{:<12} {:>9} {:>12} {:>8.1}% {:>8} {:>13} {:>8} {:>12} {:>11.1} {:>13}",
+            "{:<12} {:>9} {:>12} {:>8.1}% {:>8} {:>13} {:>8} {:>12} {:>11.1} {:>13} {:>9} {:>9}",
             s.source,
             s.eligible_rows,
             s.rows_with_chunks,
@@ -64,8 +160,21 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             s.backlog,
             s.uncollected_changes,
             s.oldest_pending_seconds,
-            s.dead_letters
+            s.dead_letters,
+            per_minute,
+            catch_up(s.backlog + s.uncollected_changes, per_minute)
         );
+    }
+    println!();
+    println!(
+        "daemons: {}",
+        match daemons {
+            0 => "none running".to_owned(),
+            n => format!("{n} running"),
+        }
+    );
+    for note in &notes {
+        println!("attention: {note}");
     }
     println!();
     println!("capture: {}", capture.line);

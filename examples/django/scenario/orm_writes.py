@@ -2,7 +2,10 @@
 real kbsync daemon syncs the same database: the application writes through the ORM in
 every way Django writes, then reads the knowledge back through the unmanaged model.
 
-    python -m scenario.orm_writes            (from examples/django; DATABASE_URL,
+    python -m scenario.orm_writes existing   (before `kbsync install`: the rows a shop
+                                              already has when it adopts kbsync)
+    python -m scenario.orm_writes            (then, with the daemon running; from
+                                              examples/django; DATABASE_URL,
                                               EMBEDDING_BASE_URL, EMBEDDING_MODEL set)
 
 What kbsync must hold is derived from the source rows alone, after each step; the check
@@ -95,7 +98,8 @@ def in_sync(after: str) -> None:
     print(f"in sync after {after}", file=sys.stderr)
 
 
-def main() -> None:
+def create_existing() -> None:
+    """The shop's data as it stands before kbsync is installed."""
     alice = User.objects.create(username="alice")  # tenant of an outdoor shop
     bob = User.objects.create(username="bob")  # tenant of a bakery
     tents = WebsitePage.objects.create(
@@ -151,7 +155,23 @@ def main() -> None:
         category="Bread",
     )
     AIPrompts.objects.create(user=alice, manual_prompt="Answer as a friendly mountain guide.")
-    in_sync("creating rows with save()")
+
+
+def main() -> None:
+    if sys.argv[1:] == ["existing"]:
+        create_existing()
+        print("existing rows written", file=sys.stderr)
+        return
+    alice = User.objects.get(username="alice")
+    returns = WebsitePage.objects.get(url="https://alpine.example/returns")
+    waterproof = QAPair.objects.get(question="Are the tents waterproof?")
+    pitching = QAPair.objects.get(question="How long does pitching a tent take?")
+    refund = QAPair.objects.get(question="When do I get my refund?")
+    gluten = QAPair.objects.get(question="Is the sourdough gluten free?")
+    stove = Product.objects.get(name="Camping stove")
+    bob = User.objects.get(username="bob")
+    # Written before kbsync existed: `kbsync install` queued them, the daemon syncs them.
+    in_sync("rows written before kbsync install")
 
     # An edit of a text field, through save().
     waterproof.answer = "Yes: the fly is rated 3000 mm and the floor 5000 mm."

@@ -153,7 +153,10 @@ impl LocalModel {
                 .increment(1);
             metrics::counter!("kbsync_embedding_inputs_total").increment(pass.len() as u64);
             metrics::counter!("kbsync_embedding_tokens_total").increment(*tokens as u64);
+            let started = std::time::Instant::now();
             out.extend(pass.drain(..).zip(self.encoder.embed(&sequences)));
+            metrics::histogram!("kbsync_embedding_request_seconds")
+                .record(started.elapsed().as_secs_f64());
             *tokens = 0;
         };
         for i in share {

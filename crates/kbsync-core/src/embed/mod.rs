@@ -69,9 +69,10 @@ impl Provider {
             )?))),
             ProviderKind::Local => {
                 let dir = config.embedding.model_dir.as_deref().ok_or_else(|| {
-                    EmbedError::Config(
-                        "embedding.model_dir is required for provider \"local\"".into(),
-                    )
+                    EmbedError::Config(format!(
+                        "{}.model_dir is required for provider \"local\"",
+                        config.embedding_section()
+                    ))
                 })?;
                 Ok(Self::Local(Arc::new(local::LocalModel::load(
                     dir,
@@ -95,9 +96,10 @@ impl Provider {
             ProviderKind::Openai => Ok(TokenCounter::cl100k()),
             ProviderKind::Local => {
                 let dir = config.embedding.model_dir.as_deref().ok_or_else(|| {
-                    EmbedError::Config(
-                        "embedding.model_dir is required for provider \"local\"".into(),
-                    )
+                    EmbedError::Config(format!(
+                        "{}.model_dir is required for provider \"local\"",
+                        config.embedding_section()
+                    ))
                 })?;
                 Ok(TokenCounter::WordPiece(Arc::new(
                     local::counting_tokenizer(dir)?,

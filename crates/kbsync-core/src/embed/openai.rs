@@ -134,13 +134,17 @@ impl OpenAiClient {
     pub fn from_config(config: &Config) -> Result<Self, EmbedError> {
         let e = &config.embedding;
         let base = e.base_url.as_deref().ok_or_else(|| {
-            EmbedError::Config("embedding.base_url is required for provider \"openai\"".into())
+            EmbedError::Config(format!(
+                "{}.base_url is required for provider \"openai\"",
+                config.embedding_section()
+            ))
         })?;
         let (key, key_origin) = match &e.api_key_file {
             Some(path) => {
                 let key = std::fs::read_to_string(path).map_err(|err| {
                     EmbedError::Config(format!(
-                        "cannot read embedding.api_key_file {}: {err}",
+                        "cannot read {}.api_key_file {}: {err}",
+                        config.embedding_section(),
                         path.display()
                     ))
                 })?;
@@ -157,7 +161,8 @@ impl OpenAiClient {
                 let key = std::env::var(&var).unwrap_or_default();
                 if key.is_empty() {
                     return Err(EmbedError::Config(format!(
-                        "environment variable {var} (embedding.api_key_env) is not set; export the API key there (servers without keys, like Ollama, accept any value)"
+                        "environment variable {var} ({}.api_key_env) is not set; export the API key there (servers without keys, like Ollama, accept any value)",
+                        config.embedding_section()
                     )));
                 }
                 (key, format!("${var}"))
