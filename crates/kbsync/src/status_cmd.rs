@@ -35,7 +35,13 @@ async fn recent_rates(
 }
 
 /// What needs doing, in words: broken sources, rows nobody queued, no daemon.
-fn attention(sources: &[SourceCoverage], problems: &[SourceProblem], daemons: i64) -> Vec<String> {
+/// `undecoded`: logical capture has changes in the slot no daemon has decoded yet.
+fn attention(
+    sources: &[SourceCoverage],
+    problems: &[SourceProblem],
+    daemons: i64,
+    undecoded: bool,
+) -> Vec<String> {
     let mut lines = Vec::new();
     for p in problems {
         lines.push(format!(
@@ -48,14 +54,22 @@ fn attention(sources: &[SourceCoverage], problems: &[SourceProblem], daemons: i6
     }
     for s in sources {
         let unsynced = s.eligible_rows - s.rows_with_chunks;
+        // Changes still in the replication slot reach the outbox when a daemon decodes
+        // them: those rows are not lost.
         if unsynced > 0
             && s.backlog == 0
             && s.uncollected_changes == 0
+            && !undecoded
             && !problems.iter().any(|p| p.source == s.source)
         {
             lines.push(format!(
-                "{}: {unsynced} eligible rows have no chunks and none is queued (rows written before the capture, or missed): `kbsync reconcile` queues them",
-                s.source
+                "{}: {} no chunks and none is queued (rows written before the capture, or missed): `kbsync reconcile` queues them",
+                s.source,
+                if unsynced == 1 {
+                    "1 eligible row has".to_owned()
+                } else {
+                    format!("{unsynced} eligible rows have")
+                }
             ));
         }
     }
@@ -67,8 +81,10 @@ fn attention(sources: &[SourceCoverage], problems: &[SourceProblem], daemons: i6
             "no daemon is running{}: start one (`kbsync run`, or `systemctl start kbsync`)",
             if waiting {
                 ", so the backlog is not being worked off"
+            } else if undecoded {
+                ", so the changes waiting in the replication slot are not decoded"
             } else {
-                ": new changes are not synced"
+                ", so new changes are not synced"
             }
         ));
     }
@@ -99,9 +115,12 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let daemons = advisory_locks::holders(&client, advisory_locks::DAEMON).await?;
     let problems = source_problems::list(&client).await?;
     let rates = recent_rates(&client).await?;
-    let notes = attention(&cover.sources, &problems, daemons);
     let runs = recent_runs(&client, 5).await?;
     let capture = capture_status(&client, config).await?;
+    let undecoded = capture.json["unconfirmed_bytes"]
+        .as_i64()
+        .is_some_and(|bytes| bytes > 0);
+    let notes = attention(&cover.sources, &problems, daemons, undecoded);
     let index = index_status(&client, config).await?;
     let migration = model_migration::progress_if_any(&client).await?;
     if json {
