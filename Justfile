@@ -52,6 +52,8 @@ test:
       DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
     fi
     scripts/model.sh >/dev/null
+    # The TLS front of tests/tls.rs (installed when missing, as root).
+    scripts/pgbouncer.sh >/dev/null
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo build --workspace

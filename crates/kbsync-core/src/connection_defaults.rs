@@ -45,7 +45,13 @@ impl Environment {
         }
     }
 
-    fn var(&self, name: &str) -> Option<&str> {
+    /// The home directory (libpq's files live under it).
+    pub fn home(&self) -> Option<&Path> {
+        self.home.as_deref()
+    }
+
+    /// A variable's value; an empty one counts as unset, as for libpq.
+    pub fn var(&self, name: &str) -> Option<&str> {
         self.vars
             .get(name)
             .map(String::as_str)

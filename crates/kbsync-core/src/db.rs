@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::task::JoinHandle;
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -23,6 +23,8 @@ pub enum DbError {
         hint: String,
         kind: ErrorKind,
     },
+    #[error("TLS settings for {target}: {problem}")]
+    Tls { target: String, problem: String },
     #[error("database error: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -31,7 +33,7 @@ impl DbError {
     /// Waiting cannot fix it: a bad URL, password, role or database name.
     pub fn is_fatal(&self) -> bool {
         match self {
-            DbError::NoUrl | DbError::BadUrl { .. } => true,
+            DbError::NoUrl | DbError::BadUrl { .. } | DbError::Tls { .. } => true,
             DbError::Connect { kind, .. } => *kind == ErrorKind::Fatal,
             DbError::Postgres(e) => classify(e) == ErrorKind::Fatal,
         }
@@ -99,43 +101,81 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The stream of a connection that may use TLS.
+pub type TlsStream =
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+        tokio_postgres::Socket,
+    >>::Stream;
+
+/// Where and how to connect: tokio-postgres's settings and the TLS they use.
+#[derive(Debug, Clone)]
+pub struct ConnectionSettings {
+    pub config: tokio_postgres::Config,
+    pub tls: crate::tls::TlsSettings,
+}
+
+impl ConnectionSettings {
+    /// `user@host:port/database`, for messages.
+    pub fn target(&self) -> String {
+        crate::connection_defaults::describe_target(&self.config)
+    }
+
+    /// Connect with these settings. The caller drives the returned connection.
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, TlsStream>,
+        ),
+        DbError,
+    > {
+        let connector = self.tls.connector().map_err(|problem| DbError::Tls {
+            target: self.target(),
+            problem,
+        })?;
+        self.config.connect(connector).await.map_err(|e| {
+            let (kind, hint) = connect_failure(&e);
+            DbError::Connect {
+                target: self.target(),
+                hint: hint.unwrap_or_default().to_owned(),
+                cause: describe(&e),
+                kind,
+            }
+        })
+    }
+}
+
 /// The connection settings `url` gives, with what it leaves out filled in as libpq
-/// would (`PG*` variables, the password file, the local socket).
-pub fn connection_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+/// would (`PG*` and `PGSSL*` variables, the password file, the local socket), and its
+/// TLS parameters with libpq's meaning.
+pub fn connection_settings(url: &str) -> Result<ConnectionSettings, DbError> {
     let bad_url = |problem: String| DbError::BadUrl {
         url: crate::config::redact_url(url),
         problem,
     };
     let env = crate::connection_defaults::Environment::from_process();
-    let (config, warnings) = crate::connection_defaults::resolve(url, &env).map_err(bad_url)?;
+    let (rest, tls) = crate::tls::take_from_url(url, &env).map_err(bad_url)?;
+    let (mut config, warnings) =
+        crate::connection_defaults::resolve(&rest, &env).map_err(bad_url)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    Ok(config)
+    config.ssl_mode(tls.postgres_mode());
+    Ok(ConnectionSettings { config, tls })
 }
 
 /// Connect and drive the connection on a task. The task ends when the client is
 /// dropped or the connection fails; callers notice through the client's errors.
 pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {
-    let mut config = connection_config(url)?;
-    config
+    let mut settings = connection_settings(url)?;
+    settings
+        .config
         .application_name("kbsync")
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-        let kind = match classify(&e) {
-            // tokio-postgres refuses a config without a password the server asks for.
-            _ if e.to_string().starts_with("invalid configuration") => ErrorKind::Fatal,
-            kind => kind,
-        };
-        DbError::Connect {
-            target: crate::connection_defaults::describe_target(&config),
-            hint: connect_hint(&e).unwrap_or_default().to_owned(),
-            cause: describe(&e),
-            kind,
-        }
-    })?;
+    let (client, connection) = settings.connect().await?;
     let handle = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %describe(&e), "database connection ended");
@@ -144,21 +184,53 @@ pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {
     Ok((client, handle))
 }
 
-/// What to do about a connection failure whose message alone does not say.
-fn connect_hint(err: &tokio_postgres::Error) -> Option<&'static str> {
-    if err.to_string().contains("password missing") {
-        return Some(
+/// Whether waiting can fix a failed connection, and what to do about it where the
+/// message alone does not say.
+fn connect_failure(err: &tokio_postgres::Error) -> (ErrorKind, Option<&'static str>) {
+    let text = describe(err);
+    let fatal = |hint: &'static str| (ErrorKind::Fatal, Some(hint));
+    // tokio-postgres refuses a config without a password the server asks for.
+    if text.contains("password missing") {
+        return fatal(
             " (the server asks for a password: put it in the URL, PGPASSWORD or ~/.pgpass)",
         );
     }
-    let code = err.code()?;
-    if *code == SqlState::INVALID_PASSWORD {
-        Some(" (check the user name and password in the URL, PGPASSWORD or ~/.pgpass)")
-    } else if *code == SqlState::INVALID_CATALOG_NAME {
-        Some(" (check the database name in the URL; `\\l` in psql lists them)")
-    } else {
-        None
+    if ["UnknownIssuer", "unknown issuer", "BadSignature"]
+        .iter()
+        .any(|t| text.contains(t))
+    {
+        return fatal(
+            " (the server's certificate is not signed by a CA in sslrootcert: name the CA that signed it, the one your provider publishes)",
+        );
     }
+    if text.contains("NotValidForName") || text.contains("not valid for name") {
+        return fatal(
+            " (the server's certificate does not name the host in the URL: connect by a name the certificate has, or use sslmode=verify-ca to check the CA only)",
+        );
+    }
+    if text.contains("invalid peer certificate") {
+        return fatal(" (the server's certificate does not pass sslmode's checks)");
+    }
+    if text.contains("SSL required") || text.contains("no encryption") {
+        return fatal(
+            " (the server accepts only TLS connections: add sslmode=verify-full and sslrootcert=<its CA file> to the URL, or sslmode=require)",
+        );
+    }
+    if text.contains("server does not support TLS") {
+        return fatal(
+            " (sslmode asks for TLS and this server offers none: connect to its TLS endpoint, or lower sslmode if the network is trusted)",
+        );
+    }
+    let hint = match err.code() {
+        Some(code) if *code == SqlState::INVALID_PASSWORD => {
+            Some(" (check the user name and password in the URL, PGPASSWORD or ~/.pgpass)")
+        }
+        Some(code) if *code == SqlState::INVALID_CATALOG_NAME => {
+            Some(" (check the database name in the URL; `\\l` in psql lists them)")
+        }
+        _ => None,
+    };
+    (classify(err), hint)
 }
 
 /// The whole story of a database error: tokio-postgres' own Display says only

@@ -25,3 +25,4 @@ pub mod search;
 pub mod source_problems;
 pub mod source_rows;
 pub mod sql_ident;
+pub mod tls;

@@ -225,6 +225,13 @@ impl Daemon {
                 }
             }
         };
+        // Sessions, or nothing works as it should: a transaction-mode pooler is refused
+        // with what to change, never silently worked around by polling.
+        if let Err(seen) = listener::probe_session(&self.url, &client).await {
+            return Err(DaemonError::Source(format!(
+                "this database connection does not keep a session ({seen}): kbsync needs LISTEN/NOTIFY and session advisory locks, which a transaction-mode pooler (PgBouncer pool_mode = transaction, Supavisor's or RDS Proxy's transaction port) does not carry. Connect the daemon directly to PostgreSQL, or through the pooler's session mode (PgBouncer pool_mode = session; Supabase's session port 5432)"
+            )));
+        }
         // The daemon never runs DDL: the schema is `kbsync install`'s job.
         if !schema_is_current(&client).await? {
             return Err(DaemonError::SchemaNotInstalled);

@@ -287,7 +287,8 @@ async fn append(
 
 /// Connection settings of the replication session, from the database URL.
 fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig, DecodeError> {
-    let parsed = db::connection_config(url)?;
+    let settings = db::connection_settings(url)?;
+    let parsed = &settings.config;
     let port = parsed.get_ports().first().copied().unwrap_or(5432);
     let user = parsed.get_user().unwrap_or_default().to_owned();
     let password = parsed
@@ -316,12 +317,40 @@ fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig, Decode
             slot,
             replication::PUBLICATION,
         )
-        .with_port(port),
+        .with_port(port)
+        .with_tls(replication_tls(&settings.tls)),
     };
     Ok(config
         .with_application_name("kbsync-decoder")
         // Confirmations reach the server within this; the slot's WAL is freed then.
         .with_status_interval(Duration::from_secs(1)))
+}
+
+/// The replication stream's TLS, as libpq's parameters ask for the other connections.
+/// `sslrootcert=system` verifies against Mozilla's roots (webpki-roots, compiled in),
+/// the replication client's only trust store besides a file.
+fn replication_tls(tls: &kbsync_core::tls::TlsSettings) -> pgwire_replication::TlsConfig {
+    use kbsync_core::tls::{RootCerts, SslMode};
+    use pgwire_replication::SslMode as Wire;
+    let root_file = match &tls.root_certs {
+        Some(RootCerts::File(path)) => Some(path.clone()),
+        Some(RootCerts::System) | None => None,
+    };
+    let mode = match (tls.mode, &root_file) {
+        (SslMode::Disable, _) => Wire::Disable,
+        (SslMode::Allow | SslMode::Prefer, _) => Wire::Prefer,
+        // libpq verifies the chain of a `require` connection when it has a root file.
+        (SslMode::Require, Some(_)) | (SslMode::VerifyCa, _) => Wire::VerifyCa,
+        (SslMode::Require, None) => Wire::Require,
+        (SslMode::VerifyFull, _) => Wire::VerifyFull,
+    };
+    pgwire_replication::TlsConfig {
+        mode,
+        ca_pem_path: root_file,
+        sni_hostname: None,
+        client_cert_pem_path: tls.client_cert.clone(),
+        client_key_pem_path: tls.client_key.clone(),
+    }
 }
 
 /// The slot is held by another session (another daemon): stand by.

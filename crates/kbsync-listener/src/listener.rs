@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::capture::CHANNEL;
@@ -61,12 +61,13 @@ async fn listen_once(
     cancel: &CancellationToken,
 ) -> Ended {
     let lost = |error: String, listened: bool| Ended::Lost { error, listened };
-    let mut config = match kbsync_core::db::connection_config(url) {
-        Ok(c) => c,
+    let mut settings = match kbsync_core::db::connection_settings(url) {
+        Ok(s) => s,
         Err(e) => return lost(e.to_string(), false),
     };
     // Keepalives so that a dead peer is noticed in ~25 s rather than never.
-    config
+    settings
+        .config
         .application_name("kbsync-listener")
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
@@ -75,11 +76,11 @@ async fn listen_once(
         .keepalives_retries(3);
     let connect = tokio::select! {
         _ = cancel.cancelled() => return Ended::Cancelled,
-        c = config.connect(NoTls) => c,
+        c = settings.connect() => c,
     };
     let (client, mut connection) = match connect {
         Ok(pair) => pair,
-        Err(e) => return lost(kbsync_core::db::describe(&e), false),
+        Err(e) => return lost(e.to_string(), false),
     };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     // The shared daemon lock on this session tells `kbsync status` a daemon runs.
@@ -122,5 +123,57 @@ async fn listen_once(
                 None => return lost("connection closed by the server".into(), true),
             },
         }
+    }
+}
+
+/// How long the start-up probe waits for its own notification.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether this database connection keeps a session: LISTEN on one connection, NOTIFY
+/// from `notifier`, and see whether the notification arrives. Behind a transaction-mode
+/// pooler (PgBouncer `pool_mode = transaction`, many managed poolers' default port) the
+/// LISTEN's server session is handed to other clients, so it does not; then wake-ups,
+/// session advisory locks and the index build would all fail quietly. `Err`: what the
+/// probe saw, in words.
+pub async fn probe_session(url: &str, notifier: &tokio_postgres::Client) -> Result<(), String> {
+    let mut settings = kbsync_core::db::connection_settings(url).map_err(|e| e.to_string())?;
+    settings.config.application_name("kbsync-probe");
+    let (client, mut connection) = settings.connect().await.map_err(|e| e.to_string())?;
+    let channel = format!("kbsync_probe_{}", uuid::Uuid::new_v4().simple());
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let listen_sql = format!("LISTEN \"{channel}\"");
+    let listen = client.batch_execute(&listen_sql);
+    tokio::pin!(listen);
+    loop {
+        tokio::select! {
+            done = &mut listen => {
+                done.map_err(|e| kbsync_core::db::describe(&e))?;
+                break;
+            }
+            message = messages.next() => if message.is_none() {
+                return Err("the probe's connection closed".into());
+            },
+        }
+    }
+    notifier
+        .execute("SELECT pg_notify($1, 'probe')", &[&channel])
+        .await
+        .map_err(|e| kbsync_core::db::describe(&e))?;
+    let arrived = tokio::time::timeout(PROBE_WAIT, async {
+        while let Some(message) = messages.next().await {
+            if let Ok(AsyncMessage::Notification(n)) = message
+                && n.channel() == channel
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    match arrived {
+        Ok(true) => Ok(()),
+        _ => Err(format!(
+            "a NOTIFY sent to this connection's LISTEN did not arrive within {PROBE_WAIT:?}"
+        )),
     }
 }

@@ -5,8 +5,10 @@
 mod cluster;
 mod daemon;
 pub mod demo_state;
+mod fronts;
 
 pub use cluster::PrivateCluster;
+pub use fronts::{PgBouncer, PoolMode, TestCa, TlsFront};
 mod installed;
 mod openai_server;
 
