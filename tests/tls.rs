@@ -347,3 +347,48 @@ async fn a_transaction_mode_pooler_is_refused_with_what_to_change() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn logical_capture_names_the_rights_an_ordinary_role_lacks() {
+    let db = OwnedDatabase::create(false).await;
+    let server = FakeOpenAi::start(DIMS).await;
+    let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms").edited(&[LOGICAL_CAPTURE]);
+    let direct = db.url("127.0.0.1", server_port(), "?sslmode=disable");
+    kbsync(&config, &direct, &["demo", "schema"]).assert_success();
+    let out = kbsync(&config, &direct, &["install"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("needs a role with the REPLICATION attribute")
+            && out.stderr.contains(&format!("ALTER ROLE \"{}\" WITH REPLICATION", db.role)),
+        "{}",
+        out.stderr
+    );
+    let admin = connect_url(&admin_url()).await;
+    admin
+        .batch_execute(&format!("ALTER ROLE \"{}\" WITH REPLICATION", db.role))
+        .await
+        .unwrap();
+    let admin_here = connect_url(&db.admin_url()).await;
+    let superuser = url::Url::parse(&admin_url()).unwrap().username().to_owned();
+    admin_here
+        .batch_execute(&format!(
+            "ALTER TABLE web_knowledge_product OWNER TO \"{superuser}\""
+        ))
+        .await
+        .unwrap();
+    let out = kbsync(&config, &direct, &["install"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("this role does not own web_knowledge_product"),
+        "{}",
+        out.stderr
+    );
+    admin_here
+        .batch_execute(&format!(
+            "ALTER TABLE web_knowledge_product OWNER TO \"{}\"",
+            db.role
+        ))
+        .await
+        .unwrap();
+    kbsync(&config, &direct, &["install"]).assert_success();
+}

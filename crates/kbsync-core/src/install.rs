@@ -106,6 +106,8 @@ pub enum InstallError {
         "replication slot {slot} is in use by a running kbsync daemon (logical capture); stop the daemons, run `kbsync install` again, then start them with capture.mode = \"triggers\""
     )]
     SlotActive { slot: String },
+    #[error("{0}")]
+    Logical(String),
     #[error(transparent)]
     ModelMigration(#[from] crate::model_migration::ModelMigrationError),
     #[error("sources.{source_name}: {problem}")]
@@ -555,6 +557,20 @@ async fn plan_capture(
         source_tables.push(regclass);
     }
     if logical {
+        if let Some(problem) = replication::missing_replication_right(client).await? {
+            return Err(InstallError::Logical(problem));
+        }
+        let foreign = replication::tables_not_owned(client, &source_tables).await?;
+        if !foreign.is_empty() {
+            let list: Vec<String> = foreign
+                .iter()
+                .map(|(table, owner)| format!("{table} (owner {owner})"))
+                .collect();
+            return Err(InstallError::Logical(format!(
+                "capture.mode = \"logical\" publishes the source tables, which only their owner may do, and this role does not own {}: run kbsync as the role that owns them (the one the application's migrations use), or have an administrator `GRANT <owner> TO <this role>`",
+                list.join(", ")
+            )));
+        }
         plan_publication(client, &source_tables, plan).await?;
         plan_slot(client, config, plan).await?;
     }

@@ -28,6 +28,53 @@ pub async fn slot_name(
     Ok(format!("kbsync_{oid}"))
 }
 
+/// What the connected role lacks to decode a replication slot, in words naming the fix
+/// (None: it may). Logical capture needs the REPLICATION attribute (or superuser, or on
+/// RDS membership of rds_replication).
+pub async fn missing_replication_right(
+    client: &impl GenericClient,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            // RDS and Aurora grant the right through membership of rds_replication.
+            "SELECT current_user::text,
+                    rolreplication OR rolsuper
+                    OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                                WHERE r.rolname = 'rds_replication'
+                                  AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))
+               FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, may): (String, bool) = (row.get(0), row.get(1));
+    Ok((!may).then(|| {
+        format!(
+            "capture.mode = \"logical\" reads a replication slot, which needs a role with the REPLICATION attribute, and {role} has none: an administrator runs `ALTER ROLE \"{role}\" WITH REPLICATION` (RDS / Aurora: `GRANT rds_replication TO \"{role}\"`); or keep capture.mode = \"triggers\", which needs no such right"
+        )
+    }))
+}
+
+/// Tables among `tables` (regclass texts) the connected role does not own (through
+/// membership): a publication, and triggers without the TRIGGER privilege, need the owner.
+pub async fn tables_not_owned(
+    client: &impl GenericClient,
+    tables: &[String],
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT c.oid::regclass::text, pg_catalog.pg_get_userbyid(c.relowner)::text
+               FROM pg_catalog.pg_class c
+              WHERE c.oid = ANY (SELECT t::regclass FROM unnest($1::text[]) t)
+                AND NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')
+              ORDER BY 1",
+            &[&tables],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 pub async fn wal_level(client: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
     Ok(client.query_one("SHOW wal_level", &[]).await?.get(0))
 }

@@ -244,6 +244,11 @@ impl Daemon {
             )));
         }
         if self.config.capture.mode == CaptureMode::Logical {
+            if let Some(problem) =
+                kbsync_core::replication::missing_replication_right(&client).await?
+            {
+                return Err(DaemonError::Source(problem));
+            }
             let slot = kbsync_core::replication::slot_name(&client, &self.config).await?;
             if kbsync_core::replication::slot_state(&client, &slot)
                 .await?
