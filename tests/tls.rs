@@ -184,9 +184,58 @@ async fn verify_full_through_pgbouncer_as_an_ordinary_role_syncs_and_every_comma
     search.assert_success();
     assert!(search.stdout.contains("headlamp"), "{}", search.stdout);
     kbsync(&config, &url, &["reconcile", "--dry-run"]).assert_success();
+    kbsync(&config, &url, &["reconcile"]).assert_success();
     kbsync(&config, &url, &["errors"]).assert_success();
+    kbsync(&config, &url, &["errors", "retry", "--all"]).assert_success();
+    // The SQL function, as the role, through the pooler.
+    let (role_client, connection) = kbsync_core::db::connection_settings(&url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let hits: i64 = role_client
+        .query_one(
+            "SELECT count(*) FROM kbsync.search('1', 'headlamp', NULL, 3, 'text')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hits, 3);
+    let mut daemon = daemon;
+    assert!(daemon.terminate(WAIT).await.success(), "{}", daemon.log());
     let all = format!("{}{}{}", install.stdout, status.stdout, daemon.log());
     assert!(!all.contains(PASSWORD), "the password leaked");
+
+    // And out again: nothing of kbsync is left on the application's tables.
+    let removed = kbsync(&config, &url, &["uninstall"]);
+    removed.assert_success();
+    assert!(
+        removed.stdout.contains("tenant_knowledge is kept"),
+        "{}",
+        removed.stdout
+    );
+    let left: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'kbsync\\_%')
+                  + (SELECT count(*) FROM pg_namespace WHERE nspname = 'kbsync')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    edit.batch_execute("UPDATE web_knowledge_product SET price = price + 1")
+        .await
+        .unwrap();
+    kbsync(&config, &url, &["uninstall", "--drop-knowledge"]).assert_success();
+    let knowledge: bool = client
+        .query_one("SELECT to_regclass('public.tenant_knowledge') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(knowledge, "tenant_knowledge was not dropped");
 }
 
 #[tokio::test]
@@ -358,8 +407,11 @@ async fn logical_capture_names_the_rights_an_ordinary_role_lacks() {
     let out = kbsync(&config, &direct, &["install"]);
     out.assert_failure();
     assert!(
-        out.stderr.contains("needs a role with the REPLICATION attribute")
-            && out.stderr.contains(&format!("ALTER ROLE \"{}\" WITH REPLICATION", db.role)),
+        out.stderr
+            .contains("needs a role with the REPLICATION attribute")
+            && out
+                .stderr
+                .contains(&format!("ALTER ROLE \"{}\" WITH REPLICATION", db.role)),
         "{}",
         out.stderr
     );
@@ -379,7 +431,8 @@ async fn logical_capture_names_the_rights_an_ordinary_role_lacks() {
     let out = kbsync(&config, &direct, &["install"]);
     out.assert_failure();
     assert!(
-        out.stderr.contains("this role does not own web_knowledge_product"),
+        out.stderr
+            .contains("this role does not own web_knowledge_product"),
         "{}",
         out.stderr
     );

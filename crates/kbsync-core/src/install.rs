@@ -108,6 +108,8 @@ pub enum InstallError {
     SlotActive { slot: String },
     #[error("{0}")]
     Logical(String),
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     ModelMigration(#[from] crate::model_migration::ModelMigrationError),
     #[error("sources.{source_name}: {problem}")]
@@ -139,7 +141,7 @@ pub struct InstallPlan {
 }
 
 impl InstallPlan {
-    fn push(&mut self, description: impl Into<String>, sql: impl Into<String>) {
+    pub(crate) fn push(&mut self, description: impl Into<String>, sql: impl Into<String>) {
         self.steps.push(Step {
             description: description.into(),
             sql: sql.into(),
@@ -147,7 +149,11 @@ impl InstallPlan {
         });
     }
 
-    fn push_outside_transaction(&mut self, description: impl Into<String>, sql: impl Into<String>) {
+    pub(crate) fn push_outside_transaction(
+        &mut self,
+        description: impl Into<String>,
+        sql: impl Into<String>,
+    ) {
         self.steps.push(Step {
             description: description.into(),
             sql: sql.into(),
@@ -823,6 +829,13 @@ async fn apply_locked(
     options: InstallOptions,
 ) -> Result<InstallPlan, InstallError> {
     let plan = plan(&*client, config, options).await?;
+    run_plan(client, &plan).await?;
+    Ok(plan)
+}
+
+/// Run `plan`'s steps: each run of in-transaction steps in one transaction, the others
+/// alone between them.
+pub(crate) async fn run_plan(client: &mut Client, plan: &InstallPlan) -> Result<(), InstallError> {
     for group in plan.groups() {
         if group[0].outside_transaction {
             for step in group {
@@ -838,7 +851,7 @@ async fn apply_locked(
         }
         tx.commit().await?;
     }
-    Ok(plan)
+    Ok(())
 }
 
 /// Whether every migration this binary knows is applied (the daemon refuses to start

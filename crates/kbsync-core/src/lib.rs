@@ -26,3 +26,4 @@ pub mod source_problems;
 pub mod source_rows;
 pub mod sql_ident;
 pub mod tls;
+pub mod uninstall;

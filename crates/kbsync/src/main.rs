@@ -11,6 +11,7 @@ mod reconcile_cmd;
 mod run_cmd;
 mod search_cmd;
 mod status_cmd;
+mod uninstall_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,17 @@ enum Command {
         /// are kept) so that `kbsync reconcile` re-embeds them with the new model.
         #[arg(long)]
         reset_embeddings: bool,
+    },
+    /// Remove what `kbsync install` made: the capture triggers, the publication and the
+    /// replication slot, the kbsync schema (outbox, dead letters, sweeps, the search
+    /// function). tenant_knowledge is kept unless --drop-knowledge. Stop the daemons first.
+    Uninstall {
+        /// Print the SQL that would run and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Drop tenant_knowledge too (every chunk and embedding).
+        #[arg(long)]
+        drop_knowledge: bool,
     },
     /// Reuse the embeddings an earlier system already paid for: every vector in an
     /// existing table whose text is exactly a chunk kbsync produces today, made with the
@@ -285,6 +297,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             reset_embeddings,
         } => done(install_cmd::install(&load(config)?, dry_run, reset_embeddings).await),
+        Command::Uninstall {
+            dry_run,
+            drop_knowledge,
+        } => done(uninstall_cmd::uninstall(&load(config)?, dry_run, drop_knowledge).await),
         Command::Adopt(args) => done(adopt_cmd::adopt(&load(config)?, args).await),
         Command::Model { command } => {
             let config = load(config)?;
