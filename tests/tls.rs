@@ -445,3 +445,95 @@ async fn logical_capture_names_the_rights_an_ordinary_role_lacks() {
         .unwrap();
     kbsync(&config, &direct, &["install"]).assert_success();
 }
+
+#[tokio::test]
+async fn an_ordinary_role_searches_through_the_api_and_changes_the_model_through_the_pooler() {
+    const NEXT_MODEL: &str = "test-embedding-next";
+    const NEXT_DIMS: usize = 12;
+    const TOKEN: &str = "tls-search-token";
+    let db = OwnedDatabase::create(false).await;
+    let ca = TestCa::new("kbsync test CA", &["localhost"]);
+    let bouncer = PgBouncer::start(
+        server_port(),
+        &ca,
+        PoolMode::Session,
+        &[(&db.role, PASSWORD)],
+    );
+    let url = db.url(
+        "localhost",
+        bouncer.port,
+        &format!(
+            "?sslmode=verify-full&sslrootcert={}",
+            ca.ca_file().display()
+        ),
+    );
+    let server = FakeOpenAi::start(DIMS).await;
+    let next = FakeOpenAi::start(NEXT_DIMS).await;
+    let tokens = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tokens.path(), format!("{TOKEN}\n")).unwrap();
+    let base = sync_config(&server.base_url(), DIMS, "100ms", "100ms").edited(&[(
+        "max_query_chars = 2000",
+        &format!(
+            "max_query_chars = 2000\napi_tokens_file = \"{}\"",
+            tokens.path().display()
+        ),
+    )]);
+    let text = std::fs::read_to_string(base.path()).unwrap();
+    let config = TempConfig::new(&format!(
+        "{text}
+[next_embedding]
+provider = \"openai\"
+model = \"{NEXT_MODEL}\"
+dimensions = {NEXT_DIMS}
+base_url = \"{}\"
+max_inputs_per_request = 64
+max_concurrency = 2
+request_timeout = \"10s\"
+",
+        next.base_url()
+    ));
+    for args in [&["demo", "schema"][..], &["demo", "data"], &["install"]] {
+        kbsync(&config, &url, args).assert_success();
+    }
+    let mut daemon = DaemonProcess::start(config.path(), &url);
+    let client = connect_url(&db.admin_url()).await;
+    converged(&client, &daemon).await;
+
+    let (code, answer) = daemon
+        .http_post_json(
+            "/v1/search",
+            Some(TOKEN),
+            &serde_json::json!({"tenant": "1", "query": "headlamp", "mode": "text", "k": 2}),
+        )
+        .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["results"].as_array().unwrap().len(), 2, "{answer}");
+
+    kbsync(&config, &url, &["model", "start"]).assert_success();
+    kbsync_testkit::wait_for_daemon(&daemon, WAIT, "the new model's vectors filled", || async {
+        let out = kbsync(&config, &url, &["model", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        (status["chunks_missing"] == 0).then_some(())
+    })
+    .await;
+    kbsync_testkit::wait_for_daemon(&daemon, WAIT, "the cut-over", || async {
+        kbsync(&config, &url, &["model", "cutover"])
+            .status
+            .success()
+            .then_some(())
+    })
+    .await;
+    kbsync(&config, &url, &["model", "finish"]).assert_success();
+    let dims: i32 = client
+        .query_one(
+            "SELECT atttypmod FROM pg_attribute
+              WHERE attrelid = 'public.tenant_knowledge'::regclass AND attname = 'embedding'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dims as usize, NEXT_DIMS);
+    assert!(next.request_count() > 0);
+    daemon.terminate(WAIT).await;
+}
