@@ -108,6 +108,22 @@ impl Drop for OwnedDatabase {
     }
 }
 
+/// `db` behind PgBouncer (TLS required, SCRAM) in `mode`: the CA, the pooler, and the
+/// role's `sslmode=verify-full` URL through it.
+fn behind_pgbouncer(db: &OwnedDatabase, mode: PoolMode) -> (TestCa, PgBouncer, String) {
+    let ca = TestCa::new("kbsync test CA", &["localhost"]);
+    let bouncer = PgBouncer::start(server_port(), &ca, mode, &[(&db.role, PASSWORD)]);
+    let url = db.url(
+        "localhost",
+        bouncer.port,
+        &format!(
+            "?sslmode=verify-full&sslrootcert={}",
+            ca.ca_file().display()
+        ),
+    );
+    (ca, bouncer, url)
+}
+
 fn kbsync(config: &TempConfig, url: &str, args: &[&str]) -> kbsync_testkit::CommandOutput {
     run_kbsync(
         config.path(),
@@ -119,21 +135,7 @@ fn kbsync(config: &TempConfig, url: &str, args: &[&str]) -> kbsync_testkit::Comm
 #[tokio::test]
 async fn verify_full_through_pgbouncer_as_an_ordinary_role_syncs_and_every_command_works() {
     let db = OwnedDatabase::create(false).await;
-    let ca = TestCa::new("kbsync test CA", &["localhost"]);
-    let bouncer = PgBouncer::start(
-        server_port(),
-        &ca,
-        PoolMode::Session,
-        &[(&db.role, PASSWORD)],
-    );
-    let url = db.url(
-        "localhost",
-        bouncer.port,
-        &format!(
-            "?sslmode=verify-full&sslrootcert={}",
-            ca.ca_file().display()
-        ),
-    );
+    let (_ca, _bouncer, url) = behind_pgbouncer(&db, PoolMode::Session);
     let server = FakeOpenAi::start(DIMS).await;
     let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
     for args in [&["demo", "schema"][..], &["demo", "data"]] {
@@ -366,21 +368,7 @@ async fn logical_capture_syncs_over_tls_through_a_front_that_carries_replication
 #[tokio::test]
 async fn a_transaction_mode_pooler_is_refused_with_what_to_change() {
     let db = OwnedDatabase::create(false).await;
-    let ca = TestCa::new("kbsync test CA", &["localhost"]);
-    let bouncer = PgBouncer::start(
-        server_port(),
-        &ca,
-        PoolMode::Transaction,
-        &[(&db.role, PASSWORD)],
-    );
-    let url = db.url(
-        "localhost",
-        bouncer.port,
-        &format!(
-            "?sslmode=verify-full&sslrootcert={}",
-            ca.ca_file().display()
-        ),
-    );
+    let (_ca, _bouncer, url) = behind_pgbouncer(&db, PoolMode::Transaction);
     let server = FakeOpenAi::start(DIMS).await;
     let config = sync_config(&server.base_url(), DIMS, "100ms", "100ms");
     // Installed directly (install, too, takes a session lock).
@@ -452,21 +440,7 @@ async fn an_ordinary_role_searches_through_the_api_and_changes_the_model_through
     const NEXT_DIMS: usize = 12;
     const TOKEN: &str = "tls-search-token";
     let db = OwnedDatabase::create(false).await;
-    let ca = TestCa::new("kbsync test CA", &["localhost"]);
-    let bouncer = PgBouncer::start(
-        server_port(),
-        &ca,
-        PoolMode::Session,
-        &[(&db.role, PASSWORD)],
-    );
-    let url = db.url(
-        "localhost",
-        bouncer.port,
-        &format!(
-            "?sslmode=verify-full&sslrootcert={}",
-            ca.ca_file().display()
-        ),
-    );
+    let (_ca, _bouncer, url) = behind_pgbouncer(&db, PoolMode::Session);
     let server = FakeOpenAi::start(DIMS).await;
     let next = FakeOpenAi::start(NEXT_DIMS).await;
     let tokens = tempfile::NamedTempFile::new().unwrap();

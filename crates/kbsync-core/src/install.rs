@@ -488,22 +488,7 @@ async fn plan_capture(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    // (trigger name, table as regclass text, function name, fingerprint)
-    let existing_triggers: Vec<(String, String, String, Option<String>)> = client
-        .query(
-            "SELECT t.tgname::text, t.tgrelid::regclass::text, p.proname::text,
-                    obj_description(t.oid, 'pg_trigger')
-               FROM pg_trigger t
-               JOIN pg_proc p ON p.oid = t.tgfoid
-               JOIN pg_namespace n ON n.oid = p.pronamespace
-              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%' AND NOT t.tgisinternal
-              ORDER BY 2, 1",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
+    let existing_triggers = installed_capture_triggers(client).await?;
 
     // Desired: (trigger name, table regclass text, create sql)
     let mut desired_triggers = Vec::new();
@@ -654,6 +639,41 @@ pub async fn capture_drift(
     Ok(plan.steps.into_iter().map(|s| s.description).collect())
 }
 
+/// Every kbsync capture trigger in the database: (trigger name, table as regclass
+/// text, function name, fingerprint).
+pub(crate) async fn installed_capture_triggers(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, String, String, Option<String>)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT t.tgname::text, t.tgrelid::regclass::text, p.proname::text,
+                    obj_description(t.oid, 'pg_trigger')
+               FROM pg_trigger t
+               JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%' AND NOT t.tgisinternal
+              ORDER BY 2, 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
+}
+
+/// Whether kbsync's publication exists.
+pub(crate) async fn has_publication(
+    client: &impl GenericClient,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&replication::PUBLICATION],
+        )
+        .await?
+        .get(0))
+}
+
 /// The publication lists exactly the source tables, each with REPLICA IDENTITY FULL.
 async fn plan_publication(
     client: &impl GenericClient,
@@ -684,13 +704,7 @@ async fn plan_publication(
         }
     }
     wanted.sort();
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&replication::PUBLICATION],
-        )
-        .await?
-        .get(0);
+    let exists = has_publication(client).await?;
     let list = wanted.join(", ");
     let publication = replication::PUBLICATION;
     if !exists {
@@ -744,14 +758,7 @@ async fn plan_drop_logical(
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
     let publication = replication::PUBLICATION;
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await?
-        .get(0);
-    if exists {
+    if has_publication(client).await? {
         plan.push(
             format!("drop publication {publication} (capture is by triggers)"),
             format!("DROP PUBLICATION {publication}"),

@@ -22,34 +22,15 @@ pub async fn plan(
         ));
     }
     let mut plan = InstallPlan::default();
-    let triggers: Vec<(String, String)> = client
-        .query(
-            "SELECT t.tgname::text, t.tgrelid::regclass::text
-               FROM pg_trigger t
-               JOIN pg_proc p ON p.oid = t.tgfoid
-               JOIN pg_namespace n ON n.oid = p.pronamespace
-              WHERE n.nspname = 'kbsync' AND p.proname LIKE 'capture\\_%' AND NOT t.tgisinternal
-              ORDER BY 2, 1",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    for (name, table) in &triggers {
+    let triggers = crate::install::installed_capture_triggers(client).await?;
+    for (name, table, _, _) in &triggers {
         plan.push(
             format!("drop capture trigger {name} on {table}"),
             format!("DROP TRIGGER \"{name}\" ON {table}"),
         );
     }
     let publication = replication::PUBLICATION;
-    let has_publication: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await?
-        .get(0);
+    let has_publication = crate::install::has_publication(client).await?;
     if has_publication {
         plan.push(
             format!("drop publication {publication}"),
