@@ -119,9 +119,7 @@ impl Shared {
         } else {
             tracing::error!(source, %error, %fix, "source broken: no batch of it can be written until this is fixed");
         }
-        if let Err(e) = outbox::postpone(lease_client, token, retry, &error).await {
-            tracing::warn!(error = %db::describe(&e), "could not postpone; the claim will expire instead");
-        }
+        give_back(lease_client, token, retry, &error).await;
         if let Err(e) =
             kbsync_core::source_problems::record(lease_client, source, &error, &fix).await
         {
@@ -552,7 +550,8 @@ async fn summarize_progress(shared: Arc<Shared>, cancel: CancellationToken) {
             continue;
         }
         was_behind = left > 0;
-        let seconds_left = (per_second > 0.0).then(|| (left as f64 / per_second).round());
+        let seconds_left =
+            (per_second > 0.0 && left > 0).then(|| (left as f64 / per_second).round());
         tracing::info!(
             keys,
             keys_per_second = (per_second * 10.0).round() / 10.0,
@@ -761,18 +760,14 @@ async fn worker(
                             provider_failures += 1;
                             let delay = outbox::retry_delay(provider_failures as i32);
                             tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
-                            if let Err(pe) =
-                                outbox::postpone(&lease_client, token, delay, &e.to_string()).await
-                            {
-                                tracing::warn!(error = %pe, "could not postpone; the claim will expire instead");
-                            }
+                            give_back(&lease_client, token, delay, &e.to_string()).await;
                         }
                         Err(BatchError::ModelChanged) => {
                             // A cut-over or rollback committed while the batch embedded
                             // with the model active before it: nothing was written; it
                             // is redone at once with the active model, no attempt counted.
                             tracing::info!(source = %pipeline.source.name, "the embedding model switched during the batch; redoing it with the active model");
-                            let _ = outbox::postpone(
+                            give_back(
                                 &lease_client,
                                 token,
                                 Duration::ZERO,
@@ -786,9 +781,7 @@ async fn worker(
                         Err(BatchError::Chunking(e)) => {
                             metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "chunking_error").increment(1);
                             tracing::error!(source = %pipeline.source.name, error = %e, "chunking a batch failed; it is retried in 30 s");
-                            let _ =
-                                outbox::postpone(&lease_client, token, Duration::from_secs(30), &e)
-                                    .await;
+                            give_back(&lease_client, token, Duration::from_secs(30), &e).await;
                         }
                         Err(BatchError::Db(e))
                             if !db::connection_failed(&client, &e)
@@ -798,7 +791,7 @@ async fn worker(
                             // A cut-over, rollback or finish renamed or dropped the
                             // column the batch's statements named: redone at once.
                             tracing::info!(source = %pipeline.source.name, error = %db::describe(&e), "the model migration moved on during the batch; redoing it");
-                            let _ = outbox::postpone(
+                            give_back(
                                 &lease_client,
                                 token,
                                 Duration::ZERO,
@@ -824,16 +817,13 @@ async fn worker(
                             shared.health.database_failed(&db::describe(&e));
                             let kind = db::classify(&e);
                             tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch; it is retried");
-                            if let Err(pe) = outbox::postpone(
+                            give_back(
                                 &lease_client,
                                 token,
                                 Duration::from_secs(1),
                                 &db::describe(&e),
                             )
-                            .await
-                            {
-                                tracing::warn!(error = %db::describe(&pe), "could not postpone; the claim will expire instead");
-                            }
+                            .await;
                             if db::connection_failed(&client, &e) {
                                 continue 'connect;
                             }
@@ -886,6 +876,15 @@ async fn worker(
                 }
             }
         }
+    }
+}
+
+/// Give a batch's claims back to the outbox, to be tried again after `delay`, with no
+/// attempt counted. A failure is logged: the claims then come back when their lease
+/// lapses, later but not lost.
+async fn give_back(lease_client: &Client, token: Uuid, delay: Duration, why: &str) {
+    if let Err(e) = outbox::postpone(lease_client, token, delay, why).await {
+        tracing::warn!(error = %db::describe(&e), "could not give the batch back; its claims return when their lease lapses");
     }
 }
 
