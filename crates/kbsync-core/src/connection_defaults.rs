@@ -64,22 +64,10 @@ impl Environment {
     }
 }
 
-/// The settings of `url` (a URL or a `key=value` string), with what it leaves out
-/// filled in as libpq does: host (`PGHOST`, else the local socket), port (`PGPORT`),
-/// user (`PGUSER`, else the login name), database (`PGDATABASE`), password
-/// (`PGPASSWORD`, else the password file `PGPASSFILE` or `~/.pgpass`). What the URL says
-/// always wins. Also returns warnings to log (a password file libpq too would ignore).
-pub fn resolve(url: &str, env: &Environment) -> Result<(Config, Vec<String>), String> {
-    let url = with_port_from_environment(url, env)?;
-    let mut config: Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| crate::db::describe(&e))?;
-    let warnings = apply(&mut config, env)?;
-    Ok((config, warnings))
-}
-
-/// tokio-postgres gives a URL host without a port 5432; libpq gives it `PGPORT`.
-fn with_port_from_environment(url: &str, env: &Environment) -> Result<String, String> {
+/// `url` (a URL or a `key=value` string) with `PGPORT` on a URL host that names no
+/// port: tokio-postgres would give such a host 5432, libpq gives it `PGPORT`. Parse the
+/// result, then `apply` the rest of the environment.
+pub fn with_port_from_environment(url: &str, env: &Environment) -> Result<String, String> {
     let Some(port) = env.var("PGPORT") else {
         return Ok(url.to_owned());
     };
@@ -92,16 +80,21 @@ fn with_port_from_environment(url: &str, env: &Environment) -> Result<String, St
                 && parsed.host_str().is_some_and(|h| !h.is_empty())
                 && parsed.port().is_none() =>
         {
-            parsed.set_port(Some(port)).map_err(|()| {
-                format!("cannot apply PGPORT to {}", crate::config::redact_url(url))
-            })?;
+            parsed
+                .set_port(Some(port))
+                .map_err(|()| "cannot apply PGPORT to this URL's host".to_owned())?;
             Ok(parsed.to_string())
         }
         _ => Ok(url.to_owned()),
     }
 }
 
-fn apply(config: &mut Config, env: &Environment) -> Result<Vec<String>, String> {
+/// Fill in what `config` leaves out as libpq does: host (`PGHOST`, else the local
+/// socket), port (`PGPORT`), user (`PGUSER`, else the login name), database
+/// (`PGDATABASE`), password (`PGPASSWORD`, else the password file `PGPASSFILE` or
+/// `~/.pgpass`). What the URL says always wins. Returns warnings to log (a password file
+/// libpq too would ignore).
+pub fn apply(config: &mut Config, env: &Environment) -> Result<Vec<String>, String> {
     let mut warnings = Vec::new();
     if config.get_ports().is_empty()
         && let Some(port) = env.var("PGPORT")
@@ -259,6 +252,15 @@ pub fn describe_target(config: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolve(url: &str, env: &Environment) -> Result<(Config, Vec<String>), String> {
+        let url = with_port_from_environment(url, env)?;
+        let mut config: Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| e.to_string())?;
+        let warnings = apply(&mut config, env)?;
+        Ok((config, warnings))
+    }
 
     fn resolved(url: &str, env: &Environment) -> Result<Config, String> {
         resolve(url, env).map(|(config, _)| config)

@@ -156,8 +156,12 @@ pub fn connection_settings(url: &str) -> Result<ConnectionSettings, DbError> {
     };
     let env = crate::connection_defaults::Environment::from_process();
     let (rest, tls) = crate::tls::take_from_url(url, &env).map_err(bad_url)?;
-    let (mut config, warnings) =
-        crate::connection_defaults::resolve(&rest, &env).map_err(bad_url)?;
+    let rest =
+        crate::connection_defaults::with_port_from_environment(&rest, &env).map_err(bad_url)?;
+    let mut config: tokio_postgres::Config = rest
+        .parse()
+        .map_err(|e: tokio_postgres::Error| bad_url(describe(&e)))?;
+    let warnings = crate::connection_defaults::apply(&mut config, &env).map_err(bad_url)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
