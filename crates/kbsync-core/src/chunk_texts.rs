@@ -64,6 +64,7 @@ pub async fn chunk_texts_by_source(
             )
             .await?
             .get(0);
+        // -1 (never analysed) is "no estimate": the bar then counts without a total.
         progress.step(&source.name, "rows", u64::try_from(estimate).ok());
         let mut texts: Vec<Texts> = vec![HashMap::new(); configs.len()];
         let mut after: Option<String> = None;

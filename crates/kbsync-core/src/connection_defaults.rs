@@ -28,7 +28,8 @@ impl Environment {
         Self {
             vars: std::env::vars().collect(),
             home: std::env::var_os("HOME").map(PathBuf::from),
-            // As libpq and tokio-postgres do; None when the system has no name for us.
+            // As libpq and tokio-postgres do. None when the system has no name for us: not
+            // hidden, `apply` then refuses with "no user name" unless PGUSER or the URL says.
             login: whoami::username().ok(),
         }
     }
@@ -177,6 +178,7 @@ fn password_from_file(file: &Path, config: &Config, port: u16) -> (Option<String
         Some(Host::Unix(dir)) => dir.display().to_string(),
         None => "localhost".to_owned(),
     };
+    // `apply` has set the user before it looks for a password (it refuses without one).
     let user = config.get_user().unwrap_or_default();
     let dbname = config.get_dbname().unwrap_or(user);
     let wanted = [host.as_str(), &port.to_string(), dbname, user];
@@ -187,7 +189,15 @@ fn password_from_file(file: &Path, config: &Config, port: u16) -> (Option<String
 #[cfg(unix)]
 fn too_open(file: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(file).ok()?.permissions().mode();
+    let mode = match std::fs::metadata(file) {
+        Ok(metadata) => metadata.permissions().mode(),
+        Err(e) => {
+            return Some(format!(
+                "password file {} is ignored: its permissions cannot be read: {e}",
+                file.display()
+            ));
+        }
+    };
     (mode & 0o077 != 0).then(|| {
         format!(
             "password file {} is ignored: it has group or world access; chmod 0600 it (libpq ignores it too)",

@@ -138,6 +138,7 @@ impl ConnectionSettings {
             let (kind, hint) = connect_failure(&e);
             DbError::Connect {
                 target: self.target(),
+                // No hint: the server's message says it all.
                 hint: hint.unwrap_or_default().to_owned(),
                 cause: describe(&e),
                 kind,

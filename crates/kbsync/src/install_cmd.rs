@@ -11,32 +11,43 @@ use crate::reconcile_cmd::Bar;
 pub async fn install(config: &Config, dry_run: bool, reset_embeddings: bool) -> anyhow::Result<()> {
     let mut client = crate::connect(config).await?;
     let options = InstallOptions { reset_embeddings };
+    const NOTHING: &str = "the database is up to date; nothing to do";
     if dry_run {
         let plan = install::plan(&client, config, options).await?;
-        if plan.steps.is_empty() {
-            println!("-- kbsync install: the database is up to date; nothing to do");
-        } else {
-            println!(
-                "-- kbsync install --dry-run: {} change(s); nothing was executed",
-                plan.steps.len()
-            );
-            print!("{}", plan.script());
-        }
+        print_dry_run("install", &plan, NOTHING);
         println!(
             "-- then: every eligible source row without up-to-date chunks is queued for the daemon (`kbsync reconcile --dry-run` counts them)"
         );
         return Ok(());
     }
     let plan = install::apply(&mut client, config, options).await?;
+    print_applied("install", &plan, NOTHING);
+    queue_existing_rows(&mut client, config).await
+}
+
+/// `kbsync COMMAND --dry-run`'s output: the plan as SQL, or `nothing`.
+pub(crate) fn print_dry_run(command: &str, plan: &install::InstallPlan, nothing: &str) {
     if plan.steps.is_empty() {
-        println!("kbsync install: the database is up to date; nothing to do");
+        println!("-- kbsync {command}: {nothing}");
     } else {
-        println!("kbsync install: {} change(s) applied:", plan.steps.len());
+        println!(
+            "-- kbsync {command} --dry-run: {} change(s); nothing was executed",
+            plan.steps.len()
+        );
+        print!("{}", plan.script());
+    }
+}
+
+/// What `kbsync COMMAND` applied, a line a step, or `nothing`.
+pub(crate) fn print_applied(command: &str, plan: &install::InstallPlan, nothing: &str) {
+    if plan.steps.is_empty() {
+        println!("kbsync {command}: {nothing}");
+    } else {
+        println!("kbsync {command}: {} change(s) applied:", plan.steps.len());
         for step in &plan.steps {
             println!("  - {}", step.description);
         }
     }
-    queue_existing_rows(&mut client, config).await
 }
 
 /// Rows written before their source was captured (or before its text, filter or

@@ -5,27 +5,16 @@ use kbsync_core::uninstall;
 
 pub async fn uninstall(config: &Config, dry_run: bool, drop_knowledge: bool) -> anyhow::Result<()> {
     let mut client = crate::connect(config).await?;
+    const NOTHING: &str = "nothing of kbsync is in this database";
     if dry_run {
         let plan = uninstall::plan(&client, config, drop_knowledge).await?;
-        if plan.steps.is_empty() {
-            println!("-- kbsync uninstall: nothing of kbsync is in this database");
-        } else {
-            println!(
-                "-- kbsync uninstall --dry-run: {} change(s); nothing was executed",
-                plan.steps.len()
-            );
-            print!("{}", plan.script());
-        }
+        crate::install_cmd::print_dry_run("uninstall", &plan, NOTHING);
         return Ok(());
     }
     let plan = uninstall::apply(&mut client, config, drop_knowledge).await?;
+    crate::install_cmd::print_applied("uninstall", &plan, NOTHING);
     if plan.steps.is_empty() {
-        println!("kbsync uninstall: nothing of kbsync is in this database");
         return Ok(());
-    }
-    println!("kbsync uninstall: {} change(s) applied:", plan.steps.len());
-    for step in &plan.steps {
-        println!("  - {}", step.description);
     }
     if !drop_knowledge {
         let kept: Option<i64> = client
