@@ -1,7 +1,9 @@
 //! Model-based convergence: seeded random workloads over all four demo sources and
 //! three tenants — inserts, relevant and irrelevant updates, deletes, cascaded
 //! deletes, filter flips, TRUNCATE, bulk statements, two concurrent writers, odd
-//! Unicode, empty and blank texts — with faults interleaved (the daemon SIGKILLed and
+//! Unicode, empty and blank texts, and related rows (the FAQs read their page's
+//! tenant, title and crawl status: pages moved between tenants one by one and four at
+//! a time, retitled, filtered out, deleted) — with faults interleaved (the daemon SIGKILLed and
 //! restarted, the provider answering 500, 429 and malformed JSON). When the faults
 //! stop and the daemon drains, the knowledge table must equal the test's own reference
 //! computed from the source tables (demo_state::expected): nothing missing, nothing
@@ -17,7 +19,7 @@
 
 use std::time::Duration;
 
-use kbsync_testkit::demo_state::converged;
+use kbsync_testkit::demo_state::{RELATED_FAQ, RELATED_FAQ_EDITS, TEST_MODEL, converged_with};
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, Fault, LOGICAL_CAPTURE, TestDb, sync_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -65,7 +67,7 @@ fn statement(rng: &mut StdRng) -> (String, Vec<String>) {
     let qa = format!("qa{}", rng.random_range(0..60));
     let t = text(rng);
     // Every statement takes ($1 key, $2 tenant, $3 text); the arm picks the key.
-    let (sql, key) = match rng.random_range(0..20) {
+    let (sql, key) = match rng.random_range(0..24) {
         0..=3 => (
             "INSERT INTO web_knowledge_product (id, user_id, name, description, price, category)
              VALUES (md5($1)::uuid, $2::text::int, 'Item ' || $1, $3, 9.5, 'Misc')
@@ -125,6 +127,24 @@ fn statement(rng: &mut StdRng) -> (String, Vec<String>) {
             "DELETE FROM ai_model_aiprompts WHERE user_id = $2::text::int AND $1 <> $3",
             "x".to_owned(),
         ),
+        // Related rows: the FAQs read their page's tenant, title and crawl status.
+        19 => (
+            "UPDATE web_knowledge_websitepage SET user_id = $2::text::int WHERE id = md5($1)::uuid AND $1 <> $3",
+            page,
+        ),
+        20 => (
+            "UPDATE web_knowledge_websitepage SET user_id = $2::text::int
+              WHERE id IN (SELECT id FROM web_knowledge_websitepage ORDER BY md5(id::text || $1) LIMIT 4) AND $1 <> $3",
+            page,
+        ),
+        21 => (
+            "UPDATE web_knowledge_websitepage SET title = $3 WHERE id = md5($1)::uuid AND $1 <> $2",
+            page,
+        ),
+        22 => (
+            "UPDATE web_knowledge_websitepage SET updated_at = now() WHERE id = md5($1)::uuid AND $2 <> $3",
+            page,
+        ),
         // Rare: the whole product table at once.
         _ if rng.random_range(0..4) == 0 => ("TRUNCATE web_knowledge_product", product),
         _ => (
@@ -167,7 +187,8 @@ async fn one_seed(seed: u64, logical: bool) {
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let server = FakeOpenAi::start(DIMS).await;
-    let mut config = sync_config(&server.base_url(), DIMS, "50ms", "50ms");
+    let mut config =
+        sync_config(&server.base_url(), DIMS, "50ms", "50ms").edited(RELATED_FAQ_EDITS);
     if logical {
         config = config.edited(&[LOGICAL_CAPTURE]);
     }
@@ -217,7 +238,7 @@ async fn one_seed(seed: u64, logical: bool) {
         Some(d) => d,
         None => DaemonProcess::start(config.path(), db.url()),
     };
-    converged(&setup, &daemon).await;
+    converged_with(&setup, &daemon, TEST_MODEL, RELATED_FAQ).await;
     let duplicates: i64 = setup
         .query_one(
             "SELECT count(*) FROM (SELECT source, source_key, chunk_index FROM tenant_knowledge

@@ -77,12 +77,14 @@ async fn install_creates_everything_and_a_second_run_changes_nothing() {
     assert_eq!(unique, 1);
 
     let triggers = kbsync_triggers(&db).await;
-    assert_eq!(triggers.len(), 16, "{triggers:?}");
+    assert_eq!(triggers.len(), 20, "{triggers:?}");
     for (source, table) in [
         ("faq", "web_knowledge_qapair"),
         ("product", "web_knowledge_product"),
         ("page", "web_knowledge_websitepage"),
         ("manual", "ai_model_aiprompts"),
+        // The FAQs' related page: its changes queue the FAQs that read it.
+        ("faq__page", "web_knowledge_websitepage"),
     ] {
         for op in ["ins", "upd", "del", "trunc"] {
             let name = format!("kbsync_{source}_{op}");
@@ -226,8 +228,9 @@ async fn triggers_of_sources_no_longer_configured_are_removed() {
         "{}",
         out.stdout
     );
+    // The FAQs' own four, and four on their related page table.
     let triggers = kbsync_triggers(&db).await;
-    assert_eq!(triggers.len(), 4, "{triggers:?}");
+    assert_eq!(triggers.len(), 8, "{triggers:?}");
     assert!(
         triggers
             .iter()
@@ -244,7 +247,7 @@ async fn triggers_of_sources_no_longer_configured_are_removed() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(functions, 1);
+    assert_eq!(functions, 2, "capture_faq and capture_faq__page");
 }
 
 #[tokio::test]

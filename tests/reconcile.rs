@@ -133,22 +133,6 @@ const PRODUCT_1: &str = "md5('product-1-headlamp-1')::uuid";
 #[tokio::test]
 async fn one_sweep_repairs_every_kind_of_drift_and_a_second_finds_nothing() {
     let s = synced().await;
-    // A QAPair's tenant comes from its page: moving a page to another tenant through
-    // the app (triggers on) re-syncs the page, but not its QAPairs — real drift.
-    s.client
-        .batch_execute(
-            "UPDATE web_knowledge_websitepage SET user_id = 2 WHERE id = md5('page-1-shipping')::uuid",
-        )
-        .await
-        .unwrap();
-    let mut daemon = s.daemon(&s.config);
-    wait_for(WAIT, "the page move to be synced", || async {
-        (outbox_len(&s.client).await == 0
-            && s.count("SELECT count(*) FROM tenant_knowledge WHERE source = 'page' AND source_key = md5('page-1-shipping')::uuid::text AND tenant_id = '2'").await == 1)
-            .then_some(())
-    })
-    .await;
-    daemon.terminate(WAIT).await;
     let moved_faqs = s
         .count(
             "SELECT count(*) FROM web_knowledge_qapair
@@ -158,7 +142,9 @@ async fn one_sweep_repairs_every_kind_of_drift_and_a_second_finds_nothing() {
     assert!(moved_faqs > 0);
 
     s.behind_kbsyncs_back(&format!(
-        "-- missing: a new row, and a row whose chunks were deleted
+        "-- stale tenant: a page moved to another tenant takes its QAPairs (and itself)
+         UPDATE web_knowledge_websitepage SET user_id = 2 WHERE id = md5('page-1-shipping')::uuid;
+         -- missing: a new row, and a row whose chunks were deleted
          INSERT INTO web_knowledge_product (id, user_id, name, description, price, category)
               VALUES (md5('sneaked-in')::uuid, 1, 'Sneaked lamp', 'Arrived without a trigger.', 9.99, 'Lighting');
          DELETE FROM tenant_knowledge WHERE source = 'product' AND source_key = {PRODUCT_1}::text;
@@ -218,6 +204,7 @@ async fn one_sweep_repairs_every_kind_of_drift_and_a_second_finds_nothing() {
     assert_eq!(faq.dead_letters_permanent, 1);
     assert_eq!(faq.permanent_examples[0].key, "no-such-key");
     assert_eq!(source(&first, "page").stale.text, 1);
+    assert_eq!(source(&first, "page").stale.tenant, 1);
     assert_eq!(source(&first, "manual").missing_embeddings, 1);
     assert_eq!(first.unknown_sources.len(), 1);
     assert_eq!(first.unknown_sources[0].source, "legacy");

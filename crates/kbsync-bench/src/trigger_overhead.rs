@@ -372,6 +372,7 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
             pgai / plain
         ),
     ));
+    rows.extend(related_table_rows(&client, &url, &dir, seconds).await);
     // The rest runs with trigger capture.
     set_capture(
         &client,
@@ -382,6 +383,123 @@ pub async fn rows(seconds: u32) -> Vec<(String, String)> {
     )
     .await;
     rows.extend(app_transactions_beside_the_daemon(&durable).await);
+    rows
+}
+
+const VIA_PAGES: i64 = 5_000;
+const VIA_CLIENTS: [u32; 3] = [1, 16, 64];
+const MOVED_PAGES: i64 = 1_000;
+
+/// The related table: what moving pages between tenants costs the writer when the
+/// FAQs take their tenant through the page (the page's own capture, and the trigger
+/// that queues the FAQs of every moved page), beside the same statements with
+/// kbsync's triggers on the page table disabled. 5,000 pages with 2 QAPairs each.
+async fn related_table_rows(
+    client: &Client,
+    url: &str,
+    dir: &tempfile::TempDir,
+    seconds: u32,
+) -> Vec<(String, String)> {
+    client
+        .execute(
+            "INSERT INTO accounts_user VALUES (2, 'u2', 'c', 'd'), (3, 'u3', 'c', 'd') ON CONFLICT DO NOTHING;",
+            &[],
+        )
+        .await
+        .expect("tenants");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO web_knowledge_websitepage (id, user_id, url, title, content, crawl_status)
+             SELECT md5('bench-via-page-' || g)::uuid, 1 + g % 3, 'https://via.example/' || g, 'Page ' || g, 'Content', 'completed'
+               FROM generate_series(1, {VIA_PAGES}) g;
+             INSERT INTO web_knowledge_qapair (id, page_id, question, answer, generation_status)
+             SELECT md5('bench-via-qa-' || g || '-' || j)::uuid, md5('bench-via-page-' || g)::uuid, 'Q', 'A', 'completed'
+               FROM generate_series(1, {VIA_PAGES}) g, generate_series(1, 2) j;
+             VACUUM ANALYZE web_knowledge_websitepage;
+             VACUUM ANALYZE web_knowledge_qapair;"
+        ))
+        .await
+        .expect("loading pages");
+    let page_move = script(
+        dir.path(),
+        "page_move.sql",
+        &format!(
+            "\\set n random(1, {VIA_PAGES})\n\\set u random(1, 3)\nUPDATE web_knowledge_websitepage SET user_id = :u WHERE id = md5('bench-via-page-' || :n)::uuid;\n"
+        ),
+    );
+    let table = "web_knowledge_websitepage";
+    // Kbsync's triggers on the page table on or off, from an empty change log.
+    let switch = |on: bool| async move {
+        execute_all(
+            client,
+            &[
+                &format!(
+                    "ALTER TABLE {table} {} TRIGGER USER",
+                    if on { "ENABLE" } else { "DISABLE" }
+                ),
+                "TRUNCATE kbsync.changes, kbsync.outbox",
+                &format!("VACUUM {table}"),
+                "CHECKPOINT",
+            ],
+        )
+        .await
+    };
+    let queued = || async {
+        client
+            .query_one("SELECT count(*) FROM kbsync.changes", &[])
+            .await
+            .expect("counting changes")
+            .get::<_, i64>(0)
+    };
+    let mut rows = Vec::new();
+    for clients in VIA_CLIENTS {
+        let mut tps: [Vec<f64>; 2] = Default::default();
+        for _ in 0..RUNS {
+            for (i, on) in [false, true].into_iter().enumerate() {
+                switch(on).await;
+                tps[i].push(pgbench(url, &page_move, clients, seconds));
+                let n = queued().await;
+                assert_eq!(
+                    n > 0,
+                    on,
+                    "page moves captured {n} changes (triggers on: {on})"
+                );
+            }
+        }
+        let [plain, triggers] = tps.map(|mut v| median(&mut v));
+        rows.push((
+            format!("page moved to another tenant (its FAQs re-queued), {clients} clients: TPS plain / triggers; ratio"),
+            format!("{plain:.0} / {triggers:.0}; **{:.2}**", triggers / plain),
+        ));
+    }
+    let bulk = format!(
+        "UPDATE web_knowledge_websitepage SET user_id = 1 + user_id % 3
+          WHERE id IN (SELECT md5('bench-via-page-' || g)::uuid FROM generate_series(1, {MOVED_PAGES}) g)"
+    );
+    let mut took: [Vec<f64>; 2] = Default::default();
+    for _ in 0..RUNS {
+        for (i, on) in [false, true].into_iter().enumerate() {
+            switch(on).await;
+            let started = Instant::now();
+            client.batch_execute(&bulk).await.expect("the page move");
+            took[i].push(started.elapsed().as_secs_f64() * 1000.0);
+            let want = if on { 3 * MOVED_PAGES } else { 0 };
+            assert_eq!(
+                queued().await,
+                want,
+                "the 1,000-page move's capture (triggers on: {on})"
+            );
+        }
+    }
+    let [plain, triggers] = took.map(|mut v| median(&mut v));
+    rows.push((
+        format!(
+            "one UPDATE moving {MOVED_PAGES} pages (and their {} FAQs): ms plain / triggers; ratio",
+            2 * MOVED_PAGES
+        ),
+        format!("{plain:.1} / {triggers:.1}; **{:.2}**", triggers / plain),
+    ));
+    switch(true).await;
     rows
 }
 

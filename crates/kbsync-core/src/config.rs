@@ -431,12 +431,19 @@ pub struct SourceConfig {
     pub key: String,
     /// Where the tenant id comes from.
     pub tenant: TenantConfig,
+    /// Related tables, one level, by foreign key: `[sources.NAME.related.page]`. Their
+    /// columns are named `page.column` in the text, the filter, the metadata and
+    /// `tenant.via`; a change to one re-syncs the rows that reference it.
+    #[serde(default)]
+    pub related: BTreeMap<String, RelatedConfig>,
     /// Rows must pass all rules to have chunks; rows that stop passing lose them.
     #[serde(default)]
     pub filter: Vec<FilterRule>,
-    /// Text to embed, with `{column}` placeholders (`{{`/`}}` for braces). NULL is "".
+    /// Text to embed, with `{column}` and `{related.column}` placeholders (`{{`/`}}`
+    /// for braces). NULL is "".
     pub text: String,
-    /// Columns copied into each chunk's `metadata`.
+    /// Columns copied into each chunk's `metadata` (`related.column` allowed; the key
+    /// is the name as written).
     #[serde(default)]
     pub metadata: Vec<String>,
     /// Changes are collected this long after the last edit of a key. Default 5s.
@@ -465,15 +472,50 @@ pub struct SourceConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    /// Tenant id column: on the source table, or on `via.table` when `via` is set.
+    /// Tenant id column: on the source table, or on the related table `via` names.
     pub column: String,
-    /// Reach the tenant through a foreign key (e.g. QAPair → page → user).
-    pub via: Option<TenantJoin>,
+    /// Reach the tenant through a related table (e.g. QAPair → page → user): the name
+    /// of a `related` table, or the join itself (`{ table, foreign_key, references }`).
+    pub via: Option<TenantVia>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `tenant.via`: a declared related table by name, or a join written in place (the
+/// older form, kept: it is a related table named `via`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum TenantVia {
+    Related(String),
+    Join(RelatedConfig),
+}
+
+impl<'de> Deserialize<'de> for TenantVia {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TenantVia;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("the name of a related table, or { table, foreign_key, references }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TenantVia, E> {
+                Ok(TenantVia::Related(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TenantVia, A::Error> {
+                RelatedConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TenantVia::Join)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A related table: the source's `foreign_key` column references its `references`
+/// column, which must be unique there (a primary key or a unique index of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TenantJoin {
+pub struct RelatedConfig {
     pub table: String,
     /// Column on the source table that references `table`.
     pub foreign_key: String,
@@ -1051,10 +1093,97 @@ fn one_line(text: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TextPart {
     Literal(String),
-    Column(Ident),
+    Column(ColumnRef),
 }
 
-pub fn parse_text_template(template: &str) -> Result<Vec<TextPart>, String> {
+/// A related table of a source, validated: `foreign_key` on the source row points at
+/// `references` (unique) in `table`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Related {
+    /// The name its columns go by (`page` in `{page.title}`).
+    pub name: String,
+    pub table: TableName,
+    pub foreign_key: Ident,
+    pub references: Ident,
+}
+
+/// A column a source reads: of its own row (`related` None) or of the row of
+/// `Source::related[i]` its foreign key points at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ColumnRef {
+    pub related: Option<usize>,
+    pub column: Ident,
+}
+
+/// Where a statement has a source row's columns: its own under the prefix `own`
+/// (`t.`, `n.`, `(c.n).`), related row `i` under the alias `{related}{i}` (`t_r0`).
+#[derive(Debug, Clone, Copy)]
+pub struct RowAlias<'a> {
+    pub own: &'a str,
+    pub related: &'a str,
+}
+
+impl RowAlias<'_> {
+    /// The source row as `t` with its related rows as `t_r0`, `t_r1`, …: the aliases of
+    /// the statements that read rows (`source_rows::RowSql`).
+    pub const TABLE: RowAlias<'static> = RowAlias {
+        own: "t.",
+        related: "t_r",
+    };
+}
+
+impl ColumnRef {
+    /// This column in a statement whose rows are named as `at` says.
+    pub fn sql(&self, at: RowAlias) -> String {
+        match self.related {
+            None => format!("{}{}", at.own, self.column),
+            Some(i) => format!("{}{i}.{}", at.related, self.column),
+        }
+    }
+
+    /// `column` or `related.column`, as the config writes it.
+    pub fn written(&self, related: &[Related]) -> String {
+        match self.related.and_then(|i| related.get(i)) {
+            None => self.column.as_str().to_owned(),
+            Some(r) => format!("{}.{}", r.name, self.column.as_str()),
+        }
+    }
+}
+
+/// `column` or `related.column` against the declared related tables.
+fn column_ref(text: &str, related: &[Related]) -> Result<ColumnRef, String> {
+    let text = text.trim();
+    match text.split_once('.') {
+        None => Ok(ColumnRef {
+            related: None,
+            column: Ident::new(text).map_err(|e| e.to_string())?,
+        }),
+        Some((name, column)) => {
+            let Some(i) = related.iter().position(|r| r.name == name) else {
+                let declared: Vec<&str> = related.iter().map(|r| r.name.as_str()).collect();
+                return Err(format!(
+                    "{text:?} names the related table {name:?}, which is not declared ({}); declare it as [sources.NAME.related.{name}] with table, foreign_key and references",
+                    if declared.is_empty() {
+                        "none is".to_owned()
+                    } else {
+                        format!("declared: {}", declared.join(", "))
+                    }
+                ));
+            };
+            if column.contains('.') {
+                return Err(format!(
+                    "{text:?} reaches past the related table {name:?}: one level only; declare the table you need as a related table of the source itself"
+                ));
+            }
+            Ok(ColumnRef {
+                related: Some(i),
+                column: Ident::new(column).map_err(|e| e.to_string())?,
+            })
+        }
+    }
+}
+
+pub fn parse_text_template(template: &str, related: &[Related]) -> Result<Vec<TextPart>, String> {
     let mut parts = Vec::new();
     let mut literal = String::new();
     let mut chars = template.chars().peekable();
@@ -1077,8 +1206,8 @@ pub fn parse_text_template(template: &str) -> Result<Vec<TextPart>, String> {
                         None => return Err(format!("unclosed placeholder {{{name}")),
                     }
                 }
-                let column =
-                    Ident::new(name.trim()).map_err(|e| format!("placeholder {{{name}}}: {e}"))?;
+                let column = column_ref(&name, related)
+                    .map_err(|e| format!("placeholder {{{name}}}: {e}"))?;
                 if !literal.is_empty() {
                     parts.push(TextPart::Literal(std::mem::take(&mut literal)));
                 }
@@ -1097,10 +1226,10 @@ pub fn parse_text_template(template: &str) -> Result<Vec<TextPart>, String> {
     Ok(parts)
 }
 
-/// A filter rule, validated: SQL with a `{row}` prefix to fill in (`OLD.`, `NEW.`, `t.`).
+/// A filter rule, validated: SQL over a row whose columns are where a `RowAlias` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
-    pub column: Ident,
+    pub column: ColumnRef,
     pub condition: FilterCondition,
 }
 
@@ -1113,9 +1242,9 @@ pub enum FilterCondition {
 }
 
 impl Filter {
-    /// This rule as SQL over `prefix` (e.g. `NEW.`); NULL counts as "does not pass".
-    pub fn to_sql(&self, prefix: &str) -> String {
-        let col = format!("{prefix}{}", self.column);
+    /// This rule as SQL over the row at `at`; NULL counts as "does not pass".
+    pub fn to_sql(&self, at: RowAlias) -> String {
+        let col = self.column.sql(at);
         // Literals were checked by quote_literal during validation.
         let lit = |v: &str| quote_literal(v).unwrap_or_else(|_| "NULL".to_owned());
         match &self.condition {
@@ -1137,11 +1266,13 @@ pub struct Source {
     pub name: String,
     pub table: TableName,
     pub key: Ident,
-    pub tenant_column: Ident,
-    pub tenant_via: Option<(TableName, Ident, Ident)>,
+    /// Its related tables, each used by at least one column reference.
+    pub related: Vec<Related>,
+    pub tenant: ColumnRef,
     pub filters: Vec<Filter>,
     pub text: Vec<TextPart>,
-    pub metadata: Vec<Ident>,
+    /// (key in the chunk's metadata, column).
+    pub metadata: Vec<(String, ColumnRef)>,
     pub debounce: Duration,
     pub max_wait: Duration,
     pub delete_debounce: Duration,
@@ -1150,6 +1281,18 @@ pub struct Source {
     pub chunk_overlap: usize,
     /// The text search configuration of this source's chunks (a regconfig name).
     pub text_search: Ident,
+}
+
+/// A relation name: lowercase letters, digits and single underscores (it names
+/// triggers, `kbsync_{source}__{related}_upd`, where `__` separates the two).
+fn valid_related_name(name: &str) -> bool {
+    name.len() <= 20
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.contains("__")
+        && !name.ends_with('_')
 }
 
 impl Source {
@@ -1169,34 +1312,66 @@ impl Source {
             && name.starts_with(|c: char| c.is_ascii_lowercase())
             && name
                 .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !name.contains("__");
         if !valid_name {
             return Err((
                 String::new(),
                 format!(
-                    "source name {name:?} must be lowercase letters, digits and _, start with a letter, at most 40 characters"
+                    "source name {name:?} must be lowercase letters, digits and single underscores, start with a letter, at most 40 characters"
                 ),
             ));
         }
         let table = TableName::parse(&cfg.table).map_err(|e| (field("table"), e.to_string()))?;
         let key = Ident::new(&cfg.key).map_err(|e| (field("key"), e.to_string()))?;
-        let tenant_column =
-            Ident::new(&cfg.tenant.column).map_err(|e| (field("tenant.column"), e.to_string()))?;
-        let tenant_via = match &cfg.tenant.via {
+        let mut related = Vec::new();
+        for (rel_name, rel) in &cfg.related {
+            let at = |f: &str| field(&format!("related.{rel_name}{f}"));
+            related.push(Self::related_from_config(rel_name, rel, &at)?);
+        }
+        // `tenant.via` written in place is a related table named `via`.
+        let tenant_related = match &cfg.tenant.via {
             None => None,
-            Some(via) => Some((
-                TableName::parse(&via.table)
-                    .map_err(|e| (field("tenant.via.table"), e.to_string()))?,
-                Ident::new(&via.foreign_key)
-                    .map_err(|e| (field("tenant.via.foreign_key"), e.to_string()))?,
-                Ident::new(&via.references)
-                    .map_err(|e| (field("tenant.via.references"), e.to_string()))?,
-            )),
+            Some(TenantVia::Related(rel_name)) => Some(
+                related
+                    .iter()
+                    .position(|r| &r.name == rel_name)
+                    .ok_or_else(|| {
+                        (
+                            field("tenant.via"),
+                            format!(
+                                "names the related table {rel_name:?}, which is not declared: add [sources.{name}.related.{rel_name}] with table, foreign_key and references"
+                            ),
+                        )
+                    })?,
+            ),
+            Some(TenantVia::Join(join)) => {
+                let at = |f: &str| field(&format!("tenant.via{f}"));
+                let via = Self::related_from_config("via", join, &at)?;
+                match related.iter().position(|r| r.name == "via") {
+                    Some(i) if related[i] == via => Some(i),
+                    Some(_) => {
+                        return Err((
+                            field("tenant.via"),
+                            "a different related table is already named \"via\": write tenant.via = \"<name>\" to use a declared one".into(),
+                        ));
+                    }
+                    None => {
+                        related.push(via);
+                        Some(related.len() - 1)
+                    }
+                }
+            }
+        };
+        let tenant = ColumnRef {
+            related: tenant_related,
+            column: Ident::new(&cfg.tenant.column)
+                .map_err(|e| (field("tenant.column"), e.to_string()))?,
         };
         let mut filters = Vec::new();
         for (i, rule) in cfg.filter.iter().enumerate() {
             let at = |f: &str| field(&format!("filter[{i}]{f}"));
-            let column = Ident::new(&rule.column).map_err(|e| (at(".column"), e.to_string()))?;
+            let column = column_ref(&rule.column, &related).map_err(|e| (at(".column"), e))?;
             let mut conditions = Vec::new();
             if let Some(v) = &rule.equals {
                 conditions.push(FilterCondition::Equals(v.clone()));
@@ -1230,7 +1405,7 @@ impl Source {
             }
             filters.push(Filter { column, condition });
         }
-        let text = parse_text_template(&cfg.text).map_err(|e| (field("text"), e))?;
+        let text = parse_text_template(&cfg.text, &related).map_err(|e| (field("text"), e))?;
         // The text is also built in SQL (by the reconcile sweep): literals must quote.
         for part in &text {
             if let TextPart::Literal(l) = part {
@@ -1240,7 +1415,11 @@ impl Source {
         let metadata = cfg
             .metadata
             .iter()
-            .map(|m| Ident::new(m).map_err(|e| (field("metadata"), e.to_string())))
+            .map(|m| {
+                column_ref(m, &related)
+                    .map(|c| (c.written(&related), c))
+                    .map_err(|e| (field("metadata"), e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if cfg.max_wait < cfg.debounce {
             return Err((
@@ -1278,13 +1457,13 @@ impl Source {
                 ),
             )
         })?;
-        Ok(Self {
+        let source = Self {
             text_search,
             name: name.to_owned(),
             table,
             key,
-            tenant_column,
-            tenant_via,
+            related,
+            tenant,
             filters,
             text,
             metadata,
@@ -1294,37 +1473,156 @@ impl Source {
             single_chunk: cfg.single_chunk,
             chunk_tokens,
             chunk_overlap,
+        };
+        // A related table nothing reads would be watched for nothing.
+        for (i, rel) in source.related.iter().enumerate() {
+            if source.related_columns(i).len() <= 1 {
+                return Err((
+                    field(&format!("related.{}", rel.name)),
+                    format!(
+                        "is declared but nothing reads it: name its columns as {{{0}.column}} in the text, in a filter or the metadata, or take the tenant through it (tenant.via = \"{0}\"); or remove it",
+                        rel.name
+                    ),
+                ));
+            }
+        }
+        Ok(source)
+    }
+
+    fn related_from_config(
+        name: &str,
+        cfg: &RelatedConfig,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<Related, (String, String)> {
+        if !valid_related_name(name) {
+            return Err((
+                at(""),
+                format!(
+                    "related table name {name:?} must be lowercase letters, digits and single underscores, start with a letter, at most 20 characters"
+                ),
+            ));
+        }
+        Ok(Related {
+            name: name.to_owned(),
+            table: TableName::parse(&cfg.table).map_err(|e| (at(".table"), e.to_string()))?,
+            foreign_key: Ident::new(&cfg.foreign_key)
+                .map_err(|e| (at(".foreign_key"), e.to_string()))?,
+            references: Ident::new(&cfg.references)
+                .map_err(|e| (at(".references"), e.to_string()))?,
         })
     }
 
-    /// Columns of the source table whose change can change this source's chunks:
-    /// the key, the text's columns, the filter's, the metadata's and the tenant's (or
-    /// its foreign key). Derived, so it cannot drift from the text template.
-    pub fn relevant_columns(&self) -> Vec<Ident> {
-        let mut cols = vec![self.key.clone()];
-        cols.extend(self.text.iter().filter_map(|p| match p {
-            TextPart::Column(c) => Some(c.clone()),
-            TextPart::Literal(_) => None,
-        }));
-        cols.extend(self.filters.iter().map(|f| f.column.clone()));
-        cols.extend(self.metadata.iter().cloned());
-        match &self.tenant_via {
-            Some((_, fk, _)) => cols.push(fk.clone()),
-            None => cols.push(self.tenant_column.clone()),
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        cols.retain(|c| seen.insert(c.clone()));
-        cols
+    /// Every column reference of the source: text, filter, metadata, tenant.
+    pub fn column_refs(&self) -> Vec<ColumnRef> {
+        let mut refs: Vec<ColumnRef> = self
+            .text
+            .iter()
+            .filter_map(|p| match p {
+                TextPart::Column(c) => Some(c.clone()),
+                TextPart::Literal(_) => None,
+            })
+            .collect();
+        refs.extend(self.filters.iter().map(|f| f.column.clone()));
+        refs.extend(self.metadata.iter().map(|(_, c)| c.clone()));
+        refs.push(self.tenant.clone());
+        refs
     }
 
-    /// SQL that is true when the row under `prefix` passes the filter (never NULL).
-    pub fn filter_sql(&self, prefix: &str) -> String {
+    /// Columns of the source table whose change can change this source's chunks:
+    /// the key, its own columns of the text, filter, metadata and tenant, and the
+    /// foreign key of each related table. Derived, so it cannot drift from the config.
+    pub fn relevant_columns(&self) -> Vec<Ident> {
+        let mut cols = vec![self.key.clone()];
+        cols.extend(
+            self.column_refs()
+                .into_iter()
+                .filter(|c| c.related.is_none())
+                .map(|c| c.column),
+        );
+        cols.extend(self.related.iter().map(|r| r.foreign_key.clone()));
+        dedup(cols)
+    }
+
+    /// Columns of related table `i` whose change can change the chunks of the rows
+    /// that reference it: the referenced key first, then every column read from it.
+    pub fn related_columns(&self, i: usize) -> Vec<Ident> {
+        let mut cols: Vec<Ident> = self
+            .related
+            .get(i)
+            .map(|r| r.references.clone())
+            .into_iter()
+            .collect();
+        cols.extend(
+            self.column_refs()
+                .into_iter()
+                .filter(|c| c.related == Some(i))
+                .map(|c| c.column),
+        );
+        dedup(cols)
+    }
+
+    /// The related tables joined to the row at `at`, each as `{at.related}{i}`, from
+    /// `tables` (the related tables' names as the statement must write them). A LEFT
+    /// JOIN: a row whose related row is missing reads NULLs there (no tenant, a filter
+    /// that fails, an empty placeholder), as the row loader and the sweep both do.
+    pub fn joins_sql(&self, at: RowAlias, tables: &[String]) -> String {
+        self.related
+            .iter()
+            .zip(tables)
+            .enumerate()
+            .map(|(i, (r, table))| {
+                format!(
+                    " LEFT JOIN {table} {alias}{i} ON {alias}{i}.{references} = {own}{fk}",
+                    alias = at.related,
+                    references = r.references,
+                    own = at.own,
+                    fk = r.foreign_key,
+                )
+            })
+            .collect()
+    }
+
+    /// The related tables' names as written in the config (resolved by the session's
+    /// search_path), for `joins_sql`.
+    pub fn related_tables(&self) -> Vec<String> {
+        self.related.iter().map(|r| r.table.to_string()).collect()
+    }
+
+    /// The tenant of the row at `at` (NULL when it has none).
+    pub fn tenant_sql(&self, at: RowAlias) -> String {
+        self.tenant.sql(at)
+    }
+
+    /// SQL that is true when the row at `at` passes the filter's rules on its own
+    /// columns (never NULL): a row that fails them is not eligible whatever its related
+    /// rows say.
+    pub fn own_filter_sql(&self, at: RowAlias) -> String {
+        let rules: Vec<String> = self
+            .filters
+            .iter()
+            .filter(|f| f.column.related.is_none())
+            .map(|f| f.to_sql(at))
+            .collect();
+        if rules.is_empty() {
+            return "true".to_owned();
+        }
+        format!("COALESCE(({}), false)", rules.join(" AND "))
+    }
+
+    /// SQL that is true when the row at `at` passes the filter (never NULL).
+    pub fn filter_sql(&self, at: RowAlias) -> String {
         if self.filters.is_empty() {
             return "true".to_owned();
         }
-        let rules: Vec<String> = self.filters.iter().map(|f| f.to_sql(prefix)).collect();
+        let rules: Vec<String> = self.filters.iter().map(|f| f.to_sql(at)).collect();
         format!("COALESCE(({}), false)", rules.join(" AND "))
     }
+}
+
+fn dedup(mut cols: Vec<Ident>) -> Vec<Ident> {
+    let mut seen = std::collections::BTreeSet::new();
+    cols.retain(|c| seen.insert(c.clone()));
+    cols
 }
 
 /// A config of one openai model ("m", 8 dimensions) and one source `s`, with extra
@@ -1368,20 +1666,142 @@ mod tests {
 
     #[test]
     fn text_template_parses_columns_literals_and_escapes() {
-        let parts = parse_text_template("Q: {question}\n{{A}}: { answer }").unwrap();
+        let own = |c: &str| ColumnRef {
+            related: None,
+            column: Ident::new(c).unwrap(),
+        };
+        let parts = parse_text_template("Q: {question}\n{{A}}: { answer }", &[]).unwrap();
         assert_eq!(
             parts,
             vec![
                 TextPart::Literal("Q: ".into()),
-                TextPart::Column(Ident::new("question").unwrap()),
+                TextPart::Column(own("question")),
                 TextPart::Literal("\n{A}: ".into()),
-                TextPart::Column(Ident::new("answer").unwrap()),
+                TextPart::Column(own("answer")),
             ]
         );
-        assert!(parse_text_template("{question").is_err());
-        assert!(parse_text_template("no columns").is_err());
-        assert!(parse_text_template("{a; drop table x}").is_err());
-        assert!(parse_text_template("a } b {c}").is_err());
+        assert!(parse_text_template("{question", &[]).is_err());
+        assert!(parse_text_template("no columns", &[]).is_err());
+        assert!(parse_text_template("{a; drop table x}", &[]).is_err());
+        assert!(parse_text_template("a } b {c}", &[]).is_err());
+        let page = Related {
+            name: "page".into(),
+            table: TableName::parse("pages").unwrap(),
+            foreign_key: Ident::new("page_id").unwrap(),
+            references: Ident::new("id").unwrap(),
+        };
+        let parts = parse_text_template("{page.title}: {q}", std::slice::from_ref(&page)).unwrap();
+        assert_eq!(
+            parts[0],
+            TextPart::Column(ColumnRef {
+                related: Some(0),
+                column: Ident::new("title").unwrap()
+            })
+        );
+        let undeclared = parse_text_template("{site.title}", &[page]).unwrap_err();
+        assert!(undeclared.contains("declared: page"), "{undeclared}");
+    }
+
+    /// A config whose one source `s` (table `t`) has `source` as its lines.
+    fn with_source(source: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[embedding]\nprovider = \"openai\"\nmodel = \"m\"\ndimensions = 8\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+             [sources.s]\ntable = \"t\"\nkey = \"id\"\n{source}\n"
+        );
+        Config::parse(&text, Path::new("test.toml"))
+    }
+
+    fn problem(source: &str) -> String {
+        match with_source(source) {
+            Ok(_) => panic!("accepted: {source}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn related_tables_are_named_by_their_columns_everywhere_a_column_goes() {
+        let config = with_source(
+            "related.page = { table = \"pages\", foreign_key = \"page_id\", references = \"id\" }\n\
+             tenant = { column = \"owner\", via = \"page\" }\n\
+             filter = [{ column = \"page.status\", equals = \"live\" }, { column = \"state\", equals = \"done\" }]\n\
+             text = \"{page.title}: {body}\"\nmetadata = [\"page.url\", \"kind\"]",
+        )
+        .unwrap();
+        let source = &config.sources()[0];
+        let names = |cols: Vec<Ident>| {
+            cols.iter()
+                .map(|c| c.as_str().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(source.relevant_columns()),
+            ["id", "body", "state", "kind", "page_id"]
+        );
+        assert_eq!(
+            names(source.related_columns(0)),
+            ["id", "title", "status", "url", "owner"]
+        );
+        assert_eq!(source.metadata[0].0, "page.url");
+        assert_eq!(source.tenant_sql(RowAlias::TABLE), "t_r0.\"owner\"");
+        assert_eq!(
+            source.own_filter_sql(RowAlias::TABLE),
+            "COALESCE((t.\"state\" = 'done'), false)"
+        );
+        assert_eq!(
+            source.joins_sql(RowAlias::TABLE, &source.related_tables()),
+            " LEFT JOIN \"pages\" t_r0 ON t_r0.\"id\" = t.\"page_id\""
+        );
+    }
+
+    #[test]
+    fn the_older_inline_via_is_a_related_table_named_via() {
+        let config = with_source(
+            "tenant = { column = \"owner\", via = { table = \"pages\", foreign_key = \"page_id\", references = \"id\" } }\ntext = \"{body}\"",
+        )
+        .unwrap();
+        let source = &config.sources()[0];
+        assert_eq!(source.related.len(), 1);
+        assert_eq!(source.related[0].name, "via");
+        assert_eq!(source.tenant.related, Some(0));
+    }
+
+    #[test]
+    fn related_mistakes_name_the_field_and_the_fix() {
+        let undeclared =
+            problem("tenant = { column = \"owner\", via = \"page\" }\ntext = \"{body}\"");
+        assert!(
+            undeclared.contains("sources.s.tenant.via")
+                && undeclared.contains("[sources.s.related.page]"),
+            "{undeclared}"
+        );
+        let unknown = problem("tenant = { column = \"u\" }\ntext = \"{site.name}\"");
+        assert!(
+            unknown.contains("sources.s.text") && unknown.contains("not declared"),
+            "{unknown}"
+        );
+        let unused = problem(
+            "related.page = { table = \"pages\", foreign_key = \"page_id\", references = \"id\" }\n\
+             tenant = { column = \"u\" }\ntext = \"{body}\"",
+        );
+        assert!(
+            unused.contains("sources.s.related.page") && unused.contains("nothing reads it"),
+            "{unused}"
+        );
+        let deep = problem(
+            "related.page = { table = \"pages\", foreign_key = \"page_id\", references = \"id\" }\n\
+             tenant = { column = \"u\" }\ntext = \"{page.site.name}\"",
+        );
+        assert!(deep.contains("one level only"), "{deep}");
+        let bad_name = problem(
+            "related.Page__x = { table = \"pages\", foreign_key = \"page_id\", references = \"id\" }\n\
+             tenant = { column = \"u\" }\ntext = \"{body}\"",
+        );
+        assert!(bad_name.contains("sources.s.related.Page__x"), "{bad_name}");
+        let extra = problem(
+            "related.page = { table = \"pages\", foreign_key = \"page_id\", reference = \"id\" }\n\
+             tenant = { column = \"u\" }\ntext = \"{page.title}\"",
+        );
+        assert!(extra.contains("reference"), "{extra}");
     }
 
     #[test]

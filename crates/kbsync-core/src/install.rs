@@ -6,7 +6,10 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::capture::{function_name, function_sql, trigger_defs};
+use crate::capture::{
+    dependents_function_name, dependents_function_sql, dependents_trigger_defs, function_name,
+    function_sql, trigger_defs,
+};
 use crate::config::{CaptureMode, Config, Source};
 use crate::replication;
 use crate::search;
@@ -138,6 +141,9 @@ pub struct Step {
 #[derive(Debug, Clone, Default)]
 pub struct InstallPlan {
     pub steps: Vec<Step>,
+    /// What works but costs the application: printed, not applied (e.g. a foreign key
+    /// without an index, which every change of a related row scans for).
+    pub warnings: Vec<String>,
 }
 
 impl InstallPlan {
@@ -492,66 +498,92 @@ async fn plan_capture(
 
     // Desired: (trigger name, table regclass text, create sql)
     let mut desired_triggers = Vec::new();
-    let mut source_tables = Vec::new();
-    // Source name → its tenant.via table, schema-qualified.
-    let mut via_tables: std::collections::HashMap<String, String> =
-        std::collections::HashMap::new();
+    // Every table whose changes are captured: the sources' and their related tables.
+    let mut captured_tables = Vec::new();
+    // Desired capture functions: (name, what it captures, create sql).
+    let mut desired_functions: Vec<(String, String, String)> = Vec::new();
     for source in sources {
+        let source_error = |problem: String| InstallError::Source {
+            source_name: source.name.clone(),
+            problem,
+        };
         let table_text = source.table.regclass_text();
-        let regclass: Option<String> = client
-            .query_one("SELECT to_regclass($1)::text", &[&table_text])
-            .await?
-            .get(0);
-        let Some(regclass) = regclass else {
-            return Err(InstallError::Source {
-                source_name: source.name.clone(),
-                problem: format!("table {} does not exist in this database", source.table),
-            });
+        let Some((regclass, qualified)) = resolve_table(client, &table_text).await? else {
+            return Err(source_error(format!(
+                "table {} does not exist in this database",
+                source.table
+            )));
         };
         check_columns(client, source, &table_text, &source.relevant_columns()).await?;
-        if let Some((via_table, _, references)) = &source.tenant_via {
-            let via_text = via_table.regclass_text();
-            // Schema-qualified: the capture function runs with a pinned search_path.
-            let qualified: Option<String> = client
-                .query_opt(
-                    "SELECT format('%I.%I', n.nspname, c.relname)
-                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE c.oid = to_regclass($1)",
-                    &[&via_text],
-                )
-                .await?
-                .map(|r| r.get(0));
-            if let Some(q) = &qualified {
-                via_tables.insert(source.name.clone(), q.clone());
+        // Schema-qualified: the capture functions run with a pinned search_path.
+        let mut related_tables = Vec::new();
+        let mut related_regclasses = Vec::new();
+        for (i, related) in source.related.iter().enumerate() {
+            let related_text = related.table.regclass_text();
+            let Some((related_regclass, related_qualified)) =
+                resolve_table(client, &related_text).await?
+            else {
+                return Err(source_error(format!(
+                    "related.{}.table {} does not exist in this database",
+                    related.name, related.table
+                )));
+            };
+            check_columns(client, source, &related_text, &source.related_columns(i)).await?;
+            if !has_index_on(client, &related_text, related.references.as_str(), true).await? {
+                return Err(source_error(format!(
+                    "related.{0}: {1}.{2} is not unique (no primary key or unique index on that column alone), so a row could join several {0} rows; reference a unique column",
+                    related.name,
+                    related.table,
+                    related.references.as_str()
+                )));
             }
-            if qualified.is_none() {
-                return Err(InstallError::Source {
-                    source_name: source.name.clone(),
-                    problem: format!(
-                        "tenant.via.table {via_table} does not exist in this database"
-                    ),
-                });
+            if !has_index_on(client, &table_text, related.foreign_key.as_str(), false).await? {
+                plan.warnings.push(format!(
+                    "sources.{0}: no index on {1} ({2}): every change of a {3} row scans {1} for the rows that reference it, in the writer's transaction. Create one: CREATE INDEX CONCURRENTLY ON {1} ({2})",
+                    source.name,
+                    source.table,
+                    related.foreign_key.as_str(),
+                    related.name
+                ));
             }
-            check_columns(
-                client,
-                source,
-                &via_text,
-                &[references.clone(), source.tenant_column.clone()],
-            )
-            .await?;
+            related_tables.push(related_qualified);
+            related_regclasses.push(related_regclass);
         }
         if !logical {
             for def in trigger_defs(source) {
                 desired_triggers.push((def.name, regclass.clone(), def.create_sql));
             }
+            desired_functions.push((
+                function_name(&source.name),
+                format!("source {}", source.name),
+                function_sql(source, &related_tables),
+            ));
+            for (i, related) in source.related.iter().enumerate() {
+                for def in dependents_trigger_defs(source, i) {
+                    desired_triggers.push((
+                        def.name,
+                        related_regclasses[i].clone(),
+                        def.create_sql,
+                    ));
+                }
+                desired_functions.push((
+                    dependents_function_name(&source.name, &related.name),
+                    format!(
+                        "source {}'s related {} ({})",
+                        source.name, related.name, related.table
+                    ),
+                    dependents_function_sql(source, i, &qualified, &related_tables),
+                ));
+            }
         }
-        source_tables.push(regclass);
+        captured_tables.push(regclass);
+        captured_tables.extend(related_regclasses);
     }
     if logical {
         if let Some(problem) = replication::missing_replication_right(client).await? {
             return Err(InstallError::Logical(problem));
         }
-        let foreign = replication::tables_not_owned(client, &source_tables).await?;
+        let foreign = replication::tables_not_owned(client, &captured_tables).await?;
         if !foreign.is_empty() {
             let list: Vec<String> = foreign
                 .iter()
@@ -562,15 +594,11 @@ async fn plan_capture(
                 list.join(", ")
             )));
         }
-        plan_publication(client, &source_tables, plan).await?;
+        plan_publication(client, &captured_tables, plan).await?;
         plan_slot(client, config, plan).await?;
     }
 
-    let wanted_functions: Vec<String> = if logical {
-        Vec::new()
-    } else {
-        sources.iter().map(|s| function_name(&s.name)).collect()
-    };
+    let wanted_functions: Vec<&String> = desired_functions.iter().map(|(n, _, _)| n).collect();
     for (name, table, _, _) in &existing_triggers {
         if !desired_triggers
             .iter()
@@ -585,21 +613,19 @@ async fn plan_capture(
         }
     }
     for (name, _) in &existing_functions {
-        if !wanted_functions.contains(name) {
+        if !wanted_functions.contains(&name) {
             plan.push(
                 format!("drop function kbsync.{name} (source no longer configured)"),
                 format!("DROP FUNCTION kbsync.\"{name}\"()"),
             );
         }
     }
-    for source in sources.iter().filter(|_| !logical) {
-        let fname = function_name(&source.name);
-        let sql = function_sql(source, via_tables.get(&source.name).map(String::as_str));
-        let print = fingerprint(&sql);
-        let current = existing_functions.iter().find(|(n, _)| *n == fname);
+    for (fname, what, sql) in &desired_functions {
+        let print = fingerprint(sql);
+        let current = existing_functions.iter().find(|(n, _)| n == fname);
         if current.and_then(|(_, c)| c.as_deref()) != Some(print.as_str()) {
             plan.push(
-                format!("capture function for source {}", source.name),
+                format!("capture function for {what}"),
                 format!("{sql};\nCOMMENT ON FUNCTION kbsync.\"{fname}\"() IS '{print}'"),
             );
         }
@@ -691,6 +717,10 @@ async fn plan_publication(
             )
             .await?;
         let qualified: String = row.get(0);
+        // A table two sources read, or a source's and another's related table.
+        if wanted.contains(&qualified) {
+            continue;
+        }
         if row.get::<_, String>(1) != "f" {
             plan.push(
                 format!(
@@ -699,9 +729,7 @@ async fn plan_publication(
                 format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL"),
             );
         }
-        if !wanted.contains(&qualified) {
-            wanted.push(qualified);
-        }
+        wanted.push(qualified);
     }
     wanted.sort();
     let exists = has_publication(client).await?;
@@ -780,6 +808,45 @@ async fn plan_drop_logical(
         );
     }
     Ok(())
+}
+
+/// A table by the name the config gives it: (regclass text, schema-qualified name),
+/// None when the database has no such table.
+async fn resolve_table(
+    client: &impl GenericClient,
+    table_text: &str,
+) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT c.oid::regclass::text, format('%I.%I', n.nspname, c.relname)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = to_regclass($1)",
+            &[&table_text],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Whether a valid index of the table has `column` as its first key column; with
+/// `unique_alone`, a unique index on that column alone, without a predicate (what
+/// makes the column a key another table can reference).
+async fn has_index_on(
+    client: &impl GenericClient,
+    table_text: &str,
+    column: &str,
+    unique_alone: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i
+                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                             WHERE i.indrelid = to_regclass($1) AND i.indisvalid AND a.attname = $2
+                               AND (NOT $3 OR (i.indisunique AND i.indnkeyatts = 1
+                                               AND i.indpred IS NULL AND i.indexprs IS NULL)))",
+            &[&table_text, &column, &unique_alone],
+        )
+        .await?
+        .get(0))
 }
 
 async fn check_columns(

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use tokio_postgres::GenericClient;
 
-use crate::config::{Source, TextPart};
-use crate::sql_ident::{Ident, quote_literal};
+use crate::config::{ColumnRef, RowAlias, Source, TextPart};
+use crate::sql_ident::quote_literal;
 
 /// A source row as kbsync needs it.
 #[derive(Debug, Clone)]
@@ -29,6 +29,20 @@ pub async fn unusable_sources(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for source in config.sources() {
+        // A related table's missing column is named as the config names it (the
+        // statement's own error would name an alias).
+        let related = match missing_related_columns(client, &source).await {
+            Ok(missing) => missing,
+            Err(e) => vec![crate::db::describe(&e)],
+        };
+        if !related.is_empty() {
+            problems.extend(
+                related
+                    .into_iter()
+                    .map(|problem| format!("sources.{}: {problem}", source.name)),
+            );
+            continue;
+        }
         let verified = match SourceQuery::prepare(client, &source).await {
             Ok(query) => query.verify(client).await,
             Err(e) => Err(e),
@@ -44,16 +58,59 @@ pub async fn unusable_sources(
     problems
 }
 
+/// What the source reads from its related tables that the database does not have,
+/// as `related.NAME: …` lines.
+async fn missing_related_columns(
+    client: &impl GenericClient,
+    source: &Source,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut missing = Vec::new();
+    for (i, related) in source.related.iter().enumerate() {
+        let wanted: Vec<String> = source
+            .related_columns(i)
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        let row = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL,
+                        ARRAY(SELECT attname::text FROM pg_attribute
+                               WHERE attrelid = to_regclass($1) AND attname = ANY($2)
+                                 AND attnum > 0 AND NOT attisdropped)",
+                &[&related.table.regclass_text(), &wanted],
+            )
+            .await?;
+        if !row.get::<_, bool>(0) {
+            missing.push(format!(
+                "related.{}: table {} does not exist in this database",
+                related.name, related.table
+            ));
+            continue;
+        }
+        let found: Vec<String> = row.get(1);
+        for column in wanted.iter().filter(|c| !found.contains(c)) {
+            missing.push(format!(
+                "related.{0}: column {1} ({0}.{1}) does not exist in table {2}",
+                related.name, column, related.table
+            ));
+        }
+    }
+    Ok(missing)
+}
+
 /// The prepared SELECT for one source.
 #[derive(Debug, Clone)]
 pub struct SourceQuery {
     /// The source's SQL pieces the query was built from.
     pub rows: RowSql,
     load_sql: String,
+    /// Per related table: (the referenced rows of `$1`'s keys that a transaction in
+    /// progress is updating or deleting, the statement that waits for one of them).
+    related_writers: Vec<(String, String)>,
     /// The first page of all eligible rows in key order, and the pages after a key.
     first_page_sql: String,
     next_page_sql: String,
-    text_columns: Vec<Ident>,
+    text_columns: Vec<ColumnRef>,
     text: Vec<TextPart>,
 }
 
@@ -81,33 +138,42 @@ pub struct RowSql {
     pub key_type: Option<String>,
 }
 
+/// The type of a table's column as the catalog names it (None: no such column).
+async fn column_type(
+    client: &impl GenericClient,
+    table_text: &str,
+    column: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+            &[&table_text, &column],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
 impl RowSql {
     pub async fn prepare(
         client: &impl GenericClient,
         source: &Source,
     ) -> Result<Self, tokio_postgres::Error> {
-        let key_type: Option<String> = client
-            .query_opt(
-                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-                  WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
-                &[&source.table.regclass_text(), &source.key.as_str()],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let (tenant, join) = match &source.tenant_via {
-            Some((table, fk, references)) => (
-                format!("v.{}", source.tenant_column),
-                format!(" JOIN {table} v ON v.{references} = t.{fk}"),
-            ),
-            None => (format!("t.{}", source.tenant_column), String::new()),
-        };
+        let key_type =
+            column_type(client, &source.table.regclass_text(), source.key.as_str()).await?;
+        let at = RowAlias::TABLE;
+        let tenant = source.tenant_sql(at);
+        let join = source.joins_sql(at, &source.related_tables());
         let metadata = if source.metadata.is_empty() {
             "'{}'::jsonb".to_owned()
         } else {
             let pairs: Vec<String> = source
                 .metadata
                 .iter()
-                .map(|m| format!("'{}', t.{m}", m.as_str()))
+                .map(|(name, column)| {
+                    // Names are identifiers, or two joined by a dot: nothing to escape.
+                    format!("'{name}', {}", column.sql(at))
+                })
                 .collect();
             format!("jsonb_build_object({})", pairs.join(", "))
         };
@@ -117,13 +183,13 @@ impl RowSql {
             .map(|p| match p {
                 // Template literals were validated when the config was read.
                 TextPart::Literal(l) => quote_literal(l).unwrap_or_else(|_| "''".to_owned()),
-                TextPart::Column(c) => format!("t.{c}::text"),
+                TextPart::Column(c) => format!("{}::text", c.sql(at)),
             })
             .collect();
         Ok(Self {
             table: source.table.to_string(),
             from: format!("{} t{join}", source.table),
-            eligible: format!("{} AND {tenant} IS NOT NULL", source.filter_sql("t.")),
+            eligible: format!("{} AND {tenant} IS NOT NULL", source.filter_sql(at)),
             tenant,
             metadata,
             text: format!("concat({})", parts.join(", ")),
@@ -157,7 +223,7 @@ impl SourceQuery {
         source: &Source,
     ) -> Result<Self, tokio_postgres::Error> {
         let sql = RowSql::prepare(client, source).await?;
-        let text_columns: Vec<Ident> = {
+        let text_columns: Vec<ColumnRef> = {
             let mut seen = BTreeSet::new();
             source
                 .text
@@ -170,7 +236,7 @@ impl SourceQuery {
         };
         let columns: Vec<String> = text_columns
             .iter()
-            .map(|c| format!("t.{c}::text"))
+            .map(|c| format!("{}::text", c.sql(RowAlias::TABLE)))
             .collect();
         let select = format!(
             "SELECT {key}::text, {tenant}::text, {metadata}, {text_hash64}{sep}{columns}
@@ -199,8 +265,34 @@ impl SourceQuery {
             eligible = sql.eligible,
             key = sql.key,
         );
+        let mut related_writers = Vec::new();
+        for related in &source.related {
+            let table = related.table.to_string();
+            let references = &related.references;
+            let ref_type = column_type(client, &related.table.regclass_text(), references.as_str())
+                .await?
+                .unwrap_or_else(|| "text".to_owned());
+            // SKIP LOCKED skips only rows locked against FOR SHARE: rows being updated
+            // or deleted, not those a foreign key check holds.
+            let busy = format!(
+                "WITH refs AS (SELECT DISTINCT t.{fk} AS ref FROM {source_table} t WHERE {key_match}),
+                      free AS (SELECT r.{references} AS ref FROM {table} r
+                                WHERE r.{references} IN (SELECT ref FROM refs) FOR SHARE OF r SKIP LOCKED)
+                 SELECT r.{references}::text FROM {table} r
+                  WHERE r.{references} IN (SELECT ref FROM refs)
+                    AND r.{references} NOT IN (SELECT ref FROM free)",
+                fk = related.foreign_key,
+                source_table = source.table,
+                key_match = sql.key_compare("= ANY", "$1", true),
+            );
+            let wait = format!(
+                "SELECT 1 FROM {table} r WHERE r.{references} = $1::text::{ref_type} FOR SHARE OF r"
+            );
+            related_writers.push((busy, wait));
+        }
         Ok(Self {
             rows: sql,
+            related_writers,
             load_sql,
             first_page_sql,
             next_page_sql,
@@ -213,15 +305,39 @@ impl SourceQuery {
     /// missing table or column, or a filter that does not compile, fails here with the
     /// server's own message rather than in the first batch.
     pub async fn verify(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
-        client.prepare(&self.load_sql).await.map(drop)
+        client.prepare(&self.load_sql).await?;
+        for (busy, wait) in &self.related_writers {
+            client.prepare(busy).await?;
+            client.prepare(wait).await?;
+        }
+        Ok(())
     }
 
-    /// The rows of `keys` that exist and pass the filter.
+    /// The rows of `keys` that exist and pass the filter, read once no transaction is
+    /// still writing the related rows they read.
+    ///
+    /// Why wait: a page update's trigger sees only FAQs committed before it ran. A FAQ
+    /// inserted meanwhile is queued by its own trigger, and if it were read now, with
+    /// the page update not yet committed, it would be written with the page's old
+    /// tenant, and nothing would queue it again. Waiting for that writer (a FOR SHARE
+    /// on its row, one row at a time, so that kbsync never holds one row while waiting
+    /// for another and cannot deadlock a writer) makes the read see its commit.
     pub async fn load(
         &self,
         client: &impl GenericClient,
         keys: &[String],
     ) -> Result<Vec<SourceRow>, tokio_postgres::Error> {
+        for (busy, wait) in &self.related_writers {
+            let busy: Vec<String> = client
+                .query(busy, &[&keys])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for reference in &busy {
+                client.query(wait, &[reference]).await?;
+            }
+        }
         let rows = client.query(&self.load_sql, &[&keys]).await?;
         Ok(self.source_rows(&rows))
     }

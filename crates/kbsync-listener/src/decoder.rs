@@ -80,7 +80,8 @@ struct Target {
     append: Statement,
 }
 
-/// The statement per source, resolved against the catalog.
+/// The statements per source (its table's, then one per related table), resolved
+/// against the catalog.
 async fn targets(client: &Client, sources: &[Source]) -> Result<Vec<Target>, DecodeError> {
     let resolve = |text: String| async move {
         client
@@ -106,22 +107,32 @@ async fn targets(client: &Client, sources: &[Source]) -> Result<Vec<Target>, Dec
         let (schema, table, qualified) = resolve(source.table.regclass_text())
             .await?
             .ok_or_else(|| DecodeError::TableGone(source.name.clone()))?;
-        let via = match &source.tenant_via {
-            Some((via, _, _)) => Some(
-                resolve(via.regclass_text())
+        let mut related = Vec::new();
+        for r in &source.related {
+            related.push(
+                resolve(r.table.regclass_text())
                     .await?
-                    .ok_or_else(|| DecodeError::TableGone(source.name.clone()))?
-                    .2,
-            ),
-            None => None,
-        };
-        let sql = capture::decoded_changes_sql(source, &qualified, via.as_deref());
+                    .ok_or_else(|| DecodeError::TableGone(source.name.clone()))?,
+            );
+        }
+        let related_tables: Vec<String> = related.iter().map(|(_, _, q)| q.clone()).collect();
+        let sql = capture::decoded_changes_sql(source, &qualified, &related_tables);
         out.push(Target {
             source: source.name.clone(),
             schema,
             table,
             append: client.prepare(&sql).await?,
         });
+        // A related table's changes queue the rows that reference the changed rows.
+        for (i, (schema, table, _)) in related.into_iter().enumerate() {
+            let sql = capture::decoded_dependents_sql(source, i, &qualified, &related_tables);
+            out.push(Target {
+                source: source.name.clone(),
+                schema,
+                table,
+                append: client.prepare(&sql).await?,
+            });
+        }
     }
     Ok(out)
 }
@@ -133,7 +144,7 @@ struct Pending {
     changes: Vec<Vec<Json>>,
     count: usize,
     /// relation id → (indexes of the targets on that table, column names), for
-    /// source tables only (two sources may read one table).
+    /// captured tables only (two sources may read one table, as source or related).
     relations: HashMap<u32, (Vec<usize>, Vec<String>)>,
     /// When the oldest change not yet appended arrived.
     since: Option<Instant>,

@@ -15,13 +15,52 @@ const CONVERGE: Duration = Duration::from_secs(60);
 
 pub type ChunkSet = BTreeSet<(String, String, String, String)>;
 
+/// The FAQ source of a test config, as the reference SQL computes it (`q` the QAPair,
+/// `p` its page).
+#[derive(Debug, Clone, Copy)]
+pub struct FaqReference {
+    pub text: &'static str,
+    pub filter: &'static str,
+}
+
+/// The shipped config's FAQs: their own columns, the tenant through the page.
+pub const SHIPPED_FAQ: FaqReference = FaqReference {
+    text: r"'Question: ' || q.question || E'\nAnswer: ' || q.answer",
+    filter: "q.generation_status = 'completed'",
+};
+
+/// FAQs that read their page: its title in the text, its crawl status in the filter.
+/// `RELATED_FAQ_EDITS` make the shipped config this.
+pub const RELATED_FAQ: FaqReference = FaqReference {
+    text: r"'Page: ' || p.title || E'\nQuestion: ' || q.question || E'\nAnswer: ' || q.answer",
+    filter: "q.generation_status = 'completed' AND p.crawl_status = 'completed'",
+};
+
+/// `TempConfig::edited` pairs that turn the shipped FAQ source into `RELATED_FAQ`.
+pub const RELATED_FAQ_EDITS: &[(&str, &str)] = &[
+    (
+        r#"text = "Question: {question}\nAnswer: {answer}""#,
+        r#"text = "Page: {page.title}\nQuestion: {question}\nAnswer: {answer}""#,
+    ),
+    (
+        r#"filter = [{ column = "generation_status", equals = "completed" }]"#,
+        r#"filter = [{ column = "generation_status", equals = "completed" }, { column = "page.crawl_status", equals = "completed" }]"#,
+    ),
+];
+
 /// What tenant_knowledge must hold, computed from the source tables with plain SQL
 /// (the demo texts are short: one chunk per row).
 pub async fn expected(client: &Client) -> ChunkSet {
-    let sql = r"
-        SELECT 'faq', q.id::text, p.user_id::text, btrim('Question: ' || q.question || E'\nAnswer: ' || q.answer, E' \n\t')
+    expected_with(client, SHIPPED_FAQ).await
+}
+
+/// `expected`, with the FAQs as `faq` says.
+pub async fn expected_with(client: &Client, faq: FaqReference) -> ChunkSet {
+    let sql = format!(
+        r"
+        SELECT 'faq', q.id::text, p.user_id::text, btrim({faq_text}, E' \n\t')
           FROM web_knowledge_qapair q JOIN web_knowledge_websitepage p ON p.id = q.page_id
-         WHERE q.generation_status = 'completed'
+         WHERE {faq_filter}
         UNION ALL
         SELECT 'product', id::text, user_id::text,
                btrim(name || E'\n' || description || E'\nCategory: ' || category || E'\nPrice: ' || coalesce(price::text, '') || ' ' || currency, E' \n\t')
@@ -31,9 +70,12 @@ pub async fn expected(client: &Client) -> ChunkSet {
           FROM web_knowledge_websitepage WHERE crawl_status = 'completed'
         UNION ALL
         SELECT 'manual', user_id::text, user_id::text, btrim(manual_prompt, E' \n\t')
-          FROM ai_model_aiprompts";
+          FROM ai_model_aiprompts",
+        faq_text = faq.text,
+        faq_filter = faq.filter,
+    );
     client
-        .query(sql, &[])
+        .query(&sql, &[])
         .await
         .expect("querying the test database")
         .iter()
@@ -123,11 +165,24 @@ pub async fn converged(client: &Client, daemon: &DaemonProcess) {
 
 /// `converged`, with chunks embedded by `model`.
 pub async fn converged_with_model(client: &Client, daemon: &DaemonProcess, model: &str) {
+    converged_with(client, daemon, model, SHIPPED_FAQ).await;
+}
+
+/// `converged`, with chunks embedded by `model` and the FAQs as `faq` says.
+pub async fn converged_with(
+    client: &Client,
+    daemon: &DaemonProcess,
+    model: &str,
+    faq: FaqReference,
+) {
     let mut last = (ChunkSet::new(), ChunkSet::new());
     let done = tokio::time::timeout(CONVERGE, async {
         loop {
             if outbox_len(client).await == 0 {
-                let (want, got) = (expected(client).await, actual(client, model).await);
+                let (want, got) = (
+                    expected_with(client, faq).await,
+                    actual(client, model).await,
+                );
                 if want == got {
                     return;
                 }

@@ -60,19 +60,31 @@ pub async fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     }
     println!("# sources:");
     for source in &sources {
-        let columns: Vec<String> = source
-            .relevant_columns()
-            .iter()
-            .map(|c| c.as_str().to_owned())
-            .collect();
+        let list = |columns: Vec<kbsync_core::sql_ident::Ident>| {
+            columns
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
-            "#   {:<10} {} (watches {}; chunk {} tokens, overlap {})",
-            source.name,
-            source.table,
-            columns.join(", "),
-            source.chunk_tokens,
-            source.chunk_overlap
+            "#   {:<10} {} (chunk {} tokens, overlap {})",
+            source.name, source.table, source.chunk_tokens, source.chunk_overlap
         );
+        println!(
+            "#     watches {}: {}",
+            source.table,
+            list(source.relevant_columns())
+        );
+        for (i, related) in source.related.iter().enumerate() {
+            println!(
+                "#     watches {} (related {}, by {}): {}",
+                related.table,
+                related.name,
+                related.foreign_key.as_str(),
+                list(source.related_columns(i))
+            );
+        }
     }
     println!(
         "# reconcile schedule {:?} (UTC){}; next runs:",

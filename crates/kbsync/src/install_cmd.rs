@@ -27,6 +27,7 @@ pub async fn install(config: &Config, dry_run: bool, reset_embeddings: bool) -> 
 
 /// `kbsync COMMAND --dry-run`'s output: the plan as SQL, or `nothing`.
 pub(crate) fn print_dry_run(command: &str, plan: &install::InstallPlan, nothing: &str) {
+    print_warnings(command, plan);
     if plan.steps.is_empty() {
         println!("-- kbsync {command}: {nothing}");
     } else {
@@ -40,6 +41,7 @@ pub(crate) fn print_dry_run(command: &str, plan: &install::InstallPlan, nothing:
 
 /// What `kbsync COMMAND` applied, a line a step, or `nothing`.
 pub(crate) fn print_applied(command: &str, plan: &install::InstallPlan, nothing: &str) {
+    print_warnings(command, plan);
     if plan.steps.is_empty() {
         println!("kbsync {command}: {nothing}");
     } else {
@@ -47,6 +49,14 @@ pub(crate) fn print_applied(command: &str, plan: &install::InstallPlan, nothing:
         for step in &plan.steps {
             println!("  - {}", step.description);
         }
+    }
+}
+
+/// What works but costs the application, on stderr: it stays visible when the plan is
+/// piped to a file.
+fn print_warnings(command: &str, plan: &install::InstallPlan) {
+    for warning in &plan.warnings {
+        eprintln!("kbsync {command}: warning: {warning}");
     }
 }
 
