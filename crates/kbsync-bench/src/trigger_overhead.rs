@@ -414,12 +414,18 @@ async fn related_table_rows(
                FROM generate_series(1, {VIA_PAGES}) g;
              INSERT INTO web_knowledge_qapair (id, page_id, question, answer, generation_status)
              SELECT md5('bench-via-qa-' || g || '-' || j)::uuid, md5('bench-via-page-' || g)::uuid, 'Q', 'A', 'completed'
-               FROM generate_series(1, {VIA_PAGES}) g, generate_series(1, 2) j;
-             VACUUM ANALYZE web_knowledge_websitepage;
-             VACUUM ANALYZE web_knowledge_qapair;"
+               FROM generate_series(1, {VIA_PAGES}) g, generate_series(1, 2) j;"
         ))
         .await
         .expect("loading pages");
+    execute_all(
+        client,
+        &[
+            "VACUUM ANALYZE web_knowledge_websitepage",
+            "VACUUM ANALYZE web_knowledge_qapair",
+        ],
+    )
+    .await;
     let page_move = script(
         dir.path(),
         "page_move.sql",
