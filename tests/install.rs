@@ -3,7 +3,15 @@
 
 #![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
 
+use kbsync_testkit::demo_state::embedding_column_and_index;
 use kbsync_testkit::{TempConfig, TestDb};
+
+/// Every one of `words` is in `stderr`.
+fn says(stderr: &str, words: &[&str]) {
+    for words in words {
+        assert!(stderr.contains(words), "{words:?} not in: {stderr}");
+    }
+}
 
 /// The capture triggers (not the knowledge table's own terms triggers).
 async fn kbsync_triggers(db: &TestDb) -> Vec<(String, String, u32)> {
@@ -176,18 +184,15 @@ async fn a_dimension_change_is_refused_with_how_to_migrate_and_reset_keeps_texts
     let config = openai_1536();
     let refused = db.kbsync_with_config(config.path(), &["install"]);
     refused.assert_failure();
-    for words in [
-        "vector(384)",
-        "dimensions is 1536",
-        "--reset-embeddings",
-        "kbsync reconcile",
-    ] {
-        assert!(
-            refused.stderr.contains(words),
-            "{words:?} not in: {}",
-            refused.stderr
-        );
-    }
+    says(
+        &refused.stderr,
+        &[
+            "vector(384)",
+            "dimensions is 1536",
+            "--reset-embeddings",
+            "kbsync reconcile",
+        ],
+    );
     let embedded: i64 = client
         .query_one(
             "SELECT count(*) FROM tenant_knowledge WHERE embedding IS NOT NULL",
@@ -588,4 +593,144 @@ async fn every_write_to_the_knowledge_table_keeps_its_words_in_step() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "a truncate left words behind");
+}
+
+/// Make this test database report an older pgvector than it runs: the extension's
+/// catalog row says `version` (a superuser may write the catalog; the database is the
+/// test's own). The bundled servers all run pgvector 0.8.5, so an old one is shown
+/// to install this way.
+async fn pretend_pgvector(client: &tokio_postgres::Client, version: &str) {
+    client
+        .execute(
+            "UPDATE pg_extension SET extversion = $1 WHERE extname = 'vector'",
+            &[&version],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn install_refuses_a_pgvector_older_than_the_minimum_and_says_how_to_upgrade() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS vector")
+        .await
+        .unwrap();
+    pretend_pgvector(&client, "0.4.4").await;
+    let refused = db.kbsync(&["install"]);
+    refused.assert_failure();
+    says(
+        &refused.stderr,
+        &[
+            "pgvector 0.4.4",
+            "0.5.0 or newer",
+            "ALTER EXTENSION vector UPDATE",
+        ],
+    );
+    let schema: bool = client
+        .query_one(
+            "SELECT to_regclass('kbsync.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!schema, "a refused install changed the database");
+
+    // 0.6 has HNSW but not halfvec: a 1,536-dimension vector model installs, a
+    // 3,072-dimension one (halfvec) is refused with both ways out.
+    pretend_pgvector(&client, "0.6.2").await;
+    let wide = TempConfig::shipped_with(&[(
+        "provider = \"local\"\nmodel = \"all-MiniLM-L6-v2\"\ndimensions = 384\nmodel_dir = \".kbsync/models/all-MiniLM-L6-v2\"",
+        "provider = \"openai\"\nmodel = \"text-embedding-3-large\"\ndimensions = 3072\nbase_url = \"http://127.0.0.1:9/v1\"",
+    )]);
+    let refused = db.kbsync_with_config(wide.path(), &["install"]);
+    refused.assert_failure();
+    says(
+        &refused.stderr,
+        &[
+            "text-embedding-3-large",
+            "halfvec",
+            "pgvector 0.6.2",
+            "0.7.0 or newer",
+            "send_dimensions",
+        ],
+    );
+    db.kbsync_with_config(openai_1536().path(), &["install"])
+        .assert_success();
+}
+
+#[tokio::test]
+async fn a_3072_dimension_model_gets_a_halfvec_column_and_a_vector_column_converts_in_place() {
+    let db = TestDb::create().await.with_demo_schema().await;
+    let wide = TempConfig::shipped_with(&[(
+        "provider = \"local\"\nmodel = \"all-MiniLM-L6-v2\"\ndimensions = 384\nmodel_dir = \".kbsync/models/all-MiniLM-L6-v2\"",
+        "provider = \"openai\"\nmodel = \"text-embedding-3-large\"\ndimensions = 3072\nbase_url = \"http://127.0.0.1:9/v1\"",
+    )]);
+    db.kbsync_with_config(wide.path(), &["install"])
+        .assert_success();
+    let client = db.client().await;
+    assert_eq!(
+        embedding_column_and_index(&client).await,
+        ("halfvec(3072)".into(), "halfvec_cosine_ops".into(), true)
+    );
+    db.kbsync_with_config(wide.path(), &["install", "--dry-run"])
+        .assert_success();
+
+    // `vector` above 2,000 dimensions is refused by the config check, with the fix.
+    let forced = TempConfig::new(&std::fs::read_to_string(wide.path()).unwrap().replace(
+        "dimensions = 3072",
+        "dimensions = 3072\nvector_type = \"vector\"",
+    ));
+    let refused = db.kbsync_with_config(forced.path(), &["config", "check"]);
+    refused.assert_failure();
+    assert!(
+        refused.stderr.contains("embedding.vector_type") && refused.stderr.contains("halfvec"),
+        "{}",
+        refused.stderr
+    );
+
+    // A 1,536-dimension model stored as vector, then chosen as halfvec: the stored
+    // vectors are converted, not cleared (nothing is sent again).
+    let db = TestDb::create().await.with_demo_schema().await;
+    db.kbsync_with_config(openai_1536().path(), &["install"])
+        .assert_success();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash, embedding, embedding_model)
+             VALUES ('1', 'faq', 'k', 0, 'kept text', '\\x00', array_fill(0.25, ARRAY[1536])::vector, 'text-embedding-3-small')",
+        )
+        .await
+        .unwrap();
+    let half = TempConfig::new(
+        &std::fs::read_to_string(openai_1536().path())
+            .unwrap()
+            .replace(
+                "\ndimensions = 1536",
+                "\ndimensions = 1536\nvector_type = \"halfvec\"",
+            ),
+    );
+    let out = db.kbsync_with_config(half.path(), &["install"]);
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains("vector(1536) -> halfvec(1536), every stored vector converted"),
+        "{}",
+        out.stdout
+    );
+    let row = client
+        .query_one(
+            "SELECT format_type(a.atttypid, a.atttypmod), t.embedding = array_fill(0.25, ARRAY[1536])::vector::halfvec,
+                    t.embedding_model
+               FROM tenant_knowledge t, pg_attribute a
+              WHERE a.attrelid = 'public.tenant_knowledge'::regclass AND a.attname = 'embedding'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "halfvec(1536)");
+    assert!(row.get::<_, bool>(1), "the stored vector was not kept");
+    assert_eq!(row.get::<_, String>(2), "text-embedding-3-small");
 }

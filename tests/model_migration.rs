@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kbsync_testkit::demo_state::{TEST_MODEL, converged, converged_with_model};
+use kbsync_testkit::demo_state::{
+    TEST_MODEL, converged, converged_with_model, embedding_column_and_index,
+};
 use kbsync_testkit::{
     DaemonProcess, FakeOpenAi, Installed, TEST_API_KEY, TempConfig, deterministic_vector,
     run_kbsync, shown_in_readme, wait_for,
@@ -34,8 +36,18 @@ struct Setup {
 const SEARCH_TOKEN: &str = "migration-search-token";
 
 async fn setup(faqs: i32, next_inputs_per_request: usize) -> Setup {
-    let t = Installed::new(DIMS, "0s", "0s").await;
-    let next = FakeOpenAi::start(NEXT_DIMS).await;
+    setup_at(faqs, next_inputs_per_request, DIMS, NEXT_DIMS).await
+}
+
+/// `setup`, from a model of `dims` dimensions to one of `next_dims`.
+async fn setup_at(
+    faqs: i32,
+    next_inputs_per_request: usize,
+    dims: usize,
+    next_dims: usize,
+) -> Setup {
+    let t = Installed::new(dims, "0s", "0s").await;
+    let next = FakeOpenAi::start(next_dims).await;
     let tokens = tempfile::NamedTempFile::new().expect("a tokens file");
     std::fs::write(tokens.path(), format!("{SEARCH_TOKEN}\n")).expect("tokens");
     let with_api = t.config.edited(&[(
@@ -51,7 +63,7 @@ async fn setup(faqs: i32, next_inputs_per_request: usize) -> Setup {
 [next_embedding]
 provider = \"openai\"
 model = \"{NEXT_MODEL}\"
-dimensions = {NEXT_DIMS}
+dimensions = {next_dims}
 base_url = \"{}\"
 max_inputs_per_request = {next_inputs_per_request}
 max_concurrency = 2
@@ -143,7 +155,10 @@ async fn vectors(client: &Client, column: &str) -> Vec<(String, Option<Vec<f32>>
     assert!(["embedding", "embedding_next", "embedding_previous"].contains(&column));
     client
         .query(
-            &format!("SELECT content, {column}, {column}_model FROM tenant_knowledge ORDER BY id"),
+            // As `vector` whatever the column's type: a halfvec widens exactly.
+            &format!(
+                "SELECT content, {column}::vector, {column}_model FROM tenant_knowledge ORDER BY id"
+            ),
             &[],
         )
         .await
@@ -169,11 +184,24 @@ async fn every_chunk_has(client: &Client, column: &str, model: &str, dims: usize
             Some(model),
             "{column} of {content:?}"
         );
-        assert_eq!(
-            vector,
-            Some(deterministic_vector(&content, dims)),
-            "{column} of {content:?} is not {model}'s vector of its text"
-        );
+        let expected = deterministic_vector(&content, dims);
+        let stored = vector.unwrap_or_else(|| panic!("{column} of {content:?} is NULL"));
+        if dims <= 2000 {
+            assert_eq!(
+                stored, expected,
+                "{column} of {content:?} is not {model}'s vector of its text"
+            );
+        } else {
+            // Stored as halfvec: each value rounded to 11 significant bits.
+            assert_eq!(stored.len(), dims);
+            assert!(
+                stored
+                    .iter()
+                    .zip(&expected)
+                    .all(|(s, e)| (s - e).abs() <= e.abs() / 1024.0 + 1e-7),
+                "{column} of {content:?} is not {model}'s vector of its text, as halfvec"
+            );
+        }
     }
 }
 
@@ -661,4 +689,91 @@ async fn a_daemon_whose_config_lacks_the_new_model_stops_and_says_why() {
     // Restarted with the config that names both, it fills.
     let daemon = s.daemon();
     s.filled(&daemon).await;
+}
+
+/// 1,536 → 3,072 dimensions (text-embedding-3-small → -large): the new column is
+/// `halfvec(3072)`, the cut-over brings its HNSW index (halfvec_cosine_ops), search
+/// answers with the new model, a rollback goes back to `vector(1536)` for nothing, and
+/// `finish` leaves the halfvec column alone with a valid index.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_from_1536_to_3072_dimensions_moves_to_halfvec() {
+    const FROM: usize = 1536;
+    const TO: usize = 3072;
+    let s = setup_at(40, 16, FROM, TO).await;
+    let daemon = s.daemon();
+    converged(&s.t.client, &daemon).await;
+    s.model(&["start"]).assert_success();
+    let column_type = |column: &'static str| {
+        let client = &s.t.client;
+        async move {
+            client
+                .query_one(
+                    "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+                      WHERE attrelid = 'public.tenant_knowledge'::regclass AND attname = $1",
+                    &[&column],
+                )
+                .await
+                .expect("a column's type")
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(column_type("embedding_next").await, "halfvec(3072)");
+    s.filled(&daemon).await;
+    every_chunk_has(&s.t.client, "embedding_next", NEXT_MODEL, TO).await;
+    s.cutover().await;
+    assert_eq!(
+        embedding_column_and_index(&s.t.client).await,
+        ("halfvec(3072)".into(), "halfvec_cosine_ops".into(), true)
+    );
+    every_chunk_has(&s.t.client, "embedding", NEXT_MODEL, TO).await;
+    let (code, answer) = daemon
+        .http_post_json(
+            "/v1/search",
+            Some(SEARCH_TOKEN),
+            // The chunk's own text: the test server gives it the stored vector exactly.
+            &serde_json::json!({"tenant": "1", "query": "Question: What about item 7?\nAnswer: Item 7 ships soon.", "mode": "vector", "k": 1}),
+        )
+        .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["model"], NEXT_MODEL, "{answer}");
+    let item_7: String =
+        s.t.client
+            .query_one("SELECT md5('qa7')::uuid::text", &[])
+            .await
+            .expect("item 7's key")
+            .get(0);
+    assert_eq!(answer["results"][0]["key"], item_7, "{answer}");
+
+    let requests = (s.t.server.request_count(), s.next.request_count());
+    s.model(&["rollback"]).assert_success();
+    assert_eq!(
+        embedding_column_and_index(&s.t.client).await,
+        ("vector(1536)".into(), "vector_cosine_ops".into(), true)
+    );
+    every_chunk_has(&s.t.client, "embedding", TEST_MODEL, FROM).await;
+    s.cutover().await;
+    s.model(&["finish"]).assert_success();
+    assert_eq!(
+        vector_columns(&s.t.client).await,
+        ["embedding", "embedding_model"]
+    );
+    assert_eq!(
+        embedding_column_and_index(&s.t.client).await,
+        ("halfvec(3072)".into(), "halfvec_cosine_ops".into(), true)
+    );
+    assert_eq!(
+        (s.t.server.request_count(), s.next.request_count()),
+        requests,
+        "a rollback and a second cut-over sent embedding requests"
+    );
+    // Live sync goes on into the halfvec column.
+    s.t.client
+        .execute(
+            "UPDATE web_knowledge_qapair SET answer = 'Finished: ships now.' WHERE id = md5('qa1')::uuid",
+            &[],
+        )
+        .await
+        .expect("an edit");
+    converged_with_model(&s.t.client, &daemon, NEXT_MODEL).await;
+    every_chunk_has(&s.t.client, "embedding", NEXT_MODEL, TO).await;
 }

@@ -26,12 +26,17 @@ struct Setup {
 /// Demo tables and rows, kbsync installed, and the knowledge table converged by a
 /// daemon that is then stopped (each test starts its own when it needs one).
 async fn synced() -> Setup {
+    synced_at(DIMS).await
+}
+
+/// `synced`, with a model of `dims` dimensions.
+async fn synced_at(dims: usize) -> Setup {
     let Installed {
         db,
         client,
         server,
         config,
-    } = Installed::new(DIMS, "100ms", "100ms").await;
+    } = Installed::new(dims, "100ms", "100ms").await;
     let s = Setup {
         db,
         client,
@@ -132,7 +137,16 @@ const PRODUCT_1: &str = "md5('product-1-headlamp-1')::uuid";
 
 #[tokio::test]
 async fn one_sweep_repairs_every_kind_of_drift_and_a_second_finds_nothing() {
-    let s = synced().await;
+    repairs_every_kind_of_drift(synced().await).await;
+}
+
+/// The same with a 3,072-dimension model, its vectors stored as halfvec.
+#[tokio::test]
+async fn one_sweep_repairs_every_kind_of_drift_at_3072_dimensions() {
+    repairs_every_kind_of_drift(synced_at(3072).await).await;
+}
+
+async fn repairs_every_kind_of_drift(s: Setup) {
     let moved_faqs = s
         .count(
             "SELECT count(*) FROM web_knowledge_qapair

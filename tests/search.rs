@@ -3,8 +3,10 @@
 //! through every one of them, a tenant never sees another tenant's chunk, even one with
 //! the very same text.
 
-use kbsync_testkit::demo_state::converged;
-use kbsync_testkit::{DaemonProcess, FakeOpenAi, Installed, TempConfig, sync_config};
+use kbsync_testkit::demo_state::{converged, embedding_column_and_index};
+use kbsync_testkit::{
+    DaemonProcess, FakeOpenAi, Installed, TEST_API_KEY, TempConfig, run_kbsync, sync_config,
+};
 use tokio_postgres::Client;
 
 const DIMS: usize = 64;
@@ -118,15 +120,23 @@ async fn faqs(client: &Client) {
 async fn synced(
     row_level_security: bool,
 ) -> (Installed, DaemonProcess, Keys, tempfile::NamedTempFile) {
+    synced_at(row_level_security, DIMS).await
+}
+
+/// `synced`, with a model of `dims` dimensions.
+async fn synced_at(
+    row_level_security: bool,
+    dims: usize,
+) -> (Installed, DaemonProcess, Keys, tempfile::NamedTempFile) {
     let tokens = tempfile::NamedTempFile::new().expect("a tokens file");
     std::fs::write(tokens.path(), format!("other-token\n{TOKEN}\n")).expect("tokens");
-    let server = FakeOpenAi::start(DIMS).await;
+    let server = FakeOpenAi::start(dims).await;
     server.vectors_from_words(true);
     let search = format!(
         "max_query_chars = 200\napi_tokens_file = \"{}\"",
         tokens.path().display()
     );
-    let config: TempConfig = sync_config(&server.base_url(), DIMS, "0s", "0s").edited(&[
+    let config: TempConfig = sync_config(&server.base_url(), dims, "0s", "0s").edited(&[
         (
             "single_chunk = true",
             "single_chunk = true\ntext_search = \"english\"",
@@ -163,16 +173,22 @@ async fn sql_search(t: &Installed, tenant: &str, query: &str, mode: &str) -> Vec
 #[tokio::test(flavor = "multi_thread")]
 async fn each_mode_ranks_the_tenants_own_chunks_and_never_another_tenants() {
     let (t, _daemon, keys, _tokens) = synced(false).await;
+    each_mode_ranks(&t, &keys).await;
+    full_text_hybrid_fusion_and_bad_arguments(&t, &keys).await;
+}
+
+/// `kbsync.search()` in each mode finds the asked FAQ first, and only the tenant's.
+async fn each_mode_ranks(t: &Installed, keys: &Keys) {
     let (a, b) = (keys.of_tenant(1), keys.of_tenant(2));
     for mode in ["vector", "text", "hybrid"] {
-        let found = sql_search(&t, "1", "How do I reset my router?", mode).await;
+        let found = sql_search(t, "1", "How do I reset my router?", mode).await;
         assert_eq!(
             found.first(),
             Some(&keys.of("a-reset")),
             "{mode}: {found:?}"
         );
         assert!(found.iter().all(|k| a.contains(k)), "{mode}: {found:?}");
-        let found = sql_search(&t, "2", "How do I reset my router?", mode).await;
+        let found = sql_search(t, "2", "How do I reset my router?", mode).await;
         assert_eq!(
             found.first(),
             Some(&keys.of("b-reset")),
@@ -180,14 +196,18 @@ async fn each_mode_ranks_the_tenants_own_chunks_and_never_another_tenants() {
         );
         assert!(found.iter().all(|k| b.contains(k)), "{mode}: {found:?}");
     }
+}
+
+/// Full text on its own, hybrid's fusion, the function's settings and its refusals.
+async fn full_text_hybrid_fusion_and_bad_arguments(t: &Installed, keys: &Keys) {
     // Full-text finds the exact term, and only where it is.
     assert_eq!(
-        sql_search(&t, "1", "E-4410", "text").await,
+        sql_search(t, "1", "E-4410", "text").await,
         vec![keys.of("a-error")]
     );
     // The FAQ source's chunks are indexed in English: other word forms match.
     assert_eq!(
-        sql_search(&t, "1", "resetting routers", "text").await,
+        sql_search(t, "1", "resetting routers", "text").await,
         vec![keys.of("a-reset")]
     );
     // Hybrid fuses both rankings: a chunk found by both comes first, with both ranks.
@@ -459,4 +479,87 @@ async fn row_level_security_shows_an_application_role_only_its_sessions_tenant()
         "{}",
         out.stdout
     );
+}
+
+/// A model of 3,072 dimensions (text-embedding-3-large's): the column is
+/// `halfvec(3072)` with a valid HNSW index on it, and every way of searching ranks as
+/// at 64 dimensions: `kbsync.search()`, `POST /v1/search` and `kbsync search`, each in
+/// every mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_3072_dimension_model_is_stored_as_halfvec_indexed_and_searched_every_way() {
+    const WIDE: usize = 3072;
+    let (t, daemon, keys, _tokens) = synced_at(false, WIDE).await;
+    assert_eq!(
+        embedding_column_and_index(&t.client).await,
+        ("halfvec(3072)".into(), "halfvec_cosine_ops".into(), true)
+    );
+    each_mode_ranks(&t, &keys).await;
+
+    // A query vector passed as `vector` ranks through the halfvec index: the planner
+    // casts the parameter, not the column. (No tenant filter: on six chunks the
+    // planner would rather sort the tenant's rows from its btree index.)
+    let plan = t
+        .client
+        .simple_query(&format!(
+            "BEGIN; SET LOCAL enable_seqscan = off;
+             EXPLAIN SELECT id FROM public.tenant_knowledge t
+               ORDER BY t.embedding <=> '{:?}'::vector LIMIT 10;
+             COMMIT;",
+            t.server.vector_for("router")
+        ))
+        .await
+        .expect("EXPLAIN of a vector ranking");
+    let plan: String = plan
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        plan.contains("Index Scan using tenant_knowledge_embedding_hnsw"),
+        "{plan}"
+    );
+
+    for mode in ["vector", "text", "hybrid"] {
+        let (status, answer) = daemon
+            .http_post_json(
+                "/v1/search",
+                Some(TOKEN),
+                &serde_json::json!({"tenant": "1", "query": "How do I reset my router?", "mode": mode}),
+            )
+            .await;
+        assert_eq!(status, 200, "{mode}: {answer}");
+        assert_eq!(
+            answer["results"][0]["key"],
+            keys.of("a-reset"),
+            "{mode}: {answer}"
+        );
+        let out = run_kbsync(
+            t.config.path(),
+            &[
+                "search",
+                "--tenant",
+                "2",
+                "--mode",
+                mode,
+                "--json",
+                "How do I reset my router?",
+            ],
+            &[
+                ("DATABASE_URL", t.db.url()),
+                ("OPENAI_API_KEY", TEST_API_KEY),
+            ],
+        );
+        out.assert_success();
+        let hits: serde_json::Value = serde_json::from_str(&out.stdout).expect("search --json");
+        assert_eq!(hits[0]["key"], keys.of("b-reset"), "{mode}: {hits}");
+        assert!(
+            hits.as_array().expect("a list of hits").iter().all(|h| keys
+                .of_tenant(2)
+                .contains(&h["key"].as_str().unwrap_or_default().to_owned())),
+            "{mode}: {hits}"
+        );
+    }
 }

@@ -241,7 +241,7 @@ async fn backfill_with_index(handling: IndexHandling, n: i64, dims: usize) -> (f
                 "SET maintenance_work_mem = '{}MB'; SET max_parallel_maintenance_workers = {}; {}",
                 index.build_memory_mb,
                 index.build_workers,
-                knowledge_index::create_sql(false)
+                knowledge_index::create_sql(false, kbsync_core::config::VectorType::Vector)
             ))
             .await
             .expect("CREATE INDEX");

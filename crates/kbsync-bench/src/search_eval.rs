@@ -344,12 +344,12 @@ pub async fn quality_rows() -> Vec<(String, String)> {
 }
 
 /// Distinct texts of the latency data (each tenant gets all of them).
-const LATENCY_TEXTS: usize = 100_000;
+pub(crate) const LATENCY_TEXTS: usize = 100_000;
 
 /// The latency data's texts, the same in every run: a sentence of the evaluation
 /// set's documents, a run of four words from another, and an item number, as
 /// catalogue FAQs vary one theme (about 20 words each, short chunks).
-fn latency_texts(n: usize) -> Vec<String> {
+pub(crate) fn latency_texts(n: usize) -> Vec<String> {
     use rand::{Rng, SeedableRng};
     let mut sentences: Vec<String> = Vec::new();
     for fields in documents() {
@@ -380,7 +380,7 @@ fn latency_texts(n: usize) -> Vec<String> {
 /// `texts` embedded by the local model of `config`, read from `.kbsync/cache` when a
 /// run before embedded the same texts with the same model (about 10 minutes on 2
 /// cores the first time).
-async fn embedded_once(config: &Config, texts: &[String]) -> Vec<Vector> {
+pub(crate) async fn embedded_once(config: &Config, texts: &[String]) -> Vec<Vector> {
     use sha2::{Digest, Sha256};
     const DIMS: usize = 384;
     let mut key = Sha256::new();
@@ -432,6 +432,29 @@ async fn embedded_once(config: &Config, texts: &[String]) -> Vec<Vector> {
         .collect()
 }
 
+/// `texts` with their vectors as FAQ chunks of `tenant` (keys `TENANT-N`, N from 1),
+/// 2,000 a statement.
+pub(crate) async fn insert_chunks(
+    client: &Client,
+    tenant: i32,
+    texts: &[String],
+    vectors: &[Vector],
+) {
+    for (at, (texts, vectors)) in texts.chunks(2_000).zip(vectors.chunks(2_000)).enumerate() {
+        client
+            .execute(
+                "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
+                                               embedding, embedding_model)
+                 SELECT $1::int::text, 'faq', $1::int || '-' || ($2::int + n), 0, body,
+                        sha256(convert_to(body, 'UTF8')), v, 'all-MiniLM-L6-v2'
+                   FROM unnest($3::text[], $4::vector[]) WITH ORDINALITY AS x(body, v, n)",
+                &[&tenant, &((at * 2_000) as i32), &texts, &vectors],
+            )
+            .await
+            .expect("loading chunks");
+    }
+}
+
 /// Every text with its vector as a chunk of each of `tenants` tenants (the same
 /// texts in each: near-identical chunks across tenants, the tenant filter's hard
 /// case); the HNSW index built afterwards (its build time returned).
@@ -446,19 +469,7 @@ async fn many_chunks(
         .await
         .expect("dropping the index");
     for tenant in 1..=tenants {
-        for (at, (texts, vectors)) in texts.chunks(2_000).zip(vectors.chunks(2_000)).enumerate() {
-            client
-                .execute(
-                    "INSERT INTO tenant_knowledge (tenant_id, source, source_key, chunk_index, content, content_hash,
-                                                   embedding, embedding_model)
-                     SELECT $1::int::text, 'faq', $1::int || '-' || ($2::int + n), 0, body,
-                            sha256(convert_to(body, 'UTF8')), v, 'all-MiniLM-L6-v2'
-                       FROM unnest($3::text[], $4::vector[]) WITH ORDINALITY AS x(body, v, n)",
-                    &[&tenant, &((at * 2_000) as i32), &texts, &vectors],
-                )
-                .await
-                .expect("loading chunks");
-        }
+        insert_chunks(client, tenant, texts, vectors).await;
     }
     let started = Instant::now();
     client
@@ -473,13 +484,16 @@ async fn many_chunks(
     started.elapsed()
 }
 
-pub async fn latency_rows() -> Vec<(String, String)> {
-    const TENANTS: i32 = 2;
-    const PER_TENANT: usize = LATENCY_TEXTS;
-    const QUERIES: usize = 200;
-    let config = local_model_config("0s");
-    let (_db, client) = demo_db(&config).await;
-    let parsed = Config::load(config.path()).expect("the config");
+/// The latency data: `LATENCY_TEXTS` texts and `queries` questions, with their
+/// vectors by the local model (cached).
+pub(crate) struct LatencyData {
+    pub texts: Vec<String>,
+    pub vectors: Vec<Vector>,
+    pub query_texts: Vec<String>,
+    pub query_vectors: Vec<Vector>,
+}
+
+pub(crate) async fn latency_data(config: &Config, queries: usize) -> LatencyData {
     let texts = latency_texts(LATENCY_TEXTS);
     // Queries: the evaluation set's questions, as a customer would type them, with
     // a greeting in front now and then so that no two are the same text.
@@ -490,15 +504,36 @@ pub async fn latency_rows() -> Vec<(String, String)> {
         .map(|q| q[2].as_str().expect("a question"))
         .collect();
     let leads = ["", "Hi, ", "Quick question: ", "Hello! ", "Please help: "];
-    let query_texts: Vec<String> = (0..QUERIES)
+    let query_texts: Vec<String> = (0..queries)
         .map(|q| {
             let lead = leads[(q / questions.len()) % leads.len()];
             format!("{lead}{}", questions[q % questions.len()])
         })
         .collect();
     let all: Vec<String> = texts.iter().chain(&query_texts).cloned().collect();
-    let mut vectors = embedded_once(&parsed, &all).await;
+    let mut vectors = embedded_once(config, &all).await;
     let query_vectors = vectors.split_off(texts.len());
+    LatencyData {
+        texts,
+        vectors,
+        query_texts,
+        query_vectors,
+    }
+}
+
+pub async fn latency_rows() -> Vec<(String, String)> {
+    const TENANTS: i32 = 2;
+    const PER_TENANT: usize = LATENCY_TEXTS;
+    const QUERIES: usize = 200;
+    let config = local_model_config("0s");
+    let (_db, client) = demo_db(&config).await;
+    let parsed = Config::load(config.path()).expect("the config");
+    let LatencyData {
+        texts,
+        vectors,
+        query_texts,
+        query_vectors,
+    } = latency_data(&parsed, QUERIES).await;
     let build = many_chunks(&client, TENANTS, &texts, &vectors).await;
     let mut out = vec![(
         format!(

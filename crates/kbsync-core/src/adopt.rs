@@ -232,13 +232,14 @@ async fn check_old_table(
         column(name)?;
     }
     let (kind, typmod) = column(&old.embedding)?;
-    if kind != "vector" {
+    if crate::config::VectorType::from_sql_name(&kind).is_none() {
         return Err(AdoptError::Input(format!(
-            "column {} of {} is of type {kind}, not pgvector's vector",
+            "column {} of {} is of type {kind}, not pgvector's vector or halfvec",
             old.embedding, old.table
         )));
     }
-    // vector(n) records n as its type modifier; a bare `vector` column is checked row by row.
+    // vector(n) and halfvec(n) record n as their type modifier; a bare `vector` column is
+    // checked row by row.
     if typmod > 0 && typmod as u32 != dimensions {
         return Err(AdoptError::Input(format!(
             "column {} of {} holds vectors of {typmod} dimensions, the configured model {model:?} has {dimensions}: a vector of another dimension is never adopted",

@@ -256,8 +256,14 @@ pub struct EmbeddingConfig {
     pub provider: ProviderKind,
     /// Model name, recorded with every chunk; a change marks chunks stale.
     pub model: String,
-    /// Vector dimension; `tenant_knowledge.embedding` is `vector(dimensions)`.
+    /// Vector dimension, 1 to 4000; `tenant_knowledge.embedding` is
+    /// `vector(dimensions)` or `halfvec(dimensions)` (see `vector_type`).
     pub dimensions: u32,
+    /// The embedding column's type: `vector` (4-byte floats; pgvector indexes up to
+    /// 2000 dimensions) or `halfvec` (2-byte floats, up to 4000, pgvector 0.7.0 and
+    /// later; half the index at the same dimensions). Default: `vector` up to 2000
+    /// dimensions, `halfvec` above.
+    pub vector_type: Option<VectorType>,
     /// Largest chunk in the model's tokens. Default: 200 for `local` (all-MiniLM-L6-v2
     /// reads at most 256 word pieces), 512 for `openai`.
     pub max_chunk_tokens: Option<usize>,
@@ -628,8 +634,71 @@ mod defaults {
     }
 }
 
-/// Largest vector pgvector (0.6) can index with HNSW.
+/// Largest `vector` pgvector can index with HNSW.
 pub const MAX_INDEXED_DIMENSIONS: u32 = 2000;
+/// Largest `halfvec` pgvector (0.7.0 and later) can index with HNSW.
+pub const MAX_INDEXED_HALFVEC_DIMENSIONS: u32 = 4000;
+
+/// The pgvector type of an embedding column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorType {
+    Vector,
+    Halfvec,
+}
+
+impl VectorType {
+    /// The type's SQL name, as `pg_type.typname` spells it.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            VectorType::Vector => "vector",
+            VectorType::Halfvec => "halfvec",
+        }
+    }
+
+    /// The type of a `typname`, if it is one of these.
+    pub fn from_sql_name(name: &str) -> Option<Self> {
+        match name {
+            "vector" => Some(VectorType::Vector),
+            "halfvec" => Some(VectorType::Halfvec),
+            _ => None,
+        }
+    }
+
+    /// The HNSW operator class for cosine distance on this type.
+    pub fn cosine_ops(self) -> &'static str {
+        match self {
+            VectorType::Vector => "vector_cosine_ops",
+            VectorType::Halfvec => "halfvec_cosine_ops",
+        }
+    }
+
+    /// Largest dimension pgvector indexes with HNSW for this type.
+    pub fn max_indexed_dimensions(self) -> u32 {
+        match self {
+            VectorType::Vector => MAX_INDEXED_DIMENSIONS,
+            VectorType::Halfvec => MAX_INDEXED_HALFVEC_DIMENSIONS,
+        }
+    }
+}
+
+impl EmbeddingConfig {
+    /// The column type this model's vectors are stored as: `vector_type`, else
+    /// `vector` up to 2000 dimensions and `halfvec` above.
+    pub fn vector_type(&self) -> VectorType {
+        self.vector_type
+            .unwrap_or(if self.dimensions > MAX_INDEXED_DIMENSIONS {
+                VectorType::Halfvec
+            } else {
+                VectorType::Vector
+            })
+    }
+
+    /// The column's SQL type, e.g. `halfvec(3072)`; the dimension is validated.
+    pub fn column_type(&self) -> String {
+        format!("{}({})", self.vector_type().sql_name(), self.dimensions)
+    }
+}
 /// all-MiniLM-L6-v2 reads at most 256 word pieces, two of them special tokens.
 pub const LOCAL_MODEL_TOKEN_LIMIT: usize = 254;
 /// OpenAI's per-input limit.
@@ -735,11 +804,20 @@ impl Config {
         if e.model.trim().is_empty() {
             return Err(("embedding.model".into(), "must not be empty".into()));
         }
-        if e.dimensions == 0 || e.dimensions > MAX_INDEXED_DIMENSIONS {
+        if e.dimensions == 0 || e.dimensions > MAX_INDEXED_HALFVEC_DIMENSIONS {
             return Err((
                 "embedding.dimensions".into(),
                 format!(
-                    "{} is out of range: 1..={MAX_INDEXED_DIMENSIONS} (pgvector's HNSW index limit; text-embedding-3 models can be shortened with send_dimensions = true)",
+                    "{} is out of range: 1..={MAX_INDEXED_HALFVEC_DIMENSIONS} (pgvector's HNSW index limit, for halfvec; text-embedding-3 models can be shortened with send_dimensions = true)",
+                    e.dimensions
+                ),
+            ));
+        }
+        if e.vector_type == Some(VectorType::Vector) && e.dimensions > MAX_INDEXED_DIMENSIONS {
+            return Err((
+                "embedding.vector_type".into(),
+                format!(
+                    "\"vector\" indexes at most {MAX_INDEXED_DIMENSIONS} dimensions and embedding.dimensions is {}: use \"halfvec\" (up to {MAX_INDEXED_HALFVEC_DIMENSIONS}), or leave vector_type out to get it",
                     e.dimensions
                 ),
             ));

@@ -98,9 +98,16 @@ pub enum InstallError {
     )]
     UnknownMigration { version: i32 },
     #[error(
-        "tenant_knowledge.embedding is vector({current}) but embedding.dimensions is {wanted}. Stored embeddings cannot be reused by a model of another dimension. Either set embedding.dimensions = {current} again, or run `kbsync install --reset-embeddings`: it keeps every chunk's text, sets all embeddings to NULL, changes the column to vector({wanted}) and rebuilds the index; then `kbsync reconcile` re-embeds them with the new model"
+        "tenant_knowledge.embedding is {current} but embedding.dimensions is {wanted_dimensions}. Stored embeddings cannot be reused by a model of another dimension. Either set embedding.dimensions = {current_dimensions} again, or keep [embedding] as it was, put the new model in [next_embedding] and run `kbsync model start` (blue/green: search keeps working meanwhile), or run `kbsync install --reset-embeddings`: it keeps every chunk's text, sets all embeddings to NULL, changes the column to {wanted} and rebuilds the index; then `kbsync reconcile` re-embeds them with the new model"
     )]
-    DimensionChanged { current: i32, wanted: u32 },
+    DimensionChanged {
+        current: String,
+        current_dimensions: i32,
+        wanted: String,
+        wanted_dimensions: u32,
+    },
+    #[error(transparent)]
+    Column(#[from] knowledge_index::ColumnTypeError),
     #[error(
         "capture.mode = \"logical\" needs wal_level = logical, and this server has wal_level = {current}. Run `ALTER SYSTEM SET wal_level = logical` (or set it in postgresql.conf) and restart PostgreSQL; or keep capture.mode = \"triggers\""
     )]
@@ -223,6 +230,13 @@ pub async fn plan(
     config: &Config,
     options: InstallOptions,
 ) -> Result<InstallPlan, InstallError> {
+    let versions = crate::server_versions::ServerVersions::read(client).await?;
+    let halfvec = std::iter::once(&config.embedding)
+        .chain(&config.next_embedding)
+        .find(|e| e.vector_type() == crate::config::VectorType::Halfvec);
+    if let Some(problem) = versions.unsupported(halfvec) {
+        return Err(InstallError::Refused(problem));
+    }
     let mut plan = InstallPlan::default();
     plan_migrations(client, &mut plan).await?;
     plan_embedding_column(client, config, options, &mut plan).await?;
@@ -381,9 +395,9 @@ async fn plan_embedding_column(
     } else {
         None
     };
-    let wanted = crate::model_migration::models(config, migrating.as_ref())?
-        .active
-        .dimensions;
+    let active = crate::model_migration::models(config, migrating.as_ref())?.active;
+    let (wanted, wanted_type) = (active.dimensions, active.vector_type());
+    let wanted_sql = active.column_type();
     if options.reset_embeddings
         && migrating
             .as_ref()
@@ -395,14 +409,7 @@ async fn plan_embedding_column(
         .into());
     }
     // None: the table does not exist yet (migration pending); -1: no dimension yet.
-    let current: Option<i32> = client
-        .query_opt(
-            "SELECT atttypmod FROM pg_attribute
-              WHERE attrelid = to_regclass('public.tenant_knowledge') AND attname = 'embedding'",
-            &[],
-        )
-        .await?
-        .map(|row| row.get(0));
+    let current = knowledge_index::column_type(client, "embedding").await?;
     let has_index: bool = client
         .query_one(
             &format!("SELECT to_regclass('public.{HNSW_INDEX}') IS NOT NULL"),
@@ -411,47 +418,67 @@ async fn plan_embedding_column(
         .await?
         .get(0);
     let set_type =
-        format!("ALTER TABLE public.tenant_knowledge ALTER COLUMN embedding TYPE vector({wanted})");
-    let create_index = knowledge_index::create_sql(false);
-    match current {
-        None | Some(-1) => {
-            plan.push(format!("embedding column: vector({wanted})"), set_type);
-            if has_index {
-                plan.push(
-                    "drop the old embedding index",
-                    format!("DROP INDEX public.{HNSW_INDEX}"),
-                );
-            }
-            plan.push("HNSW index (cosine) on the embedding", create_index);
+        format!("ALTER TABLE public.tenant_knowledge ALTER COLUMN embedding TYPE {wanted_sql}");
+    let create_index = knowledge_index::create_sql(false, wanted_type);
+    let index_step = format!(
+        "HNSW index (cosine) on the embedding ({})",
+        wanted_type.cosine_ops()
+    );
+    let drop_index = |plan: &mut InstallPlan, what: &str| {
+        if has_index {
+            plan.push(what, format!("DROP INDEX public.{HNSW_INDEX}"));
         }
-        Some(dim) if dim == wanted as i32 => {
+    };
+    match current {
+        None | Some((_, -1)) => {
+            plan.push(format!("embedding column: {wanted_sql}"), set_type);
+            drop_index(plan, "drop the old embedding index");
+            plan.push(index_step, create_index);
+        }
+        Some((kind, dim)) if dim == wanted as i32 && kind == wanted_type => {
             // A running daemon that manages the index builds it (concurrently) once its
             // backlog is small; a blocking build here would stop its writes meanwhile.
             if !has_index && !knowledge_index::managed_by_a_daemon(client).await? {
-                plan.push("HNSW index (cosine) on the embedding", create_index);
+                plan.push(index_step, create_index);
             }
         }
-        Some(dim) if options.reset_embeddings => {
-            if has_index {
-                plan.push(
-                    "drop the embedding index",
-                    format!("DROP INDEX public.{HNSW_INDEX}"),
-                );
-            }
+        Some((kind, dim)) if dim == wanted as i32 => {
+            // Same model, another precision: the stored vectors are converted, not
+            // sent again (halfvec keeps 2-byte floats; cosine rankings barely move).
+            drop_index(plan, "drop the embedding index");
             plan.push(
-                format!("clear every embedding (was vector({dim})); chunk texts are kept"),
+                format!(
+                    "embedding column: {}({dim}) -> {wanted_sql}, every stored vector converted (none sent again)",
+                    kind.sql_name()
+                ),
+                format!("{set_type} USING embedding::{wanted_sql}"),
+            );
+            plan.push(index_step, create_index);
+        }
+        Some((kind, dim)) if options.reset_embeddings => {
+            drop_index(plan, "drop the embedding index");
+            plan.push(
+                format!(
+                    "clear every embedding (was {}({dim})); chunk texts are kept",
+                    kind.sql_name()
+                ),
                 "UPDATE public.tenant_knowledge SET embedding = NULL, embedding_model = NULL WHERE embedding IS NOT NULL",
             );
             plan.push(
-                format!("embedding column: vector({dim}) -> vector({wanted})"),
+                format!(
+                    "embedding column: {}({dim}) -> {wanted_sql}",
+                    kind.sql_name()
+                ),
                 set_type,
             );
-            plan.push("HNSW index (cosine) on the embedding", create_index);
+            plan.push(index_step, create_index);
         }
-        Some(dim) => {
+        Some((kind, dim)) => {
             return Err(InstallError::DimensionChanged {
-                current: dim,
-                wanted,
+                current: format!("{}({dim})", kind.sql_name()),
+                current_dimensions: dim,
+                wanted: wanted_sql,
+                wanted_dimensions: wanted,
             });
         }
     }

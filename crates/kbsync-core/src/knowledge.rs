@@ -35,10 +35,11 @@ pub struct StoredChunk {
 /// only): stored chunks' `column` first (`embedding`, or during a model migration the
 /// other model's column, a name from `model_migration::OtherColumn`, never input), then
 /// what `kbsync adopt` took over from an earlier table. A chunk whose text no longer
-/// matches its hash (edited by hand) is never a source.
+/// matches its hash (edited by hand) is never a source. Read as `vector` whatever the
+/// column stores (a halfvec is widened exactly; writing it back narrows it again).
 fn reusable_sql(column: &str) -> String {
     format!(
-        "SELECT content_hash, {column} AS embedding, 0 AS preference
+        "SELECT content_hash, {column}::vector AS embedding, 0 AS preference
            FROM public.tenant_knowledge
           WHERE content_hash = ANY($1) AND {column}_model = $2 AND {column} IS NOT NULL
             AND content_hash = sha256(convert_to(content, 'UTF8'))
@@ -108,7 +109,7 @@ pub async fn stored_chunks(
 ) -> Result<HashMap<String, Vec<StoredChunk>>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT source_key, chunk_index, content_hash, embedding, embedding_model, tenant_id, metadata,
+            "SELECT source_key, chunk_index, content_hash, embedding::vector, embedding_model, tenant_id, metadata,
                     source_text_hash, chunking, chunk_count,
                     content_hash = sha256(convert_to(content, 'UTF8')),
                     source_text_hash64, content_hash64 IS NOT NULL

@@ -17,19 +17,60 @@
 
 use tokio_postgres::GenericClient;
 
+use crate::config::VectorType;
+
 /// The index's name in `public`.
 pub const HNSW_INDEX: &str = "tenant_knowledge_embedding_hnsw";
 
 /// Held by the daemon that manages the index.
 pub const INDEX_LOCK: i64 = crate::advisory_locks::INDEX;
 
-/// `CREATE INDEX` for the embedding index; `CONCURRENTLY` where kbsync's writes must go
-/// on meanwhile (it cannot run in a transaction block).
-pub fn create_sql(concurrently: bool) -> String {
+/// `CREATE INDEX` for the embedding index of a column of `vector_type`; `CONCURRENTLY`
+/// where kbsync's writes must go on meanwhile (it cannot run in a transaction block).
+pub fn create_sql(concurrently: bool, vector_type: VectorType) -> String {
     format!(
-        "CREATE INDEX {}IF NOT EXISTS {HNSW_INDEX} ON public.tenant_knowledge USING hnsw (embedding vector_cosine_ops)",
-        if concurrently { "CONCURRENTLY " } else { "" }
+        "CREATE INDEX {}IF NOT EXISTS {HNSW_INDEX} ON public.tenant_knowledge USING hnsw (embedding {})",
+        if concurrently { "CONCURRENTLY " } else { "" },
+        vector_type.cosine_ops()
     )
+}
+
+/// The pgvector type and dimension (-1: none declared) of `tenant_knowledge.{column}`,
+/// as the catalog has it; None when there is no such column. Another type is an error
+/// that names it: kbsync made the column, so someone changed it by hand.
+pub async fn column_type(
+    client: &impl GenericClient,
+    column: &str,
+) -> Result<Option<(VectorType, i32)>, ColumnTypeError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT t.typname::text, a.atttypmod FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = to_regclass('public.tenant_knowledge') AND a.attname = $1
+                AND NOT a.attisdropped",
+            &[&column],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let name: String = row.get(0);
+    let vector_type = VectorType::from_sql_name(&name).ok_or_else(|| ColumnTypeError::Other {
+        column: column.to_owned(),
+        type_name: name.clone(),
+    })?;
+    Ok(Some((vector_type, row.get(1))))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ColumnTypeError {
+    #[error("database error: {}", crate::db::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(
+        "tenant_knowledge.{column} is of type {type_name}, not pgvector's vector or halfvec: it was changed outside kbsync; `kbsync install --reset-embeddings` makes it what the config says (the chunks' texts are kept, their vectors cleared)"
+    )]
+    Other { column: String, type_name: String },
+    #[error("tenant_knowledge has no column {column}: run `kbsync install`")]
+    Missing { column: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,7 +225,7 @@ pub async fn build_concurrently(
     client: &impl GenericClient,
     memory_mb: u64,
     workers: u32,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), ColumnTypeError> {
     client
         .execute(
             "SELECT set_config('maintenance_work_mem', $1, false),
@@ -201,7 +242,13 @@ pub async fn build_concurrently(
             &[],
         )
         .await?;
-    client.batch_execute(&create_sql(true)).await
+    let (vector_type, _) =
+        column_type(client, "embedding")
+            .await?
+            .ok_or_else(|| ColumnTypeError::Missing {
+                column: "embedding".into(),
+            })?;
+    Ok(client.batch_execute(&create_sql(true, vector_type)).await?)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod rate_limit;
 pub mod replication;
 pub mod search;
+pub mod server_versions;
 pub mod source_problems;
 pub mod source_rows;
 pub mod sql_ident;

@@ -32,9 +32,6 @@ use crate::config::Config;
 use crate::embed::SentTotals;
 use crate::knowledge_index::HNSW_INDEX;
 
-/// pgvector's HNSW index takes `vector` up to this many dimensions.
-pub const MAX_VECTOR_INDEX_DIMENSIONS: u32 = 2000;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -198,6 +195,8 @@ pub enum ModelMigrationError {
     NotRunning,
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    Column(#[from] crate::knowledge_index::ColumnTypeError),
     #[error(
         "the database is migrating from {from} to {to} ({phase}), but the config has [embedding] {embedding} and [next_embedding] {next}: keep [embedding] = {from} and [next_embedding] = {to} until `kbsync model finish`, then put {to}'s settings in [embedding]"
     )]
@@ -479,19 +478,12 @@ pub async fn start(client: &mut Client, config: &Config) -> Result<Started, Mode
             )));
         }
     }
-    if next.dimensions > MAX_VECTOR_INDEX_DIMENSIONS {
-        let version: Option<String> = client
-            .query_opt(
-                "SELECT extversion FROM pg_extension WHERE extname = 'vector'",
-                &[],
-            )
-            .await?
-            .map(|r| r.get(0));
-        return Err(ModelMigrationError::Refused(format!(
-            "next_embedding.dimensions = {}: pgvector's HNSW index takes vector columns of at most {MAX_VECTOR_INDEX_DIMENSIONS} dimensions, and this kbsync does not yet migrate to halfvec columns (up to 4,000, pgvector 0.7.0 and later; this database has pgvector {}). Choose a model of at most {MAX_VECTOR_INDEX_DIMENSIONS} dimensions, or one that can shorten its vectors (next_embedding.send_dimensions)",
-            next.dimensions,
-            version.as_deref().unwrap_or("(not installed)")
-        )));
+    // halfvec (above 2,000 dimensions, or chosen) needs pgvector 0.7.0.
+    let versions = crate::server_versions::ServerVersions::read(&*client).await?;
+    if let Some(problem) = versions
+        .unsupported(Some(next).filter(|n| n.vector_type() == crate::config::VectorType::Halfvec))
+    {
+        return Err(ModelMigrationError::Refused(problem));
     }
     let next_config = config
         .with_next_model()
@@ -524,15 +516,16 @@ pub async fn start(client: &mut Client, config: &Config) -> Result<Started, Mode
         ],
     )
     .await?;
-    // The dimension is a validated integer (1..=2000): DDL takes no parameters.
+    // The type is validated (vector or halfvec, 1..=4000 dimensions): DDL takes no
+    // parameters.
     tx.batch_execute(&format!(
         "ALTER TABLE public.tenant_knowledge
-             ADD COLUMN embedding_next vector({dimensions}), ADD COLUMN embedding_next_model text;
+             ADD COLUMN embedding_next {column_type}, ADD COLUMN embedding_next_model text;
          {reset};
          CREATE TRIGGER kbsync_model_other_reset BEFORE UPDATE ON public.tenant_knowledge
              FOR EACH ROW WHEN (NEW.content_hash IS DISTINCT FROM OLD.content_hash)
              EXECUTE FUNCTION kbsync.model_other_reset();",
-        dimensions = next.dimensions,
+        column_type = next.column_type(),
         reset = reset_function_sql(OtherColumn::Next),
     ))
     .await?;
@@ -580,19 +573,27 @@ async fn ensure_valid_index(
 }
 
 /// The HNSW index of the column the cut-over makes active.
-async fn build_next_index(client: &Client) -> Result<(), tokio_postgres::Error> {
+async fn build_next_index(client: &Client) -> Result<(), ModelMigrationError> {
     // Its own statement: several in one simple query form a transaction block, which
     // CREATE INDEX CONCURRENTLY refuses.
     client
         .batch_execute("SET maintenance_work_mem = '512MB'")
         .await?;
-    ensure_valid_index(
+    let (vector_type, _) = crate::knowledge_index::column_type(client, "embedding_next")
+        .await?
+        .ok_or_else(|| ModelMigrationError::Refused(
+            "tenant_knowledge has no column embedding_next: no migration is filling (`kbsync model status`)".into(),
+        ))?;
+    Ok(ensure_valid_index(
         client,
         "tenant_knowledge_embedding_next_hnsw",
-        "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
-             ON public.tenant_knowledge USING hnsw (embedding_next vector_cosine_ops)",
+        &format!(
+            "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
+                 ON public.tenant_knowledge USING hnsw (embedding_next {})",
+            vector_type.cosine_ops()
+        ),
     )
-    .await
+    .await?)
 }
 
 /// The renames that swap the roles of the two vector columns and their indexes.

@@ -23,6 +23,7 @@ use kbsync_core::config::{CaptureMode, Config, ProviderKind, Source};
 use kbsync_core::db::{self, ErrorKind};
 use kbsync_core::embed::EmbedError;
 use kbsync_core::install::schema_is_current;
+use kbsync_core::knowledge_index::ColumnTypeError;
 use kbsync_core::outbox;
 
 use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
@@ -608,11 +609,13 @@ async fn keep_index(shared: Arc<Shared>, cancel: CancellationToken) {
         let Err(e) = index_manager::run(&client, &shared.config.index, &cancel).await else {
             return;
         };
-        let delay = match db::classify(&e) {
-            ErrorKind::Fatal => Duration::from_secs(60),
-            _ => Duration::from_secs(1),
+        let delay = match &e {
+            ColumnTypeError::Postgres(e) if db::classify(e) != ErrorKind::Fatal => {
+                Duration::from_secs(1)
+            }
+            _ => Duration::from_secs(60),
         };
-        tracing::warn!(error = %db::describe(&e), ?delay, "managing the embedding index failed; trying again");
+        tracing::warn!(error = %e, ?delay, "managing the embedding index failed; trying again");
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::config::IndexConfig;
-use kbsync_core::knowledge_index::{self, INDEX_LOCK, IndexPlan, IndexState};
+use kbsync_core::knowledge_index::{self, ColumnTypeError, INDEX_LOCK, IndexPlan, IndexState};
 
 /// How often the keeper looks at the backlog and the index.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
@@ -20,7 +20,7 @@ pub async fn run(
     client: &Client,
     config: &IndexConfig,
     cancel: &CancellationToken,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), ColumnTypeError> {
     // Another daemon manages it: look again now and then, in case it stops.
     loop {
         let won: bool = client

@@ -31,6 +31,12 @@ fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::pr
     cmd.output().expect("running scripts/pg.sh")
 }
 
+/// The PostgreSQL major scripts/pg.sh runs (its `KBSYNC_PG_MAJOR`, 18 unless set): its
+/// data and socket directories are named after it.
+fn pg_major() -> String {
+    std::env::var("KBSYNC_PG_MAJOR").unwrap_or_else(|_| "18".to_owned())
+}
+
 impl PrivateCluster {
     pub fn start() -> Self {
         Self::start_with(false, None)
@@ -125,7 +131,7 @@ impl PrivateCluster {
     /// From now on `role` logs in over TCP with its password (SCRAM), as on a managed
     /// server; the cluster's own superuser keeps trust.
     pub fn require_password_for(&self, role: &str) {
-        let hba = self.state.join("pgdata/pg_hba.conf");
+        let hba = self.state.join(format!("pgdata{}/pg_hba.conf", pg_major()));
         let rules = std::fs::read_to_string(&hba).expect("reading pg_hba.conf");
         let first = format!("host all {role} 127.0.0.1/32 scram-sha-256\n");
         std::fs::write(&hba, format!("{first}{rules}")).expect("writing pg_hba.conf");
@@ -134,7 +140,7 @@ impl PrivateCluster {
 
     /// The directory of the cluster's Unix socket, and its port.
     pub fn socket(&self) -> (PathBuf, u16) {
-        (self.state.join("pgrun"), self.port)
+        (self.state.join(format!("pgrun{}", pg_major())), self.port)
     }
 
     /// URL of database `name` on this cluster.

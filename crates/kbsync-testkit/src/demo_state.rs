@@ -203,3 +203,20 @@ pub async fn converged_with(
         );
     }
 }
+
+/// `tenant_knowledge.embedding`'s type as PostgreSQL writes it (`halfvec(3072)`), and
+/// its HNSW index's operator class and validity.
+pub async fn embedding_column_and_index(client: &Client) -> (String, String, bool) {
+    let row = client
+        .query_one(
+            "SELECT format_type(a.atttypid, a.atttypmod), o.opcname::text, i.indisvalid
+               FROM pg_attribute a, pg_index i, pg_opclass o
+              WHERE a.attrelid = 'public.tenant_knowledge'::regclass AND a.attname = 'embedding'
+                AND i.indexrelid = 'public.tenant_knowledge_embedding_hnsw'::regclass
+                AND o.oid = i.indclass[0]",
+            &[],
+        )
+        .await
+        .expect("the embedding column and its HNSW index");
+    (row.get(0), row.get(1), row.get(2))
+}

@@ -1,0 +1,157 @@
+//! Search across many tenants (`just bench search-tenants`): 200,089 chunks over 100
+//! tenants, one holding 100,000 and 99 holding 1,011 each, the latency data's texts and
+//! vectors (the local model, 384 dimensions); each tenant class queried through
+//! `kbsync.search()`, recall@10 against an exact scan of the tenant in the same run,
+//! first with the column as `vector`, then converted to `halfvec` with its index built
+//! again: the same data, the same queries.
+
+use std::time::{Duration, Instant};
+
+use kbsync_core::config::{Config, VectorType};
+use kbsync_core::knowledge_index::{self, HNSW_INDEX};
+use kbsync_testkit::local_model_config;
+use pgvector::Vector;
+use tokio_postgres::Client;
+
+use crate::bench_db::demo_db;
+use crate::search_eval::{LatencyData, insert_chunks, latency_data};
+use crate::{ms, percentile};
+
+const TENANTS: i32 = 100;
+const SMALL_TENANT_CHUNKS: usize = 1_011;
+const QUERIES: usize = 200;
+
+/// Tenant 1: every text; tenants 2..=100: `SMALL_TENANT_CHUNKS` texts each, a slice of
+/// their own (near-duplicates across tenants would only make the filter's case easier).
+async fn load(client: &Client, texts: &[String], vectors: &[Vector]) {
+    insert_chunks(client, 1, texts, vectors).await;
+    for tenant in 2..=TENANTS {
+        let from = (tenant as usize - 2) * SMALL_TENANT_CHUNKS;
+        let to = from + SMALL_TENANT_CHUNKS;
+        insert_chunks(client, tenant, &texts[from..to], &vectors[from..to]).await;
+    }
+}
+
+/// Build the HNSW index for a column of `vector_type`; its build time and size.
+async fn build_index(client: &Client, vector_type: VectorType) -> (Duration, i64) {
+    let started = Instant::now();
+    client
+        .batch_execute(&format!(
+            "SET maintenance_work_mem = '1GB'; {}; ANALYZE tenant_knowledge;",
+            knowledge_index::create_sql(false, vector_type)
+        ))
+        .await
+        .expect("building the index");
+    let took = started.elapsed();
+    let size: i64 = client
+        .query_one(
+            &format!("SELECT pg_relation_size('public.{HNSW_INDEX}')"),
+            &[],
+        )
+        .await
+        .expect("the index size")
+        .get(0);
+    (took, size)
+}
+
+/// Recall@10 against the exact top 10, and p50 / p99 of `kbsync.search()` in vector
+/// mode, for each query asked of the tenant `tenant_of(query number)`.
+async fn measure(
+    client: &Client,
+    queries: &[(Vector, String)],
+    tenant_of: impl Fn(usize) -> String,
+) -> (f64, Vec<Duration>) {
+    let exact = "SELECT x.source_key FROM (SELECT t.source_key, t.embedding <=> $2::vector AS d
+                                            FROM tenant_knowledge t WHERE t.tenant_id = $1 OFFSET 0) x
+                  ORDER BY x.d LIMIT 10";
+    let keys =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
+    let (mut found, mut times) = (0usize, Vec::with_capacity(queries.len()));
+    for (at, (vector, text)) in queries.iter().enumerate() {
+        let tenant = tenant_of(at);
+        let truth = keys(
+            client
+                .query(exact, &[&tenant, vector])
+                .await
+                .expect("exact"),
+        );
+        let started = Instant::now();
+        let rows = client
+            .query(
+                "SELECT source_key FROM kbsync.search($1, $2, $3, 10, 'vector')",
+                &[&tenant, text, vector],
+            )
+            .await
+            .expect("vector search");
+        times.push(started.elapsed());
+        let approximate = keys(rows);
+        found += truth.iter().filter(|k| approximate.contains(k)).count();
+    }
+    times.sort();
+    (found as f64 / (10 * queries.len()) as f64, times)
+}
+
+pub async fn rows() -> Vec<(String, String)> {
+    let config = local_model_config("0s");
+    let (_db, client) = demo_db(&config).await;
+    let parsed = Config::load(config.path()).expect("the config");
+    let LatencyData {
+        texts,
+        vectors,
+        query_texts,
+        query_vectors,
+    } = latency_data(&parsed, QUERIES).await;
+    assert!((TENANTS as usize - 1) * SMALL_TENANT_CHUNKS <= texts.len());
+    client
+        .batch_execute(&format!("DROP INDEX IF EXISTS {HNSW_INDEX}"))
+        .await
+        .expect("dropping the index");
+    load(&client, &texts, &vectors).await;
+    let queries: Vec<(Vector, String)> = query_vectors.into_iter().zip(query_texts).collect();
+    let chunks = texts.len() + (TENANTS as usize - 1) * SMALL_TENANT_CHUNKS;
+    let mut out = Vec::new();
+    for vector_type in [VectorType::Vector, VectorType::Halfvec] {
+        let name = vector_type.sql_name();
+        if vector_type == VectorType::Halfvec {
+            client
+                .batch_execute(&format!(
+                    "DROP INDEX {HNSW_INDEX};
+                     ALTER TABLE tenant_knowledge ALTER COLUMN embedding TYPE halfvec(384)
+                         USING embedding::halfvec(384)"
+                ))
+                .await
+                .expect("converting the column to halfvec");
+        }
+        let (build, size) = build_index(&client, vector_type).await;
+        out.push((
+            format!("{chunks} chunks over {TENANTS} tenants, {name}(384): HNSW build, index size"),
+            format!("{:.1} s, {} MiB", build.as_secs_f64(), size / (1 << 20)),
+        ));
+        let (recall, times) = measure(&client, &queries, |_| "1".to_owned()).await;
+        out.push((
+            format!(
+                "  {name}: the large tenant (100,000 chunks): recall@10, p50 / p99 of {QUERIES} queries"
+            ),
+            format!(
+                "{recall:.3}, {} / {}",
+                ms(percentile(&times, 0.5)),
+                ms(percentile(&times, 0.99))
+            ),
+        ));
+        let (recall, times) = measure(&client, &queries, |at| {
+            (2 + at as i32 % (TENANTS - 1)).to_string()
+        })
+        .await;
+        out.push((
+            format!(
+                "  {name}: small tenants ({SMALL_TENANT_CHUNKS} chunks each, a query each in turn): recall@10, p50 / p99 of {QUERIES} queries"
+            ),
+            format!(
+                "{recall:.3}, {} / {}",
+                ms(percentile(&times, 0.5)),
+                ms(percentile(&times, 0.99))
+            ),
+        ));
+    }
+    out
+}
