@@ -424,8 +424,10 @@ async fn main() {
              100,000, 99 with 1,011 each; the latency data's texts and the offline model's vectors, 384 dimensions), \
              the HNSW index built once per type; 200 of the evaluation set's questions through `kbsync.search()` in \
              vector mode (k 10, 100 candidates) for the large tenant and for the small ones in turn, recall@10 \
-             against an exact scan of the tenant in the same run; then the column converted to `halfvec(384)` \
-             and the same measured again. {} build.\n\n{}\n",
+             against an exact scan of the tenant in the same run; each as `kbsync.search()` is (an exact scan of \
+             a tenant of at most 20,000 chunks when the index walk found fewer than the candidates) and with \
+             pgvector 0.8's iterative index scans turned on for the session; then the column converted to \
+             `halfvec(384)` and the same measured again. {} build.\n\n{}\n",
                 build_profile(),
                 table(&search_tenants::rows().await)
             ),
