@@ -93,6 +93,14 @@ url() {
 
 db_superuser() { if [ "$(id -u)" = 0 ]; then echo "$pguser_os"; else id -un; fi; }
 
+# A checkout that ran an older pg.sh (PostgreSQL 16.2 in .kbsync/pgdata) may still have
+# that server running on the same port: say how to stop it.
+old_layout_hint() {
+  if [ -f "$state/pgdata/postmaster.pid" ]; then
+    log "an older kbsync's server (PostgreSQL 16.2, data in $state/pgdata) may still hold port $port: stop it with 'kill -INT $(head -n 1 "$state/pgdata/postmaster.pid")', then run this again (its data is not carried over; remove $state/pgdata when done with it)"
+  fi
+}
+
 start() {
   local bin; bin=$(find_bindir)
   mkdir -p "$state"
@@ -126,7 +134,7 @@ start() {
     # Trust auth is safe here: the server listens on 127.0.0.1 and a private socket only.
     as_owner "$bin/pg_ctl" -D "$data" -l "$sockdir/postgres.log" -w -t 60 start \
       -o "-p $port -k $sockdir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=${KBSYNC_PG_FSYNC:-off} -c shared_buffers=256MB -c wal_level=$wal_level -c max_replication_slots=64 -c max_wal_senders=64" >/dev/null \
-      || { tail -n 30 "$sockdir/postgres.log" >&2; die "PostgreSQL did not start (log: $sockdir/postgres.log)"; }
+      || { tail -n 30 "$sockdir/postgres.log" >&2; old_layout_hint; die "PostgreSQL did not start (log: $sockdir/postgres.log)"; }
     log "started PostgreSQL $("$bin/postgres" --version | awk '{print $3}') with pgvector on 127.0.0.1:$port"
   fi
   url
