@@ -76,12 +76,13 @@ test:
       url16=$(pg16 start)
       echo "just test: the server-facing tests again, on PostgreSQL 16 ($url16)" >&2
       parts=(install capture logical_capture sync search reconcile model_migration related_rows existing_rows)
-      filter=$(printf 'binary(%s) | ' "${parts[@]}"); filter=${filter% | }
+      filter=$(printf 'binary(%s) | ' "${parts[@]}"); filter="package(kbsync-tests) & (${filter% | })"
+      # --workspace, as the run above: the same features, so nothing is built again.
       if cargo nextest --version >/dev/null 2>&1; then
-        DATABASE_URL=$url16 KBSYNC_PG_MAJOR=16 cargo nextest run -p kbsync-tests --no-fail-fast -E "$filter"
+        DATABASE_URL=$url16 KBSYNC_PG_MAJOR=16 cargo nextest run --workspace --no-fail-fast -E "$filter"
       else
         for part in "${parts[@]}"; do
-          DATABASE_URL=$url16 KBSYNC_PG_MAJOR=16 cargo test -p kbsync-tests --no-fail-fast --test "$part"
+          DATABASE_URL=$url16 KBSYNC_PG_MAJOR=16 cargo test --workspace --no-fail-fast --test "$part"
         done
       fi
     fi
