@@ -231,10 +231,9 @@ pub async fn plan(
     options: InstallOptions,
 ) -> Result<InstallPlan, InstallError> {
     let versions = crate::server_versions::ServerVersions::read(client).await?;
-    let halfvec = std::iter::once(&config.embedding)
-        .chain(&config.next_embedding)
-        .find(|e| e.vector_type() == crate::config::VectorType::Halfvec);
-    if let Some(problem) = versions.unsupported(halfvec) {
+    if let Some(problem) =
+        versions.unsupported(std::iter::once(&config.embedding).chain(&config.next_embedding))
+    {
         return Err(InstallError::Refused(problem));
     }
     let mut plan = InstallPlan::default();

@@ -480,9 +480,7 @@ pub async fn start(client: &mut Client, config: &Config) -> Result<Started, Mode
     }
     // halfvec (above 2,000 dimensions, or chosen) needs pgvector 0.7.0.
     let versions = crate::server_versions::ServerVersions::read(&*client).await?;
-    if let Some(problem) = versions
-        .unsupported(Some(next).filter(|n| n.vector_type() == crate::config::VectorType::Halfvec))
-    {
+    if let Some(problem) = versions.unsupported([next]) {
         return Err(ModelMigrationError::Refused(problem));
     }
     let next_config = config

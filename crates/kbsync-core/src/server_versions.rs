@@ -25,6 +25,8 @@ impl Version {
                 .collect::<String>()
                 .parse::<u32>()
         });
+        // None (unreadable) is not a default: `unsupported` refuses it, quoting the text.
+        // Only an absent minor or patch counts as 0 ("0.8" is 0.8.0).
         let major = parts.next()?.ok()?;
         let minor = parts.next().unwrap_or(Ok(0)).ok()?;
         let patch = parts.next().unwrap_or(Ok(0)).ok()?;
@@ -70,9 +72,12 @@ impl ServerVersions {
         })
     }
 
-    /// None when kbsync supports this server, with `halfvec` (a model whose vectors are
-    /// stored as halfvec) if given; else what is wrong and what to do.
-    pub fn unsupported(&self, halfvec: Option<&EmbeddingConfig>) -> Option<String> {
+    /// None when kbsync supports this server for these models (a model stored as
+    /// halfvec needs a newer pgvector); else what is wrong and what to do.
+    pub fn unsupported<'a>(
+        &self,
+        models: impl IntoIterator<Item = &'a EmbeddingConfig>,
+    ) -> Option<String> {
         let major = self.postgres_num / 10_000;
         if major < MIN_POSTGRES_MAJOR {
             return Some(format!(
@@ -100,7 +105,9 @@ impl ServerVersions {
                 "this database has pgvector {found} and kbsync needs {MIN_PGVECTOR} or newer (HNSW indexes): {fix}, then run `kbsync install` again"
             ));
         }
-        if let Some(model) = halfvec
+        if let Some(model) = models
+            .into_iter()
+            .find(|m| m.vector_type() == crate::config::VectorType::Halfvec)
             && found < MIN_PGVECTOR_HALFVEC
         {
             return Some(format!(
@@ -138,16 +145,10 @@ mod tests {
 
     #[test]
     fn unsupported_versions_name_what_was_found_the_minimum_and_the_fix() {
-        assert_eq!(
-            versions(180004, Some("0.8.5"), true).unsupported(None),
-            None
-        );
-        assert_eq!(
-            versions(160002, Some("0.6.2"), false).unsupported(None),
-            None
-        );
+        assert_eq!(versions(180004, Some("0.8.5"), true).unsupported([]), None);
+        assert_eq!(versions(160002, Some("0.6.2"), false).unsupported([]), None);
         let old_vector = versions(160014, Some("0.4.4"), true)
-            .unsupported(None)
+            .unsupported([])
             .unwrap();
         assert!(
             old_vector.contains("pgvector 0.4.4")
@@ -156,13 +157,13 @@ mod tests {
             "{old_vector}"
         );
         let old_server = versions(150007, Some("0.8.0"), true)
-            .unsupported(None)
+            .unsupported([])
             .unwrap();
         assert!(
             old_server.contains("PostgreSQL 15.7") && old_server.contains("16 or newer"),
             "{old_server}"
         );
-        let none = versions(180004, None, false).unsupported(None).unwrap();
+        let none = versions(180004, None, false).unsupported([]).unwrap();
         assert!(none.contains("pgvector is not available"), "{none}");
     }
 
@@ -171,11 +172,11 @@ mod tests {
         let mut model = crate::config::for_tests("", "").embedding;
         model.dimensions = 3072;
         assert_eq!(
-            versions(180004, Some("0.7.0"), true).unsupported(Some(&model)),
+            versions(180004, Some("0.7.0"), true).unsupported([&model]),
             None
         );
         let old = versions(160002, Some("0.6.2"), true)
-            .unsupported(Some(&model))
+            .unsupported([&model])
             .unwrap();
         assert!(
             old.contains("pgvector 0.6.2")

@@ -34,6 +34,7 @@ fn pg_sh(state: &PathBuf, port: u16, bin: Option<&str>, action: &str) -> std::pr
 /// The PostgreSQL major scripts/pg.sh runs (its `KBSYNC_PG_MAJOR`, 18 unless set): its
 /// data and socket directories are named after it.
 fn pg_major() -> String {
+    // Unset means pg.sh's own default, 18: the directories pg.sh makes, not a guess.
     std::env::var("KBSYNC_PG_MAJOR").unwrap_or_else(|_| "18".to_owned())
 }
 
