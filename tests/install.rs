@@ -71,7 +71,9 @@ async fn install_creates_everything_and_a_second_run_changes_nothing() {
         .unwrap()
         .get(0);
     assert!(
-        index.contains("hnsw") && index.contains("vector_cosine_ops"),
+        index.contains("hnsw")
+            && index.contains("vector_cosine_ops")
+            && index.contains("WITH (m='16', ef_construction='128')"),
         "{index}"
     );
     let unique: i64 = client

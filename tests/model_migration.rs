@@ -452,20 +452,23 @@ async fn rollback_costs_nothing_and_finish_leaves_one_vector_column_with_a_valid
         vector_columns(&s.t.client).await,
         ["embedding", "embedding_model"]
     );
-    let (valid, dims): (bool, i32) = {
+    let (valid, dims, options): (bool, i32, Vec<String>) = {
         let row =
             s.t.client
                 .query_one(
-                    "SELECT i.indisvalid, a.atttypmod FROM pg_index i
+                    "SELECT i.indisvalid, a.atttypmod, c.reloptions FROM pg_index i
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                   JOIN pg_class c ON c.oid = i.indexrelid
                   WHERE i.indexrelid = 'public.tenant_knowledge_embedding_hnsw'::regclass",
                     &[],
                 )
                 .await
                 .expect("the HNSW index");
-        (row.get(0), row.get(1))
+        (row.get(0), row.get(1), row.get(2))
     };
     assert!(valid, "the HNSW index is not valid after finish");
+    // The next model's index is built as kbsync builds every one (HNSW_OPTIONS).
+    assert_eq!(options, ["m=16", "ef_construction=128"]);
     assert_eq!(
         dims, NEXT_DIMS as i32,
         "the index is not on the new model's column"

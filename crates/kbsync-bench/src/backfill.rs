@@ -73,9 +73,12 @@ async fn copy_baseline(client: &Client, with_hnsw: bool) -> Duration {
              CREATE INDEX ON copy_target (content_hash);
              {}",
             if with_hnsw {
-                "CREATE INDEX ON copy_target USING hnsw (embedding vector_cosine_ops);"
+                format!(
+                    "CREATE INDEX ON copy_target USING hnsw (embedding vector_cosine_ops) WITH ({});",
+                    knowledge_index::HNSW_OPTIONS
+                )
             } else {
-                ""
+                String::new()
             }
         ))
         .await

@@ -475,9 +475,13 @@ async fn many_chunks(
     client
         .batch_execute(&format!(
             "SET maintenance_work_mem = '1GB';
-             CREATE INDEX {HNSW_INDEX} ON tenant_knowledge USING hnsw (embedding vector_cosine_ops);
+             {};
              ANALYZE tenant_knowledge;
-             ANALYZE kbsync.knowledge_terms;"
+             ANALYZE kbsync.knowledge_terms;",
+            kbsync_core::knowledge_index::create_sql(
+                false,
+                kbsync_core::config::VectorType::Vector
+            )
         ))
         .await
         .expect("building the index");

@@ -587,8 +587,9 @@ async fn build_next_index(client: &Client) -> Result<(), ModelMigrationError> {
         "tenant_knowledge_embedding_next_hnsw",
         &format!(
             "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
-                 ON public.tenant_knowledge USING hnsw (embedding_next {})",
-            vector_type.cosine_ops()
+                 ON public.tenant_knowledge USING hnsw (embedding_next {}) WITH ({})",
+            vector_type.cosine_ops(),
+            crate::knowledge_index::HNSW_OPTIONS
         ),
     )
     .await?)
