@@ -27,8 +27,11 @@ const MID_TENANT: i32 = TENANTS + 1;
 const MID_TENANT_CHUNKS: usize = 30_000;
 const QUERIES: usize = 200;
 
-/// The tenant classes queried: a name, and the tenant asked by query number `at`.
-const CLASSES: [(&str, fn(usize) -> String); 3] = [
+/// The tenant asked by query number `at`.
+type TenantOf = fn(usize) -> String;
+
+/// The tenant classes queried: a name, and the tenant each query asks.
+const CLASSES: [(&str, TenantOf); 3] = [
     ("the large tenant (100,000 chunks)", |_| "1".to_owned()),
     ("a mid-size tenant (30,000 chunks)", |_| {
         MID_TENANT.to_string()
