@@ -799,3 +799,88 @@ async fn chunks_from_before_the_64_bit_hashes_are_rewritten_once_without_embeddi
         "{second:?}"
     );
 }
+
+/// With the daemon stopped, an edit waits in the change log: the sweep counts its key
+/// as already queued (in a dry run too) and does not queue it a second time.
+#[tokio::test]
+async fn a_change_waiting_in_the_change_log_counts_as_queued_and_is_not_queued_again() {
+    let s = synced().await;
+    s.client
+        .batch_execute(
+            "UPDATE web_knowledge_qapair SET answer = 'Edited while kbsync is stopped.'
+              WHERE id = md5('qa-1-shipping-1')::uuid",
+        )
+        .await
+        .unwrap();
+    let waiting = "SELECT count(*) FROM kbsync.changes WHERE source = 'faq' AND scope = 'row'";
+    assert_eq!(
+        s.count(waiting).await,
+        1,
+        "the edit is not in the change log"
+    );
+    for args in [&["--dry-run"][..], &[]] {
+        let report = s.sweep(&s.config, args);
+        let faq = report.sources.iter().find(|r| r.source == "faq").unwrap();
+        assert_eq!(
+            (faq.stale.text, faq.already_queued, faq.queued),
+            (1, 1, 0),
+            "reconcile {args:?}: {faq:?}"
+        );
+    }
+    assert_eq!(
+        s.count("SELECT count(*) FROM kbsync.outbox").await,
+        0,
+        "the key was queued again"
+    );
+    assert_eq!(s.count(waiting).await, 1);
+}
+
+/// `kbsync errors retry` and the sweep's replay of a due dead letter follow one rule:
+/// the key is queued and the dead letter counts the replay, with no timed retry left.
+#[tokio::test]
+async fn a_dead_letter_replayed_by_hand_or_by_the_sweep_follows_one_rule() {
+    let s = synced().await;
+    let ids: Vec<i64> = s
+        .client
+        .query(
+            "INSERT INTO kbsync.dead_letters (source, source_key, error, attempts, retries, next_retry_at)
+             VALUES ('faq', 'by-hand', 'provider refused it', 6, 3, NULL),
+                    ('faq', 'by-sweep', 'provider refused it', 2, 0, now() - interval '1 second')
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    s.db.kbsync_with_config(
+        s.config.path(),
+        &["errors", "retry", "--id", &ids[0].to_string()],
+    )
+    .assert_success();
+    let report = s.sweep(&s.config, &[]);
+    assert_eq!(source(&report, "faq").dead_letters_retried, 1);
+    let rows = s
+        .client
+        .query(
+            "SELECT d.source_key, d.retries, d.next_retry_at IS NULL,
+                    EXISTS (SELECT 1 FROM kbsync.outbox o
+                             WHERE o.source = d.source AND o.scope = 'row' AND o.source_key = d.source_key)
+               FROM kbsync.dead_letters d ORDER BY d.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32, bool, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("by-hand".to_owned(), 4, true, true),
+            ("by-sweep".to_owned(), 1, true, true)
+        ]
+    );
+}

@@ -20,7 +20,6 @@
 //!   daemon runs while changes keep arriving (see the daemon's collector).
 
 use crate::config::{RowAlias, Source};
-use crate::sql_ident::quote_literal;
 
 /// NOTIFY channel the daemon listens on.
 pub const CHANNEL: &str = "kbsync";
@@ -60,7 +59,7 @@ const OLD: RowAlias<'static> = RowAlias {
 /// its related tables, schema-qualified (install resolves them; the function runs with
 /// a pinned search_path). Each entry records its row's tenant for fair scheduling.
 pub fn function_sql(source: &Source, related_tables: &[String]) -> String {
-    let name = lit(&source.name);
+    let name = source.name_literal.to_string();
     let key = &source.key;
     let append = |rows: &str| {
         format!(
@@ -152,7 +151,7 @@ BEGIN
     RETURN NULL;
 END
 $kbsync$",
-        channel = lit(CHANNEL),
+        channel = CHANNEL_LITERAL,
         wake_lock = WAKE_LOCK,
     )
 }
@@ -202,7 +201,7 @@ pub fn dependents_function_sql(
     let Some(related) = source.related.get(i) else {
         return String::new();
     };
-    let name = lit(&source.name);
+    let name = source.name_literal.to_string();
     let reference = &related.references;
     let row = |prefix: &str| row_of(&source.related_columns(i), prefix);
     let moved = related_tenant_moved(source, i, "d.", "n.");
@@ -275,7 +274,7 @@ fn dependents_sql(
            FROM (SELECT ref, bool_or(moved) AS moved{carried} FROM ({refs}) x GROUP BY ref) r
            JOIN {source_table} t ON t.{fk} = r.ref{joins}
           WHERE {own_ok}",
-        name = lit(&source.name),
+        name = source.name_literal,
         key = source.key,
         ok = source.filter_sql(table),
         tenant = source.tenant_sql(table),
@@ -296,7 +295,7 @@ fn dependents_sql(
 /// compared and counts as a change, and a delete counts as eligible: never a change
 /// missed, at worst a key re-read for nothing.
 pub fn decoded_changes_sql(source: &Source, table: &str, related_tables: &[String]) -> String {
-    let name = lit(&source.name);
+    let name = source.name_literal.to_string();
     let key = &source.key;
     let new = RowAlias {
         own: "(c.n).",
@@ -400,7 +399,7 @@ SELECT {name}, 'row', t.{key}::text, true, '', c.at
  WHERE c.op = 'T' AND {own_ok}",
         c = decoded_rows_cte(related_table),
         dependents = dependents_sql(source, i, source_table, related_tables, &refs, ", r.at"),
-        name = lit(&source.name),
+        name = source.name_literal,
         key = source.key,
         fk = related.foreign_key,
         own_ok = source.own_filter_sql(RowAlias::TABLE),
@@ -451,7 +450,18 @@ fn statement_triggers(prefix: &str, table: &str, function: &str) -> Vec<TriggerD
     ]
 }
 
-fn lit(value: &str) -> String {
-    // Source names and the channel are validated [a-z0-9_]; quoting cannot fail.
-    quote_literal(value).unwrap_or_else(|_| "''".to_owned())
+/// `CHANNEL` as a SQL literal (a test checks that it quotes `CHANNEL`).
+const CHANNEL_LITERAL: &str = "'kbsync'";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_channel_literal_is_the_channel_quoted() {
+        assert_eq!(
+            crate::sql_ident::SqlLiteral::new(super::CHANNEL)
+                .unwrap()
+                .to_string(),
+            super::CHANNEL_LITERAL
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::sql_ident::{Ident, TableName, quote_literal};
+use crate::sql_ident::{Ident, SqlLiteral, TableName};
 
 /// Environment variables that override the config file.
 pub const ENV_DATABASE_URL: &str = "KBSYNC_DATABASE_URL";
@@ -64,6 +64,13 @@ pub struct Config {
     /// "next_embedding" in `with_next_model`'s copy.
     #[serde(skip, default = "defaults::embedding_section")]
     pub(crate) embedding_section: &'static str,
+    /// `sources`, validated once by `parse` (for this config's model: chunk limits
+    /// follow it).
+    #[serde(skip)]
+    validated_sources: Vec<Source>,
+    /// This config with `[next_embedding]` as its model, validated by `parse`.
+    #[serde(skip)]
+    next_model: Option<Box<Config>>,
 }
 
 /// Retrieval for applications: `kbsync.search()` in SQL, `POST /v1/search` on the
@@ -736,6 +743,7 @@ impl Config {
             };
             invalid(field, one_line(&e.inner().to_string()))
         })?;
+        let mut config = config;
         config
             .validate()
             .map_err(|(field, problem)| invalid(field, problem))?;
@@ -799,7 +807,9 @@ impl Config {
     }
 
     /// Each problem as (field path, what is wrong and what to do).
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Check every section, and keep the validated sources and the next model's
+    /// config for `sources` and `with_next_model`.
+    fn validate(&mut self) -> Result<(), (String, String)> {
         let e = &self.embedding;
         if e.model.trim().is_empty() {
             return Err(("embedding.model".into(), "must not be empty".into()));
@@ -1032,11 +1042,24 @@ impl Config {
                 "no sources declared: add at least one [sources.NAME] table".into(),
             ));
         }
+        let mut sources = Vec::with_capacity(self.sources.len());
         for (name, source) in &self.sources {
-            Source::from_config(name, source, self)
-                .map_err(|(field, problem)| (format!("sources.{name}{field}"), problem))?;
+            sources.push(
+                Source::from_config(name, source, self)
+                    .map_err(|(field, problem)| (format!("sources.{name}{field}"), problem))?,
+            );
         }
-        if let Some(next) = self.with_next_model() {
+        self.validated_sources = sources;
+        self.next_model = None;
+        if let Some(next) = self.next_embedding.clone() {
+            let mut next = Config {
+                embedding: next,
+                next_embedding: None,
+                embedding_section: "next_embedding",
+                validated_sources: Vec::new(),
+                next_model: None,
+                ..self.clone()
+            };
             if next.embedding.model == self.embedding.model {
                 return Err((
                     "next_embedding.model".into(),
@@ -1055,8 +1078,16 @@ impl Config {
                         format!("{problem} (with the [next_embedding] model)"),
                     ),
                 })?;
+            self.next_model = Some(Box::new(next));
         }
         Ok(())
+    }
+
+    /// Validate again after a test changed fields of a parsed config.
+    #[cfg(test)]
+    pub(crate) fn revalidated(mut self) -> Self {
+        self.validate().expect("the changed test config is valid");
+        self
     }
 
     /// Relative paths in the file (model directories, the token file) are relative to
@@ -1074,18 +1105,15 @@ impl Config {
             resolve(&mut next.model_dir);
         }
         resolve(&mut self.search.api_tokens_file);
+        if let Some(next) = self.next_model.as_mut() {
+            next.resolve_paths_against(base);
+        }
     }
 
     /// This config with `[next_embedding]` as its model (its provider, tokenizer and
     /// chunk limits); None without one.
     pub fn with_next_model(&self) -> Option<Config> {
-        let next = self.next_embedding.clone()?;
-        Some(Config {
-            embedding: next,
-            next_embedding: None,
-            embedding_section: "next_embedding",
-            ..self.clone()
-        })
+        self.next_model.as_deref().cloned()
     }
 
     /// The section this config's `embedding` came from, for messages.
@@ -1093,12 +1121,18 @@ impl Config {
         self.embedding_section
     }
 
-    /// The validated sources. Infallible after `load`/`parse`.
+    /// This config with `embedding` as its model for what embeds queries or judges
+    /// stored vectors; its sources (their chunking) stay this config's.
+    pub fn with_embedding(&self, embedding: EmbeddingConfig) -> Config {
+        Config {
+            embedding,
+            ..self.clone()
+        }
+    }
+
+    /// The validated sources (validated once, by `parse`).
     pub fn sources(&self) -> Vec<Source> {
-        self.sources
-            .iter()
-            .filter_map(|(name, cfg)| Source::from_config(name, cfg, self).ok())
-            .collect()
+        self.validated_sources.clone()
     }
 
     /// A copy safe to print: the password of the database URL replaced.
@@ -1123,8 +1157,10 @@ impl Config {
 /// Replace the password in a PostgreSQL URL (or key=value string) with `***`.
 pub fn redact_url(url: &str) -> String {
     if let Ok(mut parsed) = url::Url::parse(url) {
-        if parsed.password().is_some() {
-            let _ = parsed.set_password(Some("***"));
+        if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+            // A URL with a password can always take another; should it not, print
+            // nothing of it rather than the password.
+            return "(a database URL; its password could not be hidden)".to_owned();
         }
         let pairs: Vec<(String, String)> = parsed
             .query_pairs()
@@ -1170,8 +1206,16 @@ fn one_line(text: &str) -> String {
 /// How a source's text is assembled from its columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TextPart {
-    Literal(String),
+    Literal(SqlLiteral),
     Column(ColumnRef),
+}
+
+/// A run of a text template's literal text: it is also written into SQL (the sweep
+/// builds the text there), so it must be a valid literal.
+fn template_literal(text: &str) -> Result<TextPart, String> {
+    SqlLiteral::new(text)
+        .map(TextPart::Literal)
+        .map_err(|e| e.to_string())
 }
 
 /// A related table of a source, validated: `foreign_key` on the source row points at
@@ -1287,7 +1331,7 @@ pub fn parse_text_template(template: &str, related: &[Related]) -> Result<Vec<Te
                 let column = column_ref(&name, related)
                     .map_err(|e| format!("placeholder {{{name}}}: {e}"))?;
                 if !literal.is_empty() {
-                    parts.push(TextPart::Literal(std::mem::take(&mut literal)));
+                    parts.push(template_literal(&std::mem::take(&mut literal))?);
                 }
                 parts.push(TextPart::Column(column));
             }
@@ -1296,7 +1340,7 @@ pub fn parse_text_template(template: &str, related: &[Related]) -> Result<Vec<Te
         }
     }
     if !literal.is_empty() {
-        parts.push(TextPart::Literal(literal));
+        parts.push(template_literal(&literal)?);
     }
     if !parts.iter().any(|p| matches!(p, TextPart::Column(_))) {
         return Err("names no column: use {column} placeholders".into());
@@ -1313,9 +1357,9 @@ pub struct Filter {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FilterCondition {
-    Equals(String),
-    NotEquals(String),
-    OneOf(Vec<String>),
+    Equals(SqlLiteral),
+    NotEquals(SqlLiteral),
+    OneOf(Vec<SqlLiteral>),
     IsNull(bool),
 }
 
@@ -1323,14 +1367,15 @@ impl Filter {
     /// This rule as SQL over the row at `at`; NULL counts as "does not pass".
     pub fn to_sql(&self, at: RowAlias) -> String {
         let col = self.column.sql(at);
-        // Literals were checked by quote_literal during validation.
-        let lit = |v: &str| quote_literal(v).unwrap_or_else(|_| "NULL".to_owned());
         match &self.condition {
-            FilterCondition::Equals(v) => format!("{col} = {}", lit(v)),
-            FilterCondition::NotEquals(v) => format!("{col} IS DISTINCT FROM {}", lit(v)),
+            FilterCondition::Equals(v) => format!("{col} = {v}"),
+            FilterCondition::NotEquals(v) => format!("{col} IS DISTINCT FROM {v}"),
             FilterCondition::OneOf(vs) => format!(
                 "{col} IN ({})",
-                vs.iter().map(|v| lit(v)).collect::<Vec<_>>().join(", ")
+                vs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             FilterCondition::IsNull(true) => format!("{col} IS NULL"),
             FilterCondition::IsNull(false) => format!("{col} IS NOT NULL"),
@@ -1342,6 +1387,8 @@ impl Filter {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub name: String,
+    /// The name as a SQL literal (trigger functions carry it).
+    pub name_literal: SqlLiteral,
     pub table: TableName,
     pub key: Ident,
     /// Its related tables, each used by at least one column reference.
@@ -1450,18 +1497,21 @@ impl Source {
         for (i, rule) in cfg.filter.iter().enumerate() {
             let at = |f: &str| field(&format!("filter[{i}]{f}"));
             let column = column_ref(&rule.column, &related).map_err(|e| (at(".column"), e))?;
+            let literal = |v: &str| SqlLiteral::new(v).map_err(|e| (at(""), e.to_string()));
             let mut conditions = Vec::new();
             if let Some(v) = &rule.equals {
-                conditions.push(FilterCondition::Equals(v.clone()));
+                conditions.push(FilterCondition::Equals(literal(v)?));
             }
             if let Some(v) = &rule.not_equals {
-                conditions.push(FilterCondition::NotEquals(v.clone()));
+                conditions.push(FilterCondition::NotEquals(literal(v)?));
             }
             if let Some(vs) = &rule.one_of {
                 if vs.is_empty() {
                     return Err((at(".one_of"), "must list at least one value".into()));
                 }
-                conditions.push(FilterCondition::OneOf(vs.clone()));
+                conditions.push(FilterCondition::OneOf(
+                    vs.iter().map(|v| literal(v)).collect::<Result<_, _>>()?,
+                ));
             }
             if let Some(b) = rule.is_null {
                 conditions.push(FilterCondition::IsNull(b));
@@ -1473,23 +1523,9 @@ impl Source {
                 ));
             }
             let condition = conditions.remove(0);
-            let values: Vec<&String> = match &condition {
-                FilterCondition::Equals(v) | FilterCondition::NotEquals(v) => vec![v],
-                FilterCondition::OneOf(vs) => vs.iter().collect(),
-                FilterCondition::IsNull(_) => vec![],
-            };
-            for v in values {
-                quote_literal(v).map_err(|e| (at(""), e.to_string()))?;
-            }
             filters.push(Filter { column, condition });
         }
         let text = parse_text_template(&cfg.text, &related).map_err(|e| (field("text"), e))?;
-        // The text is also built in SQL (by the reconcile sweep): literals must quote.
-        for part in &text {
-            if let TextPart::Literal(l) = part {
-                quote_literal(l).map_err(|e| (field("text"), e.to_string()))?;
-            }
-        }
         let metadata = cfg
             .metadata
             .iter()
@@ -1535,9 +1571,12 @@ impl Source {
                 ),
             )
         })?;
+        // The name checks above admit no NUL byte: this cannot fail.
+        let name_literal = SqlLiteral::new(name).map_err(|e| (String::new(), e.to_string()))?;
         let source = Self {
             text_search,
             name: name.to_owned(),
+            name_literal,
             table,
             key,
             related,
@@ -1720,20 +1759,23 @@ mod tests {
 
     #[test]
     fn relative_model_dirs_and_token_files_are_relative_to_the_config_file() {
-        let mut config = for_tests("", "");
-        config.embedding.model_dir = Some("models/a".into());
-        config.next_embedding = Some(EmbeddingConfig {
-            model_dir: Some("models/b".into()),
-            ..config.embedding.clone()
-        });
-        config.search.api_tokens_file = Some("/etc/kbsync/tokens".into());
+        let text = "[embedding]\nprovider = \"local\"\nmodel = \"a\"\ndimensions = 384\nmodel_dir = \"models/a\"\n\
+                    [next_embedding]\nprovider = \"local\"\nmodel = \"b\"\ndimensions = 384\nmodel_dir = \"models/b\"\n\
+                    [search]\napi_tokens_file = \"/etc/kbsync/tokens\"\n\
+                    [sources.s]\ntable = \"t\"\nkey = \"id\"\ntenant = { column = \"u\" }\ntext = \"{body}\"\n";
+        let mut config = Config::parse(text, Path::new("test.toml")).unwrap();
         config.resolve_paths_against(Path::new("/srv/kbsync"));
         assert_eq!(
             config.embedding.model_dir,
             Some("/srv/kbsync/models/a".into())
         );
         assert_eq!(
-            config.next_embedding.and_then(|n| n.model_dir),
+            config.next_embedding.clone().and_then(|n| n.model_dir),
+            Some("/srv/kbsync/models/b".into())
+        );
+        // The next model's config, kept from validation, is resolved too.
+        assert_eq!(
+            config.with_next_model().and_then(|c| c.embedding.model_dir),
             Some("/srv/kbsync/models/b".into())
         );
         assert_eq!(
@@ -1752,9 +1794,9 @@ mod tests {
         assert_eq!(
             parts,
             vec![
-                TextPart::Literal("Q: ".into()),
+                TextPart::Literal(SqlLiteral::new("Q: ").unwrap()),
                 TextPart::Column(own("question")),
-                TextPart::Literal("\n{A}: ".into()),
+                TextPart::Literal(SqlLiteral::new("\n{A}: ").unwrap()),
                 TextPart::Column(own("answer")),
             ]
         );

@@ -13,7 +13,7 @@ use crate::capture::{
 use crate::config::{CaptureMode, Config, Source};
 use crate::replication;
 use crate::search;
-use crate::sql_ident::quote_literal;
+use crate::sql_ident::SqlLiteral;
 
 pub struct Migration {
     pub version: i32,
@@ -89,6 +89,9 @@ use crate::knowledge_index::{self, HNSW_INDEX};
 pub enum InstallError {
     #[error("database error: {}", crate::db::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// A name or value that cannot be written into SQL (a NUL byte).
+    #[error("{0}")]
+    Literal(#[from] crate::sql_ident::IdentError),
     #[error(
         "migration {version} ({name}) was applied with a different text than this kbsync ships; released migrations must never be edited"
     )]
@@ -363,8 +366,8 @@ CREATE TABLE kbsync.schema_migrations (
         let record = format!(
             "INSERT INTO kbsync.schema_migrations (version, name, checksum) VALUES ({}, {}, {})",
             m.version,
-            quote_literal(m.name).unwrap_or_default(),
-            quote_literal(&checksum(m.sql)).unwrap_or_default()
+            SqlLiteral::new(m.name)?,
+            SqlLiteral::new(&checksum(m.sql))?
         );
         plan.push(
             format!("migration {:04} {}", m.version, m.name),
@@ -798,7 +801,7 @@ async fn plan_slot(
             format!("logical replication slot {slot} (pgoutput); the daemon decodes changes from here on"),
             format!(
                 "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
-                quote_literal(&slot).unwrap_or_default()
+                SqlLiteral::new(&slot)?
             ),
         );
     }
@@ -829,7 +832,7 @@ async fn plan_drop_logical(
             ),
             format!(
                 "SELECT pg_drop_replication_slot({})",
-                quote_literal(&slot).unwrap_or_default()
+                SqlLiteral::new(&slot)?
             ),
         );
     }

@@ -44,10 +44,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase column as stored. Its CHECK constraint (migration 0010) admits only
+    /// these three, and a kbsync older than the schema refuses to run (`schema_is_current`),
+    /// so the last arm is never taken; it reads as an unknown phase would be safest read:
+    /// no migration moving vectors.
     fn parse(s: &str) -> Phase {
         match s {
             "filling" => Phase::Filling,
             "cut_over" => Phase::CutOver,
+            "finished" => Phase::Finished,
             _ => Phase::Finished,
         }
     }
@@ -325,10 +330,7 @@ pub async fn current_models(
 /// This config with the active model as `[embedding]`, for what embeds queries or
 /// judges stored vectors (search, reconcile); chunking stays `config`'s.
 pub fn with_model(config: &Config, models: &Models) -> Config {
-    Config {
-        embedding: models.active.clone(),
-        ..config.clone()
-    }
+    config.with_embedding(models.active.clone())
 }
 
 /// Progress of the fill of the other column.
@@ -880,7 +882,7 @@ mod tests {
             model: n.into(),
             ..config.embedding.clone()
         });
-        config
+        config.revalidated()
     }
 
     #[test]

@@ -222,11 +222,34 @@ pub async fn seconds_until_ready(
     Ok(row.get(0))
 }
 
+/// Whether row key `k` of source `$1` is already waiting to be processed: it has an
+/// outbox entry, or a change recorded in the change log that the collector has not
+/// folded yet (the daemon is stopped, say). The one answer to "is this key queued?".
+const WAITING: &str = "(EXISTS (SELECT 1 FROM kbsync.outbox w
+                       WHERE w.source = $1 AND w.scope = 'row' AND w.source_key = k)
+        OR EXISTS (SELECT 1 FROM kbsync.changes c
+                    WHERE c.source = $1 AND c.scope = 'row' AND c.source_key = k))";
+
+/// Which of `keys` of source `source` are already waiting (`WAITING`).
+pub async fn waiting(
+    client: &impl GenericClient,
+    source: &str,
+    keys: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!("SELECT k FROM unnest($2::text[]) k WHERE {WAITING}"),
+            &[&source, &keys],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Queue `keys` of `source` for processing, ready at once (their first change is a
-/// `max_wait` ago) but sorted after the live edits already waiting; keys that already
-/// have an entry are left as they are (it will re-read the row anyway). Used by the
-/// reconcile sweep and `kbsync errors retry`: repairs take the triggers' path.
-/// Returns the keys queued.
+/// `max_wait` ago) but sorted after the live edits already waiting; keys already
+/// waiting (`WAITING`: an entry, or a change not yet folded) are left as they are (the
+/// row is read again when they are processed anyway). Used by the reconcile sweep and
+/// `kbsync errors retry`: repairs take the triggers' path. Returns the keys queued.
 pub async fn enqueue(
     client: &impl GenericClient,
     source: &Source,
@@ -234,10 +257,13 @@ pub async fn enqueue(
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
-             SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM unnest($2::text[]) k
-             ON CONFLICT (source, scope, source_key) DO NOTHING
-             RETURNING o.source_key",
+            &format!(
+                "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
+                 SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM unnest($2::text[]) k
+                  WHERE NOT {WAITING}
+                 ON CONFLICT (source, scope, source_key) DO NOTHING
+                 RETURNING o.source_key"
+            ),
             &[&source.name, &keys, &secs(source.max_wait)],
         )
         .await?;
@@ -396,6 +422,48 @@ impl FailurePolicy {
             sweep_retries: config.reconcile.dead_letter_retries,
         }
     }
+}
+
+/// Replay the dead letters `ids` of `source`: the one rule for every replay, the
+/// sweep's of the keys whose retry time has come and `kbsync errors retry`'s. In one
+/// statement, each key is queued as `enqueue` queues one (unless already waiting), and
+/// its dead letter counts the replay (`retries + 1`, against
+/// `reconcile.dead_letter_retries`) and waits for no timed retry; it is removed when
+/// the key is written. Returns how many dead letters were replayed.
+pub async fn replay_dead_letters(
+    client: &impl GenericClient,
+    source: &Source,
+    ids: &[i64],
+) -> Result<u64, tokio_postgres::Error> {
+    let replayed = client
+        .execute(
+            &format!(
+                "WITH picked AS (
+                    SELECT d.id, d.source_key FROM kbsync.dead_letters d
+                     WHERE d.source = $1 AND d.id = ANY($2)
+                       FOR UPDATE),
+                 queued AS (
+                    INSERT INTO kbsync.outbox (source, scope, source_key, first_changed_at, last_changed_at)
+                    SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now()
+                      FROM (SELECT source_key AS k FROM picked) p
+                     WHERE NOT {WAITING}
+                    ON CONFLICT (source, scope, source_key) DO NOTHING)
+                 UPDATE kbsync.dead_letters d SET retries = d.retries + 1, next_retry_at = NULL
+                   FROM picked WHERE d.id = picked.id"
+            ),
+            &[&source.name, &ids, &secs(source.max_wait)],
+        )
+        .await?;
+    if replayed > 0 {
+        // The wake-up only saves the daemon its fallback poll; the entries are queued.
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&crate::capture::CHANNEL, &source.name],
+            )
+            .await?;
+    }
+    Ok(replayed)
 }
 
 /// A key that failed (for now: the provider refused one of its chunks). A refusal

@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use tokio_postgres::GenericClient;
 
 use crate::config::{ColumnRef, RowAlias, Source, TextPart};
-use crate::sql_ident::quote_literal;
 
 /// A source row as kbsync needs it.
 #[derive(Debug, Clone)]
@@ -181,8 +180,7 @@ impl RowSql {
             .text
             .iter()
             .map(|p| match p {
-                // Template literals were validated when the config was read.
-                TextPart::Literal(l) => quote_literal(l).unwrap_or_else(|_| "''".to_owned()),
+                TextPart::Literal(l) => l.to_string(),
                 TextPart::Column(c) => format!("{}::text", c.sql(at)),
             })
             .collect();
@@ -378,7 +376,7 @@ impl SourceQuery {
         let mut text = String::new();
         for part in &self.text {
             match part {
-                TextPart::Literal(l) => text.push_str(l),
+                TextPart::Literal(l) => text.push_str(l.as_str()),
                 TextPart::Column(c) => {
                     let i = self.text_columns.iter().position(|x| x == c).unwrap_or(0);
                     text.push_str(values.get(i).and_then(|v| v.as_deref()).unwrap_or(""));

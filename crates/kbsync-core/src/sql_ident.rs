@@ -92,13 +92,43 @@ impl fmt::Display for TableName {
     }
 }
 
-/// A string literal for DDL. Sessions that run kbsync's DDL set
-/// `standard_conforming_strings = on`, so doubling single quotes is the whole escape.
-pub fn quote_literal(value: &str) -> Result<String, IdentError> {
-    if value.contains('\0') {
-        return Err(IdentError::NulInLiteral(value.to_owned()));
+/// A value that can be written into SQL as a string literal: it holds no NUL byte
+/// (checked once, when it is made). Displays single-quoted; sessions that run kbsync's
+/// DDL set `standard_conforming_strings = on`, so doubling single quotes is the whole
+/// escape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SqlLiteral(String);
+
+impl SqlLiteral {
+    pub fn new(value: &str) -> Result<Self, IdentError> {
+        if value.contains('\0') {
+            return Err(IdentError::NulInLiteral(value.to_owned()));
+        }
+        Ok(Self(value.to_owned()))
     }
-    Ok(format!("'{}'", value.replace('\'', "''")))
+
+    /// The value itself, unquoted.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&Ident> for SqlLiteral {
+    /// An identifier holds only letters, digits, `_` and `$`: always a valid literal.
+    fn from(ident: &Ident) -> Self {
+        Self(ident.as_str().to_owned())
+    }
+}
+
+impl fmt::Display for SqlLiteral {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "'{}'", self.0.replace('\'', "''"))
+    }
+}
+
+/// A string literal for DDL (`SqlLiteral`, quoted).
+pub fn quote_literal(value: &str) -> Result<String, IdentError> {
+    Ok(SqlLiteral::new(value)?.to_string())
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -34,6 +33,7 @@ use crate::health::Health;
 use crate::http::{self, HttpState};
 use crate::model_switch::{ModelSwitch, SwitchError};
 use crate::search_api::{Connections, SearchApi};
+use crate::tasks::Tasks;
 use crate::{collector, decoder, index_manager, listener, model_fill, systemd, telemetry};
 
 /// Database connections the search API's requests share.
@@ -374,57 +374,69 @@ impl Daemon {
         // Not a child of `cancel`: the tasks are told to stop only after we have
         // decided why we stop, so a task ending on shutdown is not taken for a failure.
         let work_cancel = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(listener::run(
-            shared.url.clone(),
-            notified_tx,
-            connected_tx,
-            work_cancel.clone(),
-        ));
-        tasks.spawn(collect_changes(
-            shared.clone(),
-            notified_rx,
-            wake_tx.clone(),
-            work_cancel.clone(),
-        ));
+        let mut tasks = Tasks::default();
+        tasks.spawn(
+            "listener",
+            listener::run(
+                shared.url.clone(),
+                notified_tx,
+                connected_tx,
+                work_cancel.clone(),
+            ),
+        );
+        tasks.spawn(
+            "collector",
+            collect_changes(
+                shared.clone(),
+                notified_rx,
+                wake_tx.clone(),
+                work_cancel.clone(),
+            ),
+        );
         match shared.config.capture.mode {
             CaptureMode::Triggers => shared.health.capture_ok("capture triggers"),
             CaptureMode::Logical => {
-                tasks.spawn(decoder::run(
-                    shared.url.clone(),
-                    Arc::new(shared.config.clone()),
-                    shared.health.clone(),
-                    wake_tx,
-                    work_cancel.clone(),
-                ));
+                tasks.spawn(
+                    "decoder",
+                    decoder::run(
+                        shared.url.clone(),
+                        Arc::new(shared.config.clone()),
+                        shared.health.clone(),
+                        wake_tx,
+                        work_cancel.clone(),
+                    ),
+                );
             }
         }
-        tasks.spawn(model_fill::run(
-            shared.url.clone(),
-            shared.models.clone(),
-            work_cancel.clone(),
-        ));
+        tasks.spawn(
+            "model fill",
+            model_fill::run(
+                shared.url.clone(),
+                shared.models.clone(),
+                work_cancel.clone(),
+            ),
+        );
         if shared.config.index.defer_above > 0 {
-            tasks.spawn(keep_index(shared.clone(), work_cancel.clone()));
+            tasks.spawn(
+                "index keeper",
+                keep_index(shared.clone(), work_cancel.clone()),
+            );
         }
         if shared.config.reconcile.enabled {
             let schedule = shared
                 .config
                 .reconcile_schedule()
                 .map_err(DaemonError::Source)?;
-            tasks.spawn(scheduled_sweeps(
-                schedule,
-                shared.clone(),
-                work_cancel.clone(),
-            ));
+            tasks.spawn(
+                "scheduled sweeps",
+                scheduled_sweeps(schedule, shared.clone(), work_cancel.clone()),
+            );
         }
         for n in 0..workers {
-            tasks.spawn(worker(
-                n,
-                shared.clone(),
-                wake_rx.clone(),
-                work_cancel.clone(),
-            ));
+            tasks.spawn(
+                format!("worker {n}"),
+                worker(n, shared.clone(), wake_rx.clone(), work_cancel.clone()),
+            );
         }
 
         if let Some(bound) = http_listener {
@@ -445,17 +457,19 @@ impl Daemon {
                 search,
             });
             let cancel = work_cancel.clone();
-            tasks.spawn(async move {
-                if let Err(e) = http::serve(bound, state, cancel).await {
-                    tracing::error!(error = %e, "the http endpoint failed");
-                }
-            });
+            tasks.spawn_fallible("http endpoint", http::serve(bound, state, cancel));
         }
         if shared.config.scheduling.priority_tenants_sql.is_some() {
-            tasks.spawn(refresh_priority(shared.clone(), work_cancel.clone()));
+            tasks.spawn(
+                "priority refresh",
+                refresh_priority(shared.clone(), work_cancel.clone()),
+            );
         }
-        tasks.spawn(summarize_progress(shared.clone(), work_cancel.clone()));
-        tasks.spawn(systemd::watchdog(work_cancel.clone()));
+        tasks.spawn(
+            "progress summary",
+            summarize_progress(shared.clone(), work_cancel.clone()),
+        );
+        tasks.spawn("systemd watchdog", systemd::watchdog(work_cancel.clone()));
         systemd::ready(&format!(
             "syncing {} sources with {workers} workers",
             shared.pipelines.len()
@@ -464,18 +478,26 @@ impl Daemon {
         let failure = tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            joined = tasks.join_next() => match joined {
-                Some(Err(e)) => Some(e.to_string()),
-                _ => Some("a task ended unexpectedly".to_owned()),
-            },
+            ended = tasks.next_end() => Some(match ended {
+                Some(Ok(name)) => format!("the {name} task ended before shutdown without an error"),
+                Some(Err(why)) => why,
+                None => "no task was running".to_owned(),
+            }),
         };
         work_cancel.cancel();
         systemd::stopping();
         let drain = shared.config.daemon.drain_timeout;
         tracing::info!(?drain, "stopping: finishing in-flight batches");
-        if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
+        if tokio::time::timeout(drain, async {
+            while let Some(ended) = tasks.next_end().await {
+                // Ending on shutdown is what a task should do; failing then is logged.
+                if let Err(why) = ended {
+                    tracing::warn!("while stopping, {why}");
+                }
+            }
+        })
+        .await
+        .is_err()
         {
             tracing::warn!(
                 "drain timeout reached; unfinished batches stay in the outbox and are retried after their lease"

@@ -19,6 +19,7 @@ mod model_switch;
 mod pgoutput;
 mod search_api;
 pub mod systemd;
+mod tasks;
 pub mod telemetry;
 mod texts_in_flight;
 

@@ -222,8 +222,12 @@ pub async fn handle(
             let found = search::search(&*client, &query)
                 .await
                 .map_err(|e| db::describe(&e));
-            if found.is_err() {
-                let _ = api.models.refresh(&*client).await;
+            if found.is_err()
+                && let Err(e) = api.models.refresh(&*client).await
+            {
+                // The search's own error goes back to the caller; this one only
+                // explains why a model switch was not noticed.
+                tracing::warn!(error = %e, "after a failed search, reading the model migration's state failed");
             }
             found
         })

@@ -2,6 +2,7 @@
 //! path as any change); those with no retry left are reported.
 
 use kbsync_core::config::Source;
+use kbsync_core::outbox;
 use kbsync_core::source_rows::RowSql;
 use tokio_postgres::GenericClient;
 
@@ -9,10 +10,8 @@ use crate::report::{PermanentFailure, SourceReport};
 use crate::{ReconcileError, Scope};
 
 pub(crate) struct DeadLetterScan {
-    /// $1 source, $2 tenant → count of due keys.
-    count_due: String,
-    /// $1 source, $2 tenant, $3 max_wait seconds → re-queue due keys.
-    retry_due: String,
+    /// $1 source, $2 tenant → the ids of the dead letters whose retry time has come.
+    due: String,
     /// $1 source, $2 tenant → up to five permanent failures and their total.
     permanent: String,
 }
@@ -27,21 +26,9 @@ impl DeadLetterScan {
             tenant = rows.tenant,
         );
         Self {
-            count_due: format!(
-                "SELECT count(*) FROM kbsync.dead_letters d
+            due: format!(
+                "SELECT d.id FROM kbsync.dead_letters d
                   WHERE d.source = $1 AND d.next_retry_at <= now() AND {of_tenant}"
-            ),
-            retry_due: format!(
-                "WITH due AS (
-                    SELECT d.id, d.source_key FROM kbsync.dead_letters d
-                     WHERE d.source = $1 AND d.next_retry_at <= now() AND {of_tenant}
-                       FOR UPDATE SKIP LOCKED),
-                 queued AS (
-                    INSERT INTO kbsync.outbox (source, scope, source_key, first_changed_at, last_changed_at)
-                    SELECT $1, 'row', due.source_key, now() - make_interval(secs => $3::float8), now() FROM due
-                    ON CONFLICT (source, scope, source_key) DO NOTHING)
-                 UPDATE kbsync.dead_letters d SET retries = d.retries + 1, next_retry_at = NULL
-                   FROM due WHERE d.id = due.id"
             ),
             permanent: format!(
                 "SELECT d.source_key, d.error, d.attempts, d.retries, count(*) OVER ()
@@ -63,18 +50,16 @@ pub(crate) async fn sweep(
     scope: &Scope<'_>,
     report: &mut SourceReport,
 ) -> Result<(), ReconcileError> {
+    let due: Vec<i64> = client
+        .query(&scan.due, &[&source.name, &scope.tenant])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     report.dead_letters_retried = if scope.dry_run {
-        client
-            .query_one(&scan.count_due, &[&source.name, &scope.tenant])
-            .await?
-            .get::<_, i64>(0) as u64
+        due.len() as u64
     } else {
-        client
-            .execute(
-                &scan.retry_due,
-                &[&source.name, &scope.tenant, &source.max_wait.as_secs_f64()],
-            )
-            .await?
+        outbox::replay_dead_letters(client, source, &due).await?
     };
     let rows = client
         .query(&scan.permanent, &[&source.name, &scope.tenant])

@@ -158,6 +158,8 @@ pub async fn sweep(
     progress.finish();
     report.duration_ms = started.elapsed().as_millis() as u64;
     let error = outcome.as_ref().err().map(ToString::to_string);
+    // A Report is plain data with string keys: serialising it cannot fail; if it did,
+    // the run would be recorded with an empty object, and its outcome still returned.
     let counts = serde_json::to_value(&report).unwrap_or_default();
     let recorded = runs::finish(&*client, run_id, &counts, error.as_deref()).await;
     client

@@ -98,9 +98,6 @@ impl RowScan {
     }
 }
 
-const PENDING: &str = "SELECT count(*) FROM kbsync.outbox
-     WHERE source = $1 AND scope = 'row' AND source_key = ANY($2)";
-
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn sweep(
     client: &impl GenericClient,
@@ -154,11 +151,8 @@ pub(crate) async fn sweep(
         }
         if !keys.is_empty() {
             let queued = if scope.dry_run {
-                let pending: i64 = client
-                    .query_one(PENDING, &[&source.name, &keys])
-                    .await?
-                    .get(0);
-                keys.len() as u64 - pending as u64
+                let waiting = outbox::waiting(client, &source.name, &keys).await?;
+                (keys.len() - waiting.len()) as u64
             } else {
                 outbox::enqueue(client, source, &keys).await?.len() as u64
             };

@@ -109,22 +109,16 @@ pub async fn retry(config: &Config, selection: Selection) -> anyhow::Result<()> 
     }
     let mut queued = 0;
     for source in &sources {
-        let keys: Vec<String> = rows
+        let ids: Vec<i64> = rows
             .iter()
             .filter(|r| r.get::<_, &str>(1) == source.name)
-            .map(|r| r.get(2))
+            .map(|r| r.get(0))
             .collect();
-        if keys.is_empty() {
+        if ids.is_empty() {
             continue;
         }
-        queued += outbox::enqueue(&client, source, &keys).await?.len();
-        client
-            .execute(
-                "UPDATE kbsync.dead_letters SET next_retry_at = NULL
-                  WHERE source = $1 AND source_key = ANY($2)",
-                &[&source.name, &keys],
-            )
-            .await?;
+        // The sweep's rule: one statement, the replay counted.
+        queued += outbox::replay_dead_letters(&client, source, &ids).await?;
     }
     let unknown: Vec<String> = rows
         .iter()
@@ -139,7 +133,7 @@ pub async fn retry(config: &Config, selection: Selection) -> anyhow::Result<()> 
         );
     }
     println!(
-        "{queued} of {} dead letters queued for the daemon (the others were already queued); each is removed once its key is written",
+        "{queued} of {} dead letters replayed: their keys are queued for the daemon (or were already waiting), and each is removed once its key is written",
         rows.len()
     );
     Ok(())

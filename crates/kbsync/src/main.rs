@@ -247,7 +247,10 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Run) {
         sigpipe::reset();
     }
-    init_logging(cli.log_format);
+    if let Err(e) = init_logging(cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -406,10 +409,19 @@ async fn connect_installed(config: &Config) -> anyhow::Result<tokio_postgres::Cl
     Ok(client)
 }
 
-fn init_logging(format: LogFormat) {
+/// Logging to stderr, filtered by `RUST_LOG` when it is set (a filter that does not
+/// parse is an error, not a silent fall back to the default).
+fn init_logging(format: LogFormat) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(text) if !text.trim().is_empty() => EnvFilter::try_new(&text).map_err(|e| {
+            format!("RUST_LOG={text:?} is not a log filter ({e}); e.g. RUST_LOG=info or RUST_LOG=info,kbsync_listener=debug")
+        })?,
+        Ok(_) | Err(std::env::VarError::NotPresent) => EnvFilter::new("info,tokio_postgres=warn"),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("RUST_LOG is not valid UTF-8".to_owned());
+        }
+    };
     // Colours only for a person at a terminal, never in files or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -419,4 +431,5 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }

@@ -216,11 +216,11 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             ),
             None => "unfinished".to_owned(),
         };
-        let report: Option<Report> = serde_json::from_value(run.counts.clone()).ok();
+        let report = serde_json::from_value::<Report>(run.counts.clone());
         let outcome = match (&run.error, &report, run.finished_at) {
             (Some(e), _, _) => format!("error: {e}"),
             (None, _, None) => "running, or its process died".to_owned(),
-            (None, Some(r), Some(_)) => {
+            (None, Ok(r), Some(_)) => {
                 let sum = |f: fn(&kbsync_reconcile::SourceReport) -> u64| {
                     r.sources.iter().map(f).sum::<u64>()
                 };
@@ -240,7 +240,10 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
                 }
                 text
             }
-            (None, None, Some(_)) => "finished".to_owned(),
+            // Recorded by another version of kbsync: say so rather than show nothing.
+            (None, Err(e), Some(_)) => {
+                format!("finished (its counts are in a form this kbsync does not read: {e})")
+            }
         };
         println!(
             "  #{:<5} {} {:>10} {:<8}{} {}",

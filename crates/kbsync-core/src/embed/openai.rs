@@ -158,7 +158,16 @@ impl OpenAiClient {
                     .api_key_env
                     .clone()
                     .unwrap_or_else(|| "OPENAI_API_KEY".to_owned());
-                let key = std::env::var(&var).unwrap_or_default();
+                let key = match std::env::var(&var) {
+                    Ok(key) => key,
+                    Err(std::env::VarError::NotPresent) => String::new(),
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        return Err(EmbedError::Config(format!(
+                            "environment variable {var} ({}.api_key_env) is not valid UTF-8; export the API key there as plain text",
+                            config.embedding_section()
+                        )));
+                    }
+                };
                 if key.is_empty() {
                     return Err(EmbedError::Config(format!(
                         "environment variable {var} ({}.api_key_env) is not set; export the API key there (servers without keys, like Ollama, accept any value)",
@@ -416,7 +425,10 @@ impl OpenAiClient {
         }
         if !response.status().is_success() {
             let retry_after = retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
+            let text = response
+                .text()
+                .await
+                .unwrap_or_else(|e| format!("(the response body could not be read: {e})"));
             return Err(RequestError::Status {
                 status,
                 message: error_message(&text),
