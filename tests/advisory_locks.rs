@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use kbsync_core::advisory_locks;
 use kbsync_core::capture::CHANNEL;
 use kbsync_core::config::Config;
+use kbsync_core::db::advisory_locks;
 use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError};
 use kbsync_testkit::{Installed, Listener};
 use tokio_util::sync::CancellationToken;

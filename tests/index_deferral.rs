@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use kbsync_core::knowledge_index::{self, IndexState};
+use kbsync_core::search::index::{self, IndexState};
 use kbsync_testkit::demo_state::{converged, outbox_len};
 use kbsync_testkit::{Installed, TempConfig, wait_for_daemon};
 use tokio_postgres::Client;
@@ -44,7 +44,7 @@ async fn queue_products(client: &Client) {
 }
 
 async fn index_state(client: &Client) -> IndexState {
-    knowledge_index::state(client).await.unwrap()
+    index::state(client).await.unwrap()
 }
 
 /// The application's query: tenant 1's five nearest chunks to a stored vector, by id,
@@ -158,7 +158,7 @@ async fn backlog_without_the_index(mut s: Installed, exact_when_valid: bool) -> 
         .map(|r| r.get(0))
         .collect();
     assert!(
-        plan.iter().any(|l| l.contains(knowledge_index::HNSW_INDEX)),
+        plan.iter().any(|l| l.contains(index::HNSW_INDEX)),
         "{plan:?}"
     );
     let (_, metrics) = daemon.http_get("/metrics").await;
@@ -242,7 +242,7 @@ async fn an_invalid_index_left_by_an_interrupted_build_is_dropped_and_built_agai
     // What a server crash during a concurrent build leaves: the index in the catalog,
     // invalid. Here a statement timeout interrupts the build while it waits.
     s.client
-        .batch_execute(&format!("DROP INDEX {}", knowledge_index::HNSW_INDEX))
+        .batch_execute(&format!("DROP INDEX {}", index::HNSW_INDEX))
         .await
         .unwrap();
     let mut writer = s.db.client().await;
@@ -253,7 +253,7 @@ async fn an_invalid_index_left_by_an_interrupted_build_is_dropped_and_built_agai
         .unwrap();
     let interrupted = s
         .client
-        .batch_execute(&knowledge_index::create_sql(
+        .batch_execute(&index::create_sql(
             true,
             kbsync_core::config::VectorType::Vector,
         ))
@@ -301,7 +301,7 @@ async fn with_defer_above_zero_the_daemon_leaves_the_index_alone() {
         .config
         .edited(&[("defer_above = 10000", "defer_above = 0")]);
     s.client
-        .batch_execute(&format!("DROP INDEX {}", knowledge_index::HNSW_INDEX))
+        .batch_execute(&format!("DROP INDEX {}", index::HNSW_INDEX))
         .await
         .unwrap();
     let daemon = s.daemon_with(&config);

@@ -122,7 +122,10 @@ async fn install_creates_everything_and_a_second_run_changes_nothing() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(migrations as usize, kbsync_core::install::MIGRATIONS.len());
+    assert_eq!(
+        migrations as usize,
+        kbsync_core::schema::install::MIGRATIONS.len()
+    );
 }
 
 #[tokio::test]
@@ -320,7 +323,7 @@ async fn at_migration(db: &TestDb, applied: usize) -> tokio_postgres::Client {
         )
         .await
         .unwrap();
-    for migration in &kbsync_core::install::MIGRATIONS[..applied] {
+    for migration in &kbsync_core::schema::install::MIGRATIONS[..applied] {
         client.batch_execute(migration.sql).await.unwrap();
         client
             .execute(
@@ -366,7 +369,10 @@ async fn a_database_at_an_older_migration_gets_only_the_newer_ones() {
         (row.get(0), row.get(1))
     };
     assert_eq!(kept, 1, "the upgrade lost or rewrote a chunk");
-    assert_eq!(versions as usize, kbsync_core::install::MIGRATIONS.len());
+    assert_eq!(
+        versions as usize,
+        kbsync_core::schema::install::MIGRATIONS.len()
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed setup step in a test should panic right there
 
-use kbsync_core::embed::local::LocalModel;
+use kbsync_core::sync::embed::local::LocalModel;
 use kbsync_testkit::repo_root;
 
 fn model() -> LocalModel {

@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kbsync_core::chunk::TokenCounter;
 use kbsync_core::config::Config;
-use kbsync_core::embed::{EmbedError, Provider};
+use kbsync_core::sync::chunk::TokenCounter;
+use kbsync_core::sync::embed::{EmbedError, Provider};
 use kbsync_testkit::{FakeOpenAi, Fault, TempConfig, run_kbsync};
 
 const DIMS: usize = 16;

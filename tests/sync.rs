@@ -293,7 +293,7 @@ async fn a_10_mb_page_is_chunked_in_order_within_the_cap_and_an_edit_re_embeds_l
     .await;
     // In order, nothing left out but whitespace between chunks, none over the cap
     // (512 tokens for pages in the shipped config), each embedded, the right tenant.
-    let counter = kbsync_core::chunk::TokenCounter::cl100k();
+    let counter = kbsync_core::sync::chunk::TokenCounter::cl100k();
     let mut end = 0;
     let mut start = 0;
     for (i, row) in chunks.iter().enumerate() {

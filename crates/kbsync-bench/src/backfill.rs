@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use kbsync_core::knowledge_index::{self, IndexState};
+use kbsync_core::search::index::{self, IndexState};
 use kbsync_testkit::demo_state::outbox_len;
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config};
 use tokio_postgres::Client;
@@ -75,7 +75,7 @@ async fn copy_baseline(client: &Client, with_hnsw: bool) -> Duration {
             if with_hnsw {
                 format!(
                     "CREATE INDEX ON copy_target USING hnsw (embedding vector_cosine_ops) WITH ({});",
-                    knowledge_index::HNSW_OPTIONS
+                    index::HNSW_OPTIONS
                 )
             } else {
                 String::new()
@@ -228,7 +228,7 @@ async fn backfill_with_index(handling: IndexHandling, n: i64, dims: usize) -> (f
     let (db, client) = queued(&config, n).await;
     if handling == IndexHandling::BuiltAfter {
         client
-            .batch_execute(&format!("DROP INDEX {}", knowledge_index::HNSW_INDEX))
+            .batch_execute(&format!("DROP INDEX {}", index::HNSW_INDEX))
             .await
             .expect("dropping the HNSW index");
     }
@@ -244,14 +244,14 @@ async fn backfill_with_index(handling: IndexHandling, n: i64, dims: usize) -> (f
                 "SET maintenance_work_mem = '{}MB'; SET max_parallel_maintenance_workers = {}; {}",
                 index.build_memory_mb,
                 index.build_workers,
-                knowledge_index::create_sql(false, kbsync_core::config::VectorType::Vector)
+                index::create_sql(false, kbsync_core::config::VectorType::Vector)
             ))
             .await
             .expect("CREATE INDEX");
     }
     loop {
         peak = peak.max(vm_hwm(daemon.pid()));
-        if knowledge_index::state(&client).await.expect("index state") == IndexState::Valid {
+        if index::state(&client).await.expect("index state") == IndexState::Valid {
             break;
         }
         assert!(

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use kbsync_core::embed::local::LocalModel;
+use kbsync_core::sync::embed::local::LocalModel;
 use kbsync_testkit::repo_root;
 use tempfile::NamedTempFile;
 
-use crate::median;
+use crate::statistics::median;
 
 const BATCH: usize = 32;
 const ROUNDS: usize = 5;

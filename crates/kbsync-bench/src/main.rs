@@ -14,6 +14,7 @@ mod migrate;
 mod reconcile_sweep;
 mod search_eval;
 mod search_tenants;
+mod statistics;
 mod trigger_overhead;
 
 use std::time::{Duration, Instant};
@@ -21,27 +22,9 @@ use std::time::{Duration, Instant};
 use kbsync_testkit::{DaemonProcess, FakeOpenAi, PrivateCluster, run_kbsync, sync_config};
 use tokio_postgres::NoTls;
 
+use crate::statistics::{ms, percentile};
+
 const WRITES: usize = 200;
-
-/// The middle value (the mean of the two middle ones for an even count).
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
 
 /// Sync latency rows (see the module doc), with trigger or logical capture.
 async fn latency_rows(logical: bool) -> Vec<(String, String)> {
@@ -284,7 +267,11 @@ async fn main() {
         .expect("version")
         .get(0);
     let mut report = format!(
-        "# kbsync benchmarks\n\nRun {date} with `just bench` on {cores} cores, {mem} kB memory; {version}.\n\n",
+        "# kbsync benchmarks\n\nWhat each figure means and how to get it again: every section says what is \
+         measured and how, and gives one table of figures with the baseline each is held against (and the \
+         peer where one was measured). The history of earlier runs is in git, not here. `just bench \
+         SECTION` runs one section and prints its table.\n\nRun {date} with `just bench` on {cores} cores, \
+         {mem} kB memory; {version}.\n\n",
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
     if run("triggers") {

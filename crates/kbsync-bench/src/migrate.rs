@@ -93,10 +93,10 @@ max_concurrency = 2
     let backfill = started.elapsed();
     // The index the deferred backfill builds afterwards: the fill runs with it.
     let index_valid = Instant::now();
-    while kbsync_core::knowledge_index::state(&client)
+    while kbsync_core::search::index::state(&client)
         .await
         .expect("the index state")
-        != kbsync_core::knowledge_index::IndexState::Valid
+        != kbsync_core::search::index::IndexState::Valid
     {
         assert!(
             index_valid.elapsed() < Duration::from_secs(600),

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kbsync_core::chunk::fingerprint_for;
 use kbsync_core::config::Config;
+use kbsync_core::sync::chunk::fingerprint_for;
 use kbsync_reconcile::Report;
 use kbsync_testkit::{TempConfig, TestDb, kbsync_bin};
 use tokio_postgres::{Client, NoTls};
@@ -292,5 +292,5 @@ pub async fn rows() -> Vec<(String, String)> {
 
 fn median(runs: Vec<Duration>) -> Duration {
     let mut seconds: Vec<f64> = runs.iter().map(Duration::as_secs_f64).collect();
-    Duration::from_secs_f64(crate::median(&mut seconds))
+    Duration::from_secs_f64(crate::statistics::median(&mut seconds))
 }

@@ -17,9 +17,9 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use kbsync_core::config::Config;
-use kbsync_core::embed::Provider;
-use kbsync_core::knowledge_index::HNSW_INDEX;
+use kbsync_core::search::index::HNSW_INDEX;
 use kbsync_core::search::{self, Mode};
+use kbsync_core::sync::embed::Provider;
 use kbsync_testkit::demo_state::outbox_len;
 use kbsync_testkit::{DaemonProcess, local_model_config, repo_root};
 use pgvector::Vector;
@@ -27,7 +27,7 @@ use tokio_postgres::Client;
 
 use crate::bench_db::{demo_db, drained};
 use crate::local_model::run_ok;
-use crate::{ms, percentile};
+use crate::statistics::{ms, percentile};
 
 /// The evaluation set, parsed once.
 static SET: LazyLock<serde_json::Value> = LazyLock::new(|| {
@@ -478,10 +478,7 @@ async fn many_chunks(
              {};
              ANALYZE tenant_knowledge;
              ANALYZE kbsync.knowledge_terms;",
-            kbsync_core::knowledge_index::create_sql(
-                false,
-                kbsync_core::config::VectorType::Vector
-            )
+            kbsync_core::search::index::create_sql(false, kbsync_core::config::VectorType::Vector)
         ))
         .await
         .expect("building the index");

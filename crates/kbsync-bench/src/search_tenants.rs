@@ -10,14 +10,14 @@
 use std::time::{Duration, Instant};
 
 use kbsync_core::config::{Config, VectorType};
-use kbsync_core::knowledge_index::{self, HNSW_INDEX};
+use kbsync_core::search::index::{self, HNSW_INDEX};
 use kbsync_testkit::local_model_config;
 use pgvector::Vector;
 use tokio_postgres::Client;
 
 use crate::bench_db::demo_db;
 use crate::search_eval::{LatencyData, insert_chunks, latency_data};
-use crate::{ms, percentile};
+use crate::statistics::{ms, percentile};
 
 const TENANTS: i32 = 100;
 const SMALL_TENANT_CHUNKS: usize = 1_011;
@@ -73,7 +73,7 @@ async fn build_index(client: &Client, vector_type: VectorType) -> (Duration, i64
     client
         .batch_execute(&format!(
             "SET maintenance_work_mem = '1GB'; {}; ANALYZE tenant_knowledge;",
-            knowledge_index::create_sql(false, vector_type)
+            index::create_sql(false, vector_type)
         ))
         .await
         .expect("building the index");

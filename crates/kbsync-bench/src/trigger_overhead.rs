@@ -32,7 +32,7 @@ use kbsync_testkit::{
 use tokio_postgres::Client;
 
 use crate::bench_db::{connect, drained, load_qapairs};
-use crate::median;
+use crate::statistics::median;
 
 const QAPAIRS: i64 = 100_000;
 const PRODUCTS: i64 = 20_000;

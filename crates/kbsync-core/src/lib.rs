@@ -1,30 +1,15 @@
-//! kbsync's reusable core, in the order the data flows: configuration and sources,
-//! the capture triggers, the outbox, reading source rows, chunking, embedding, and
-//! writing the knowledge table; plus schema installation, adopting an earlier system's
-//! embeddings, pricing a change of model, and database access.
+//! kbsync's reusable core, one folder per stage of the data path: `config` (the file,
+//! validated once into the `Source`s the rest uses), `capture` (trigger and logical),
+//! `outbox`, `sync` (source rows → chunks → embeddings → knowledge writes), `search`
+//! (the SQL function and the HNSW index), `model` (migration, plan, adopt) and
+//! `schema` (install, migrations); `db` is how every stage reaches PostgreSQL.
 
-pub mod adopt;
-pub mod advisory_locks;
 pub mod capture;
-pub mod chunk;
-pub mod chunk_texts;
 pub mod config;
-pub mod connection_defaults;
 pub mod db;
-pub mod embed;
-pub mod install;
-pub mod knowledge;
-pub mod knowledge_index;
-pub mod model_migration;
-pub mod model_plan;
+pub mod model;
 pub mod outbox;
 pub mod progress;
-pub mod rate_limit;
-pub mod replication;
+pub mod schema;
 pub mod search;
-pub mod server_versions;
-pub mod source_problems;
-pub mod source_rows;
-pub mod sql_ident;
-pub mod tls;
-pub mod uninstall;
+pub mod sync;

@@ -12,14 +12,14 @@ use thiserror::Error;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use kbsync_core::chunk::{Chunk, Chunker, content_hash};
 use kbsync_core::config::{Config, Source};
 use kbsync_core::db;
-use kbsync_core::embed::{EmbedError, InputOutcome, Provider};
-use kbsync_core::knowledge::{self, ChunkWrite, StoredChunk};
-use kbsync_core::model_migration;
+use kbsync_core::model::migration;
 use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
-use kbsync_core::source_rows::{SourceQuery, SourceRow};
+use kbsync_core::sync::chunk::{Chunk, Chunker, content_hash};
+use kbsync_core::sync::embed::{EmbedError, InputOutcome, Provider};
+use kbsync_core::sync::knowledge::{self, ChunkWrite, StoredChunk};
+use kbsync_core::sync::source_rows::{SourceQuery, SourceRow};
 
 use crate::model_switch::ActiveModels;
 
@@ -483,7 +483,7 @@ async fn commit(
     let source = &pipeline.source.name;
     let keys: Vec<String> = prepared.versions.iter().map(|(k, _)| k.clone()).collect();
     let tx = client.transaction().await?;
-    if model_migration::locked_generation(&tx).await? != generation {
+    if migration::locked_generation(&tx).await? != generation {
         return Ok(None);
     }
     let ours: HashSet<String> = outbox::fence(&tx, source, token, Scope::Row, &keys)
@@ -620,7 +620,7 @@ async fn isolate_rejected_writes(
 /// must not hold up the live edits of the model applications read.
 async fn other_model_vectors(
     client: &Client,
-    column: model_migration::OtherColumn,
+    column: kbsync_core::sync::knowledge::OtherColumn,
     provider: &Provider,
     writes: &[ChunkWrite],
 ) -> Result<HashMap<Vec<u8>, Vector>, tokio_postgres::Error> {
@@ -630,7 +630,7 @@ async fn other_model_vectors(
         texts.insert(w.hash.as_slice(), w.content.as_str());
     }
     let hashes: Vec<&[u8]> = texts.keys().copied().collect();
-    let mut found = model_migration::reusable(client, column, model, &hashes).await?;
+    let mut found = migration::reusable(client, column, model, &hashes).await?;
     let missing: Vec<(&[u8], &str)> = texts
         .into_iter()
         .filter(|(h, _)| !found.contains_key(*h))

@@ -1,11 +1,8 @@
-//! `kbsync run`: one listener task, one collector task, in logical capture mode one
-//! decoder task, and N worker tasks under one cancellation token. The listener hears
-//! NOTIFYs; the collector then moves what the capture triggers (or the decoder)
-//! appended into the outbox and wakes the workers. Each worker
-//! loops: claim a ready batch from some source, process it while keeping its lease
-//! alive, and when nothing is ready sleep until a wake-up, the next window closing,
-//! or the fallback poll. Task failures are never silent: a worker that
-//! panics stops the daemon with an error.
+//! `kbsync run`: the start-up checks, then the supervisor of the daemon's named tasks
+//! (`tasks.rs`): the listener, the collector, in logical capture mode the decoder, N
+//! workers (`worker.rs`), the index keeper, the model fill, the scheduled sweeps
+//! (`sweeps.rs`) and the HTTP endpoint, under one cancellation token. The first task
+//! to end before shutdown stops the daemon with its name and reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,25 +12,23 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
-use uuid::Uuid;
 
-use kbsync_core::config::{CaptureMode, Config, ProviderKind, Source};
+use kbsync_core::config::{CaptureMode, Config};
 use kbsync_core::db::{self, ErrorKind};
-use kbsync_core::embed::EmbedError;
-use kbsync_core::install::schema_is_current;
-use kbsync_core::knowledge_index::ColumnTypeError;
 use kbsync_core::outbox;
+use kbsync_core::schema::install::schema_is_current;
+use kbsync_core::search::index::ColumnTypeError;
+use kbsync_core::sync::embed::EmbedError;
 
-use kbsync_reconcile::{Options, Origin, Quiet, ReconcileError, SourceReport};
-
-use crate::batch::{self, BatchError, SourcePipeline};
-use crate::batch_sizing::BatchSizer;
+use crate::batch::SourcePipeline;
 use crate::health::Health;
 use crate::http::{self, HttpState};
 use crate::model_switch::{ModelSwitch, SwitchError};
 use crate::search_api::{Connections, SearchApi};
+use crate::shared::{Shared, connect_with_retry};
+use crate::sweeps::scheduled_sweeps;
 use crate::tasks::Tasks;
+use crate::worker::worker;
 use crate::{collector, decoder, index_manager, listener, model_fill, systemd, telemetry};
 
 /// Database connections the search API's requests share.
@@ -55,7 +50,8 @@ pub enum DaemonError {
     Provider(#[from] EmbedError),
     #[error("{0}")]
     Source(String),
-    #[error("a worker task failed: {0}")]
+    /// A task ended before shutdown: which, and why (`Tasks::next_end`).
+    #[error("the daemon stopped: {0}")]
     Task(String),
     #[error("{0}")]
     Http(String),
@@ -64,92 +60,6 @@ pub enum DaemonError {
 pub struct Daemon {
     config: Config,
     url: String,
-}
-
-struct Shared {
-    config: Config,
-    /// The shortest debounce or delete window of any source: a change just captured
-    /// is ready no sooner than this.
-    shortest_window: Duration,
-    url: String,
-    /// The model written into `embedding` now, and during a model migration the other.
-    models: Arc<ModelSwitch>,
-    pipelines: Vec<SourcePipeline>,
-    failure_policy: outbox::FailurePolicy,
-    health: Arc<Health>,
-    /// scheduling.priority_tenants plus what priority_tenants_sql last returned.
-    priority: std::sync::RwLock<Vec<String>>,
-    /// Keys processed since start, for the periodic summary.
-    keys_done: std::sync::atomic::AtomicU64,
-    /// Broken sources (see `source_broken`): not claimed from until this time.
-    paused_until: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
-}
-
-impl Shared {
-    /// Whether `source` is broken and its next try has not come yet.
-    fn paused(&self, source: &str) -> bool {
-        self.paused_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(source)
-            .is_some_and(|until| tokio::time::Instant::now() < *until)
-    }
-
-    /// A batch of `source` failed in a way waiting alone does not fix (a column the
-    /// config names is missing, no privilege on the table): the source is marked broken
-    /// — `/readyz`, `kbsync_source_broken`, `kbsync status` — its claims go back
-    /// without an attempt counted, and it is tried again after
-    /// `daemon.broken_source_retry`, not in a loop.
-    async fn source_broken(
-        &self,
-        lease_client: &Client,
-        token: Uuid,
-        source: &str,
-        err: &tokio_postgres::Error,
-    ) {
-        let retry = self.config.daemon.broken_source_retry;
-        let error = db::describe(err);
-        let fix = kbsync_core::source_problems::fix_for(source, err, retry);
-        self.paused_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(source.to_owned(), tokio::time::Instant::now() + retry);
-        metrics::gauge!("kbsync_source_broken", "source" => source.to_owned()).set(1.0);
-        if self.health.source_broken(source, &error) {
-            tracing::warn!(source, %error, "source still broken; tried again later");
-        } else {
-            tracing::error!(source, %error, %fix, "source broken: no batch of it can be written until this is fixed");
-        }
-        give_back(lease_client, token, retry, &error).await;
-        if let Err(e) =
-            kbsync_core::source_problems::record(lease_client, source, &error, &fix).await
-        {
-            tracing::warn!(source, error = %db::describe(&e), "could not record the broken source for `kbsync status`");
-        }
-    }
-
-    /// A batch of `source` went through: if it was broken, it is not any more.
-    async fn source_ok(&self, client: &Client, source: &str) {
-        if !self.health.source_ok(source) {
-            return;
-        }
-        self.paused_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(source);
-        metrics::gauge!("kbsync_source_broken", "source" => source.to_owned()).set(0.0);
-        tracing::info!(source, "source works again");
-        if let Err(e) = kbsync_core::source_problems::clear(client, source).await {
-            tracing::warn!(source, error = %db::describe(&e), "could not clear the broken source's record");
-        }
-    }
-
-    fn priority_tenants(&self) -> Vec<String> {
-        self.priority
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
 }
 
 /// The configured priority tenants plus those `priority_tenants_sql` returns, run in
@@ -244,12 +154,12 @@ impl Daemon {
         }
         if self.config.capture.mode == CaptureMode::Logical {
             if let Some(problem) =
-                kbsync_core::replication::missing_replication_right(&client).await?
+                kbsync_core::capture::logical::missing_replication_right(&client).await?
             {
                 return Err(DaemonError::Source(problem));
             }
-            let slot = kbsync_core::replication::slot_name(&client, &self.config).await?;
-            if kbsync_core::replication::slot_state(&client, &slot)
+            let slot = kbsync_core::capture::logical::slot_name(&client, &self.config).await?;
+            if kbsync_core::capture::logical::slot_state(&client, &slot)
                 .await?
                 .is_none()
             {
@@ -260,10 +170,10 @@ impl Daemon {
         }
         // A daemon whose config is not the installed capture's would miss changes (a
         // source not captured) or process keys the triggers no longer mean.
-        let drift = kbsync_core::install::capture_drift(&client, &self.config)
+        let drift = kbsync_core::schema::install::capture_drift(&client, &self.config)
             .await
             .map_err(|e| match e {
-                kbsync_core::install::InstallError::Postgres(e) => DaemonError::Startup(e),
+                kbsync_core::schema::install::InstallError::Postgres(e) => DaemonError::Startup(e),
                 e => DaemonError::Source(format!(
                     "{e}; correct the config (check it with `kbsync config check`), then run `kbsync install`"
                 )),
@@ -511,29 +421,6 @@ impl Daemon {
     }
 }
 
-/// Connect, retrying with backoff until it works or we are cancelled.
-async fn connect_with_retry(
-    url: &str,
-    cancel: &CancellationToken,
-    health: &Health,
-) -> Option<Client> {
-    let mut delays = db::reconnect_backoff();
-    loop {
-        match db::connect(url).await {
-            Ok((client, _)) => return Some(client),
-            Err(e) => {
-                health.database_failed(&e.to_string());
-                let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, ?delay, "database unavailable; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return None,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-}
-
 /// Every `SUMMARY_EVERY` while there is work: keys processed and their rate, what is
 /// left and when it will be done at that rate. The per-batch lines are at debug level.
 async fn summarize_progress(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -641,413 +528,6 @@ async fn keep_index(shared: Arc<Shared>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
-async fn worker(
-    n: usize,
-    shared: Arc<Shared>,
-    mut wake: watch::Receiver<u64>,
-    cancel: CancellationToken,
-) {
-    let daemon = &shared.config.daemon;
-    let mut provider_failures: u32 = 0;
-    let mut db_failures: i32 = -1;
-    'connect: loop {
-        // After a database error, pause before reconnecting so a persistent fault
-        // (say, a source table dropped) does not turn into a hot loop.
-        if db_failures >= 0 {
-            let delay = outbox::retry_delay(db_failures).min(Duration::from_secs(30));
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        db_failures += 1;
-        let Some(mut client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
-        else {
-            return;
-        };
-        // A second connection renews leases while the first is busy with a batch.
-        let Some(lease_client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
-        else {
-            return;
-        };
-        let mut first_source = n;
-        let mut unclaimable_passes: u32 = 0;
-        let mut sizer =
-            BatchSizer::new(daemon.batch_size, daemon.batch_duration).in_requests_of(match shared
-                .config
-                .embedding
-                .provider
-            {
-                ProviderKind::Openai => shared.config.embedding.max_inputs_per_request,
-                // The local model packs whatever it gets; a request is not a unit.
-                ProviderKind::Local => 1,
-            });
-        loop {
-            if cancel.is_cancelled() {
-                return;
-            }
-            wake.borrow_and_update();
-            let mut did_work = false;
-            // Priority tenants' ready work first, across all sources; then everyone's.
-            let priority = shared.priority_tenants();
-            let tiers: Vec<Option<&[String]>> = if priority.is_empty() {
-                vec![None]
-            } else {
-                vec![Some(priority.as_slice()), None]
-            };
-            for tier in tiers {
-                if did_work {
-                    break;
-                }
-                for offset in 0..shared.pipelines.len() {
-                    let pipeline =
-                        &shared.pipelines[(first_source + offset) % shared.pipelines.len()];
-                    if shared.paused(&pipeline.source.name) {
-                        continue;
-                    }
-                    let token = Uuid::new_v4();
-                    let claimed = match outbox::claim(
-                        &client,
-                        &pipeline.source,
-                        token,
-                        daemon.claim_lease,
-                        sizer.next() as i64,
-                        tier,
-                    )
-                    .await
-                    {
-                        Ok(c) => {
-                            shared.health.database_ok();
-                            c
-                        }
-                        Err(e) => {
-                            shared.health.database_failed(&db::describe(&e));
-                            tracing::warn!(error = %db::describe(&e), "claiming from the outbox failed; reconnecting");
-                            continue 'connect;
-                        }
-                    };
-                    if claimed.is_empty() {
-                        continue;
-                    }
-                    did_work = true;
-                    let span = tracing::info_span!("batch", source = %pipeline.source.name, keys = claimed.len());
-                    let models = shared.models.current();
-                    let work = batch::process(
-                        &mut client,
-                        pipeline,
-                        &models,
-                        &shared.failure_policy,
-                        token,
-                        &claimed,
-                    );
-                    let started = std::time::Instant::now();
-                    let result = with_lease(&lease_client, token, daemon.claim_lease, work)
-                        .instrument(span.clone())
-                        .await;
-                    match result {
-                        Ok(report) => {
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "ok").increment(1);
-                            shared.source_ok(&client, &pipeline.source.name).await;
-                            shared.keys_done.fetch_add(
-                                claimed.len() as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
-                            if report.inputs_embedded > 0 {
-                                shared.health.provider_ok();
-                            }
-                            provider_failures = 0;
-                            db_failures = -1;
-                            sizer.record(
-                                claimed.len(),
-                                started
-                                    .elapsed()
-                                    .saturating_sub(report.remote_embedding_time),
-                                report.remote_embedding_time,
-                            );
-                            tracing::debug!(
-                                source = %pipeline.source.name,
-                                keys = claimed.len(),
-                                embedded = report.inputs_embedded,
-                                written = report.chunks_written,
-                                deleted = report.chunks_deleted,
-                                failed = report.failed,
-                                dead_lettered = report.dead_lettered,
-                                "batch done"
-                            );
-                        }
-                        Err(BatchError::Provider(e)) => {
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "provider_error").increment(1);
-                            shared.health.provider_failed(&e.to_string());
-                            provider_failures += 1;
-                            let delay = outbox::retry_delay(provider_failures as i32);
-                            tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
-                            give_back(&lease_client, token, delay, &e.to_string()).await;
-                        }
-                        Err(BatchError::ModelChanged) => {
-                            // A cut-over or rollback committed while the batch embedded
-                            // with the model active before it: nothing was written; it
-                            // is redone at once with the active model, no attempt counted.
-                            tracing::info!(source = %pipeline.source.name, "the embedding model switched during the batch; redoing it with the active model");
-                            give_back(
-                                &lease_client,
-                                token,
-                                Duration::ZERO,
-                                "the embedding model switched during the batch",
-                            )
-                            .await;
-                            if let Err(e) = shared.models.refresh(&client).await {
-                                tracing::error!(error = %e, "reading the model migration failed");
-                            }
-                        }
-                        Err(BatchError::Chunking(e)) => {
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "chunking_error").increment(1);
-                            tracing::error!(source = %pipeline.source.name, error = %e, "chunking a batch failed; it is retried in 30 s");
-                            give_back(&lease_client, token, Duration::from_secs(30), &e).await;
-                        }
-                        Err(BatchError::Db(e))
-                            if !db::connection_failed(&client, &e)
-                                && shared.models.refresh(&client).await.is_ok()
-                                && shared.models.current().generation != models.generation =>
-                        {
-                            // A cut-over, rollback or finish renamed or dropped the
-                            // column the batch's statements named: redone at once.
-                            tracing::info!(source = %pipeline.source.name, error = %db::describe(&e), "the model migration moved on during the batch; redoing it");
-                            give_back(
-                                &lease_client,
-                                token,
-                                Duration::ZERO,
-                                "the model migration moved on during the batch",
-                            )
-                            .await;
-                        }
-                        Err(BatchError::Db(e))
-                            if !db::connection_failed(&client, &e)
-                                && db::classify(&e) == ErrorKind::Fatal =>
-                        {
-                            // Keys PostgreSQL rejects are failed one by one inside the
-                            // batch: a statement that fails on a live connection is the
-                            // source's (a missing column, no privilege), not a key's.
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "source_broken").increment(1);
-                            shared
-                                .source_broken(&lease_client, token, &pipeline.source.name, &e)
-                                .await;
-                        }
-                        Err(BatchError::Db(e)) => {
-                            // What is left here is the connection or the server.
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
-                            shared.health.database_failed(&db::describe(&e));
-                            let kind = db::classify(&e);
-                            tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch; it is retried");
-                            give_back(
-                                &lease_client,
-                                token,
-                                Duration::from_secs(1),
-                                &db::describe(&e),
-                            )
-                            .await;
-                            if db::connection_failed(&client, &e) {
-                                continue 'connect;
-                            }
-                        }
-                    }
-                }
-            }
-            first_source = first_source.wrapping_add(1);
-            if did_work {
-                unclaimable_passes = 0;
-                continue;
-            }
-            let wait = match next_ready(&client, &shared).await {
-                // Entries that are due but could not be claimed are locked by a
-                // transaction still open (an application's that touched them again, or
-                // a write of ours outliving its lease). Back off instead of spinning
-                // until that transaction ends: 20 ms doubling to the fallback poll.
-                Ok(NextReady::Overdue) => {
-                    unclaimable_passes = unclaimable_passes.saturating_add(1);
-                    Duration::from_millis(10)
-                        .saturating_mul(1 << unclaimable_passes.min(12))
-                        .min(daemon.fallback_poll)
-                }
-                Ok(NextReady::In(wait)) => {
-                    unclaimable_passes = 0;
-                    wait.min(daemon.fallback_poll)
-                }
-                Err(e) => {
-                    shared.health.database_failed(&db::describe(&e));
-                    tracing::warn!(error = %db::describe(&e), "reading the outbox failed; reconnecting");
-                    continue 'connect;
-                }
-            };
-            // A wake-up means changes arrived; none of them can be ready before the
-            // shortest window has passed, so look then (at once with a window of 0),
-            // not at every wake-up: under a stream of writes that would be a claim
-            // and an outbox scan per worker per fold.
-            let mut deadline = tokio::time::Instant::now() + wait;
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    changed = wake.changed() => {
-                        if changed.is_err() {
-                            tokio::time::sleep_until(deadline).await;
-                            break;
-                        }
-                        deadline = deadline.min(tokio::time::Instant::now() + shared.shortest_window);
-                    }
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
-            }
-        }
-    }
-}
-
-/// Give a batch's claims back to the outbox, to be tried again after `delay`, with no
-/// attempt counted. A failure is logged: the claims then come back when their lease
-/// lapses, later but not lost.
-async fn give_back(lease_client: &Client, token: Uuid, delay: Duration, why: &str) {
-    if let Err(e) = outbox::postpone(lease_client, token, delay, why).await {
-        tracing::warn!(error = %db::describe(&e), "could not give the batch back; its claims return when their lease lapses");
-    }
-}
-
-/// The reconcile sweep on `reconcile.schedule`. A sweep another daemon is running is
-/// skipped (the lock makes them exclusive); a failed sweep is logged and recorded in
-/// kbsync.reconcile_runs, and the next one runs on schedule.
-async fn scheduled_sweeps(
-    schedule: cron::Schedule,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) {
-    let options = Options {
-        dry_run: false,
-        force: false,
-        sources: Vec::new(),
-        tenant: None,
-        origin: Origin::Schedule,
-        queue_only: false,
-    };
-    loop {
-        // Recomputed after each sweep: a sweep longer than the interval skips the
-        // times it overran instead of running back to back.
-        let Some(next) = schedule.upcoming(chrono::Utc).next() else {
-            tracing::warn!("reconcile.schedule has no future time; no scheduled sweeps");
-            cancel.cancelled().await;
-            return;
-        };
-        let wait = (next - chrono::Utc::now()).to_std().unwrap_or_default();
-        tracing::debug!(%next, "next scheduled reconcile sweep");
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let Some(mut client) = connect_with_retry(&shared.url, &cancel, &shared.health).await
-        else {
-            return;
-        };
-        match kbsync_reconcile::sweep(&mut client, &shared.config, &options, &Quiet, &cancel).await
-        {
-            Ok(report) => {
-                record_sweep(&report);
-                let total = |f: fn(&SourceReport) -> u64| report.sources.iter().map(f).sum::<u64>();
-                tracing::info!(
-                    run = report.run_id,
-                    duration_ms = report.duration_ms,
-                    missing = total(|s| s.missing),
-                    stale = total(|s| s.stale.total()),
-                    missing_embeddings = total(|s| s.missing_embeddings),
-                    queued = total(|s| s.queued),
-                    deleted = total(|s| s.deleted_chunks),
-                    dead_letters_retried = total(|s| s.dead_letters_retried),
-                    dead_letters_permanent = total(|s| s.dead_letters_permanent),
-                    "scheduled reconcile sweep done"
-                );
-                for (source, stop) in report.safety_stops() {
-                    tracing::error!(
-                        source,
-                        share = stop.share,
-                        limit = stop.limit,
-                        "reconcile safety stop: orphans not deleted; check the source's filter, then run `kbsync reconcile --force` if it is right"
-                    );
-                }
-            }
-            Err(ReconcileError::Busy) => {
-                metrics::counter!("kbsync_reconcile_runs_total", "outcome" => "busy").increment(1);
-                tracing::info!("scheduled reconcile sweep skipped: another sweep is running");
-            }
-            Err(ReconcileError::Cancelled) => return,
-            Err(e) => {
-                metrics::counter!("kbsync_reconcile_runs_total", "outcome" => "error").increment(1);
-                tracing::error!(error = %e, "scheduled reconcile sweep failed");
-            }
-        }
-    }
-}
-
-fn record_sweep(report: &kbsync_reconcile::Report) {
-    let outcome = if report.safety_stops().next().is_some() {
-        "safety_stop"
-    } else {
-        "ok"
-    };
-    metrics::counter!("kbsync_reconcile_runs_total", "outcome" => outcome).increment(1);
-    for s in &report.sources {
-        for (action, n) in [
-            ("missing", s.missing),
-            ("stale", s.stale.total()),
-            ("missing_embedding", s.missing_embeddings),
-            ("orphan_chunks", s.orphan_chunks),
-            ("dead_letter_retried", s.dead_letters_retried),
-        ] {
-            metrics::counter!("kbsync_reconcile_keys_total", "source" => s.source.clone(), "action" => action)
-                .increment(n);
-        }
-    }
-}
-
-/// Time until the earliest pending window closes, over all sources.
-enum NextReady {
-    /// Some entry is due now, yet the pass before claimed nothing.
-    Overdue,
-    /// The next entry is due in this long (or the fallback poll: nothing pending).
-    In(Duration),
-}
-
-async fn next_ready(client: &Client, shared: &Shared) -> Result<NextReady, tokio_postgres::Error> {
-    let sources: Vec<&Source> = shared.pipelines.iter().map(|p| &p.source).collect();
-    Ok(match outbox::seconds_until_ready(client, &sources).await? {
-        Some(secs) if secs <= 0.0 => NextReady::Overdue,
-        // A little slack so the window has surely closed when we look.
-        Some(secs) => NextReady::In(Duration::from_secs_f64(secs) + Duration::from_millis(5)),
-        None => NextReady::In(shared.config.daemon.fallback_poll),
-    })
-}
-
-/// Run `work`, renewing the claim's lease every third of it meanwhile. The renewals
-/// run beside the work, never instead of it: a renewal that waits (on the row locks
-/// the batch's own write transaction holds, say) must not stop that transaction from
-/// going on to its commit.
-async fn with_lease<T>(
-    client: &Client,
-    token: Uuid,
-    lease: Duration,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    tokio::select! {
-        out = work => out,
-        never = keep_renewing(client, token, lease) => match never {},
-    }
-}
-
-async fn keep_renewing(client: &Client, token: Uuid, lease: Duration) -> std::convert::Infallible {
-    let mut tick = tokio::time::interval(lease / 3);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        if let Err(e) = outbox::renew(client, token, lease).await {
-            tracing::warn!(error = %db::describe(&e), "renewing a claim failed");
         }
     }
 }

@@ -27,10 +27,10 @@ use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::capture;
+use kbsync_core::capture::logical::{self, SlotState};
 use kbsync_core::config::{Config, Source};
 use kbsync_core::db;
 use kbsync_core::outbox;
-use kbsync_core::replication::{self, SlotState};
 
 use crate::health::Health;
 use crate::pgoutput::{self, Message, OldRow, Value};
@@ -315,7 +315,7 @@ fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig, Decode
             password,
             database,
             slot,
-            replication::PUBLICATION,
+            logical::PUBLICATION,
         ),
         tcp => ReplicationConfig::new(
             match tcp {
@@ -326,7 +326,7 @@ fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig, Decode
             password,
             database,
             slot,
-            replication::PUBLICATION,
+            logical::PUBLICATION,
         )
         .with_port(port)
         .with_tls(replication_tls(&settings.tls)),
@@ -340,8 +340,8 @@ fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig, Decode
 /// The replication stream's TLS, as libpq's parameters ask for the other connections.
 /// `sslrootcert=system` verifies against Mozilla's roots (webpki-roots, compiled in),
 /// the replication client's only trust store besides a file.
-fn replication_tls(tls: &kbsync_core::tls::TlsSettings) -> pgwire_replication::TlsConfig {
-    use kbsync_core::tls::{RootCerts, SslMode};
+fn replication_tls(tls: &kbsync_core::db::tls::TlsSettings) -> pgwire_replication::TlsConfig {
+    use kbsync_core::db::tls::{RootCerts, SslMode};
     use pgwire_replication::SslMode as Wire;
     let root_file = match &tls.root_certs {
         Some(RootCerts::File(path)) => Some(path.clone()),
@@ -432,15 +432,15 @@ async fn decode(
     cancel: &CancellationToken,
 ) -> Result<(), DecodeError> {
     let (mut client, _connection) = db::connect(url).await?;
-    let level = replication::wal_level(&client).await?;
+    let level = logical::wal_level(&client).await?;
     if level != "logical" {
         return Err(DecodeError::WalLevel(level));
     }
-    let slot = replication::slot_name(&client, config).await?;
+    let slot = logical::slot_name(&client, config).await?;
     let targets = targets(&client, &config.sources()).await?;
     let limit_mb = config.capture.max_retained_wal_mb;
     let mut stream = loop {
-        let Some(state) = replication::slot_state(&client, &slot).await? else {
+        let Some(state) = logical::slot_state(&client, &slot).await? else {
             return Err(DecodeError::SlotMissing { slot });
         };
         record_slot(&state, limit_mb, health);
@@ -463,7 +463,7 @@ async fn decode(
     };
     tracing::info!(
         slot,
-        publication = replication::PUBLICATION,
+        publication = logical::PUBLICATION,
         "decoding changes (logical capture)"
     );
     let mut pending = Pending::new(targets.len());
@@ -471,7 +471,7 @@ async fn decode(
     let result = loop {
         if last_check.elapsed() >= SLOT_CHECK {
             last_check = Instant::now();
-            match replication::slot_state(&client, &slot).await? {
+            match logical::slot_state(&client, &slot).await? {
                 Some(state) => record_slot(&state, limit_mb, health),
                 None => break Err(DecodeError::SlotMissing { slot: slot.clone() }),
             }

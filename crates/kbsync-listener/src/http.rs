@@ -113,7 +113,7 @@ async fn chunking_health(State(state): State<Arc<HttpState>>) -> Response {
         let coverage = kbsync_reconcile::coverage::coverage(&client, &state.config)
             .await
             .map_err(|e| e.to_string())?;
-        let migration = kbsync_core::model_migration::progress_if_any(&client)
+        let migration = kbsync_core::model::migration::progress_if_any(&client)
             .await
             .map_err(|e| e.to_string())?;
         let mut body = serde_json::to_value(coverage).map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
 //! The embedding index's keeper: drops the HNSW index when a backlog large enough
 //! that a bulk build is cheaper arrives, and builds it back, concurrently, once the
-//! backlog is worked off (`kbsync_core::knowledge_index`). One daemon at a time does
+//! backlog is worked off (`kbsync_core::search::index`). One daemon at a time does
 //! this, the one that holds the index lock on its session; the others wait for it.
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::config::IndexConfig;
-use kbsync_core::knowledge_index::{self, ColumnTypeError, INDEX_LOCK, IndexPlan, IndexState};
+use kbsync_core::search::index::{self, ColumnTypeError, INDEX_LOCK, IndexPlan, IndexState};
 
 /// How often the keeper looks at the backlog and the index.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
@@ -36,15 +36,15 @@ pub async fn run(
         }
     }
     loop {
-        let state = knowledge_index::state(client).await?;
+        let state = index::state(client).await?;
         publish(&state);
-        let stored = knowledge_index::stored_chunks(client).await?;
+        let stored = index::stored_chunks(client).await?;
         let cap = match state {
             IndexState::Valid => (config.defer_above as i64).max((stored + 1) / 2),
-            _ => knowledge_index::build_below(config.defer_above),
+            _ => index::build_below(config.defer_above),
         };
-        let backlog = knowledge_index::backlog(client, cap).await?;
-        match knowledge_index::plan(&state, backlog, stored, config.defer_above) {
+        let backlog = index::backlog(client, cap).await?;
+        match index::plan(&state, backlog, stored, config.defer_above) {
             IndexPlan::Keep => {}
             IndexPlan::Defer => {
                 tracing::info!(
@@ -52,14 +52,14 @@ pub async fn run(
                     stored,
                     "a large backlog: dropping the embedding index, to build it in bulk afterwards (search is exact meanwhile)"
                 );
-                knowledge_index::drop_concurrently(client).await?;
+                index::drop_concurrently(client).await?;
                 metrics::counter!("kbsync_index_deferrals_total").increment(1);
             }
             IndexPlan::DropInvalid => {
                 tracing::warn!(
                     "the embedding index is invalid (a build was interrupted): dropping it to build it again"
                 );
-                knowledge_index::drop_concurrently(client).await?;
+                index::drop_concurrently(client).await?;
             }
             IndexPlan::Build => {
                 tracing::info!(
@@ -74,11 +74,8 @@ pub async fn run(
                     total: 0,
                 });
                 let started = std::time::Instant::now();
-                let build = knowledge_index::build_concurrently(
-                    client,
-                    config.build_memory_mb,
-                    config.build_workers,
-                );
+                let build =
+                    index::build_concurrently(client, config.build_memory_mb, config.build_workers);
                 // On shutdown the build is left to finish on the server (the session
                 // keeps the lock until it has): stopping it would leave an invalid index.
                 tokio::select! {

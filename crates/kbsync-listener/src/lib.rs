@@ -13,14 +13,18 @@ mod decoder;
 pub mod health;
 mod http;
 mod index_manager;
+mod leases;
 mod listener;
 mod model_fill;
 mod model_switch;
 mod pgoutput;
 mod search_api;
+mod shared;
+mod sweeps;
 pub mod systemd;
 mod tasks;
 pub mod telemetry;
 mod texts_in_flight;
+mod worker;
 
 pub use daemon::{Daemon, DaemonError};

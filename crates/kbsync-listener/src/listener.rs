@@ -86,7 +86,7 @@ async fn listen_once(
     // The shared daemon lock on this session tells `kbsync status` a daemon runs.
     let listen_sql = format!(
         "LISTEN \"{CHANNEL}\"; SELECT pg_advisory_lock_shared({})",
-        kbsync_core::advisory_locks::DAEMON
+        kbsync_core::db::advisory_locks::DAEMON
     );
     let listen = client.batch_execute(&listen_sql);
     tokio::pin!(listen);

@@ -1,5 +1,5 @@
 //! Filling the other model's column during a model migration
-//! (`kbsync_core::model_migration`): before the cut-over the new model's vectors for
+//! (`kbsync_core::model::migration`): before the cut-over the new model's vectors for
 //! every chunk, after it the old model's for every chunk written since. The most
 //! recently written chunks go first, so live edits get both vectors within seconds while
 //! the backlog is worked through.
@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kbsync_core::db;
-use kbsync_core::embed::{Provider, SentTotals};
-use kbsync_core::model_migration::{self, ModelMigrationError};
+use kbsync_core::model::migration::{self, ModelMigrationError};
+use kbsync_core::sync::embed::{Provider, SentTotals};
 use pgvector::Vector;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model_switch::ModelSwitch;
 
 /// Held by the daemon that fills.
-pub const FILL_LOCK: i64 = kbsync_core::advisory_locks::MODEL_FILL;
+pub const FILL_LOCK: i64 = kbsync_core::db::advisory_locks::MODEL_FILL;
 
 /// How often the migration state is read when there is nothing to fill.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -130,7 +130,7 @@ async fn fill_while_connected(
             };
             let new = sent.since(since);
             if new != SentTotals::default() {
-                model_migration::add_sent(&client, models.generation, *column, new)
+                migration::add_sent(&client, models.generation, *column, new)
                     .await
                     .map_err(|e| db::describe(&e))?;
             }
@@ -172,7 +172,7 @@ async fn fill_while_connected(
 async fn fill_round(
     client: &mut Client,
     generation: i64,
-    column: model_migration::OtherColumn,
+    column: kbsync_core::sync::knowledge::OtherColumn,
     provider: &Provider,
     size: usize,
     refused: &mut HashSet<Vec<u8>>,
@@ -196,7 +196,7 @@ async fn fill_round(
         return Ok(false);
     }
     let hashes: Vec<&[u8]> = texts.iter().map(|(h, _)| h.as_slice()).collect();
-    let mut vectors = model_migration::reusable(&*client, column, &model, &hashes)
+    let mut vectors = migration::reusable(&*client, column, &model, &hashes)
         .await
         .map_err(|e| db::describe(&e))?;
     let reused = vectors.len();
@@ -225,7 +225,7 @@ async fn fill_round(
         }
         // This task is the only user of the other model's provider.
     }
-    let written = model_migration::fill(client, generation, column, &model, &vectors)
+    let written = migration::fill(client, generation, column, &model, &vectors)
         .await
         .map_err(|e| db::describe(&e))?;
     if written {

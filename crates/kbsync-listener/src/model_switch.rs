@@ -1,14 +1,15 @@
 //! Which embedding model the daemon writes into `embedding` now, and which one it keeps
 //! in the other column, as the database's model migration says
-//! (`kbsync_core::model_migration`). Both configured models' providers are built once
+//! (`kbsync_core::model::migration`). Both configured models' providers are built once
 //! at start; a cut-over or rollback switches between them without a restart.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use kbsync_core::config::{Config, EmbeddingConfig};
-use kbsync_core::embed::{EmbedError, Provider};
-use kbsync_core::model_migration::{self, ModelMigrationError, Models, OtherColumn};
+use kbsync_core::model::migration::{self, ModelMigrationError, Models};
+use kbsync_core::sync::embed::{EmbedError, Provider};
+use kbsync_core::sync::knowledge::OtherColumn;
 use tokio_postgres::GenericClient;
 
 use crate::texts_in_flight::TextsInFlight;
@@ -53,7 +54,7 @@ impl ModelSwitch {
                 Arc::new(Provider::from_config(&next)?),
             );
         }
-        let models = model_migration::current_models(client, config).await?;
+        let models = migration::current_models(client, config).await?;
         let current = RwLock::new(Arc::new(Self::assemble(&providers, models)));
         Ok(Self {
             config: config.clone(),
@@ -63,7 +64,7 @@ impl ModelSwitch {
     }
 
     fn assemble(providers: &HashMap<String, Arc<Provider>>, models: Models) -> ActiveModels {
-        // `models` names only configured models (model_migration::models checks it).
+        // `models` names only configured models (migration::models checks it).
         let provider = |c: &EmbeddingConfig| providers[&c.model].clone();
         ActiveModels {
             generation: models.generation,
@@ -88,7 +89,7 @@ impl ModelSwitch {
 
     /// Read the migration state again; switch if its generation moved.
     pub async fn refresh(&self, client: &impl GenericClient) -> Result<(), ModelMigrationError> {
-        let models = model_migration::current_models(client, &self.config).await?;
+        let models = migration::current_models(client, &self.config).await?;
         if models.generation == self.current().generation {
             return Ok(());
         }

@@ -25,8 +25,8 @@ use tokio_postgres::Client;
 
 use kbsync_core::config::Config;
 use kbsync_core::db;
-use kbsync_core::embed::EmbedOneError;
 use kbsync_core::search::{self, MAX_K, Mode};
+use kbsync_core::sync::embed::EmbedOneError;
 
 use crate::model_switch::ModelSwitch;
 

@@ -277,7 +277,7 @@ pub fn register_series(sources: &[String], logical: bool) {
 /// Set `kbsync_embedding_index{state}` from the catalog (whether or not this daemon
 /// keeps the index).
 pub async fn refresh_index(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
-    crate::index_manager::publish(&kbsync_core::knowledge_index::state(client).await?);
+    crate::index_manager::publish(&kbsync_core::search::index::state(client).await?);
     Ok(())
 }
 
@@ -303,9 +303,9 @@ pub async fn refresh_backlog(
 /// vector, and what was sent to fill them.
 pub async fn refresh_model_migration(
     client: &impl GenericClient,
-) -> Result<(), kbsync_core::model_migration::ModelMigrationError> {
-    use kbsync_core::model_migration::{self, Phase};
-    let Some(progress) = model_migration::progress_if_any(client).await? else {
+) -> Result<(), kbsync_core::model::migration::ModelMigrationError> {
+    use kbsync_core::model::migration::{self, Phase};
+    let Some(progress) = migration::progress_if_any(client).await? else {
         metrics::gauge!("kbsync_model_migration_phase").set(0.0);
         return Ok(());
     };

@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::GenericClient;
 
 use kbsync_core::config::Config;
-use kbsync_core::source_rows::RowSql;
+use kbsync_core::sync::source_rows::RowSql;
 
-use crate::{ReconcileError, runs};
+use crate::runs;
+use crate::scope::ReconcileError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceCoverage {

@@ -3,11 +3,11 @@
 
 use kbsync_core::config::Source;
 use kbsync_core::outbox;
-use kbsync_core::source_rows::RowSql;
+use kbsync_core::sync::source_rows::RowSql;
 use tokio_postgres::GenericClient;
 
 use crate::report::{PermanentFailure, SourceReport};
-use crate::{ReconcileError, Scope};
+use crate::scope::{ReconcileError, Scope};
 
 pub(crate) struct DeadLetterScan {
     /// $1 source, $2 tenant → the ids of the dead letters whose retry time has come.

@@ -16,10 +16,10 @@
 //! collision.
 
 use kbsync_core::config::Source;
-use kbsync_core::source_rows::RowSql;
+use kbsync_core::sync::source_rows::RowSql;
 use tokio_postgres::GenericClient;
 
-use crate::missing_and_stale::has_text;
+use crate::text_present::has_text;
 
 /// $1 tenant (NULL: all), $2 source name, $3 chunking fingerprint, $4 model →
 /// eligible rows, chunks, in sync.

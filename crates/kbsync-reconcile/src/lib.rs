@@ -21,102 +21,29 @@ mod missing_and_stale;
 mod orphans;
 pub mod report;
 pub mod runs;
+mod scope;
+mod text_present;
 
 use std::time::Instant;
 
-use thiserror::Error;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::capture::CHANNEL;
-use kbsync_core::chunk;
 use kbsync_core::config::Config;
-use kbsync_core::install::schema_is_current;
-use kbsync_core::source_rows::RowSql;
+use kbsync_core::schema::install::schema_is_current;
+use kbsync_core::sync::chunk;
+use kbsync_core::sync::source_rows::RowSql;
 
 pub use report::{Report, SafetyStop, SourceReport, StaleKeys};
 pub use runs::{RunRecord, recent_runs};
+use scope::Scope;
+pub use scope::{Options, Origin, ReconcileError};
 
 /// The advisory lock that makes sweeps exclusive.
-pub const SWEEP_LOCK: i64 = kbsync_core::advisory_locks::SWEEP;
-
-#[derive(Debug, Error)]
-pub enum ReconcileError {
-    #[error(
-        "another reconcile sweep is running (one at a time across all daemons and hosts); this one did nothing. Try again when it has finished; `kbsync status` shows it"
-    )]
-    Busy,
-    #[error(
-        "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
-    )]
-    SchemaNotInstalled,
-    #[error("{0}")]
-    UnknownSource(String),
-    #[error(
-        "sources.{source_name}: table {table} does not exist (check the config, or create the table)"
-    )]
-    MissingTable { source_name: String, table: String },
-    #[error(
-        "sources.{source_name}: tenant_knowledge holds chunks whose source_key is not a valid key of the source table, so kbsync did not write them ({detail}); inspect and delete them by hand"
-    )]
-    ForeignChunks { source_name: String, detail: String },
-    #[error("the sweep was cancelled before it finished; what it did so far stays done")]
-    Cancelled,
-    #[error("database error: {}", kbsync_core::db::describe(.0))]
-    Db(#[from] tokio_postgres::Error),
-    #[error(transparent)]
-    ModelMigration(#[from] kbsync_core::model_migration::ModelMigrationError),
-}
-
-/// Who started the sweep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// `kbsync reconcile` (by hand, `just reconcile`, or the systemd timer).
-    Cli,
-    /// The schedule inside `kbsync run`.
-    Schedule,
-    /// `kbsync install`, for the rows that existed before their capture did.
-    Install,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Cli => "cli",
-            Origin::Schedule => "schedule",
-            Origin::Install => "install",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// Report what would be done; change nothing (the run is still recorded).
-    pub dry_run: bool,
-    /// Delete orphans even past `reconcile.max_delete_fraction`.
-    pub force: bool,
-    /// Only these sources (empty: all).
-    pub sources: Vec<String>,
-    /// Only this tenant's rows and chunks.
-    pub tenant: Option<String>,
-    pub origin: Origin,
-    /// Only queue the rows whose chunks are missing or stale; leave orphaned chunks and
-    /// parked keys to a full sweep (what `kbsync install` does for the rows that existed
-    /// before their capture).
-    pub queue_only: bool,
-}
+pub const SWEEP_LOCK: i64 = kbsync_core::db::advisory_locks::SWEEP;
 
 pub use kbsync_core::progress::{Progress, Quiet};
-
-/// What every step of one sweep shares.
-pub(crate) struct Scope<'a> {
-    pub dry_run: bool,
-    pub force: bool,
-    pub tenant: Option<&'a str>,
-    pub range_size: usize,
-    pub max_delete_fraction: f64,
-    pub cancel: &'a CancellationToken,
-}
 
 /// Run one sweep on `client`'s session. Returns `Busy` at once when another sweep
 /// holds the lock. The report says per source what was found and done; a safety
@@ -193,7 +120,7 @@ async fn sweep_sources(
         .collect();
     // The model whose vectors `embedding` holds: [next_embedding]'s after a model
     // cut-over. A chunk of another model is stale. The chunking stays [embedding]'s.
-    let models = kbsync_core::model_migration::current_models(&*client, config).await?;
+    let models = kbsync_core::model::migration::current_models(&*client, config).await?;
     let model = models.active.model.as_str();
     for source in &sources {
         let rows = RowSql::prepare(&*client, source).await?;

@@ -5,23 +5,13 @@
 
 use kbsync_core::config::Source;
 use kbsync_core::outbox;
-use kbsync_core::source_rows::RowSql;
+use kbsync_core::sync::source_rows::RowSql;
 use tokio_postgres::GenericClient;
 
 use crate::report::SourceReport;
-use crate::{Progress, ReconcileError, Scope};
-
-/// Characters Rust's `str::trim` removes (Unicode White_Space): a text made only of
-/// them has no chunks, so a row with such a text is not "missing" its chunks.
-const NON_BLANK: &str =
-    r"'[^\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]'";
-
-/// True when the text `text` (SQL) has a character that is not white space. The
-/// regular expression costs ~0.3 us a row; a text that starts with a printable
-/// ASCII character (almost all) is decided by its first character alone.
-pub(crate) fn has_text(text: &str) -> String {
-    format!("CASE WHEN ascii({text}) BETWEEN 33 AND 126 THEN true ELSE {text} ~ {NON_BLANK} END")
-}
+use crate::scope::{ReconcileError, Scope};
+use crate::text_present::has_text;
+use kbsync_core::progress::Progress;
 
 /// The statements for one source.
 pub(crate) struct RowScan {

@@ -4,12 +4,13 @@
 //! caught by the safety stop before the first chunk goes.
 
 use kbsync_core::config::Source;
-use kbsync_core::source_rows::RowSql;
+use kbsync_core::sync::source_rows::RowSql;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel};
 
 use crate::report::{SafetyStop, SourceReport};
-use crate::{Progress, ReconcileError, Scope};
+use crate::scope::{ReconcileError, Scope};
+use kbsync_core::progress::Progress;
 
 pub(crate) struct OrphanScan {
     /// $1 source, $2 lower bound (exclusive) → upper bound of the next `$3 + 1` chunks.

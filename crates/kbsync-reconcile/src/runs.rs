@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::Origin;
+use crate::scope::Origin;
 
 pub(crate) async fn start(
     client: &impl GenericClient,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::repo_root;
+use crate::repo::repo_root;
 
 pub struct PrivateCluster {
     state: PathBuf,
@@ -119,12 +119,16 @@ impl PrivateCluster {
 
     /// A cluster whose `postgres` database has the demo tables and kbsync installed
     /// with `config`; and that database's URL.
-    pub fn with_demo_schema(config: &crate::TempConfig) -> (Self, String) {
+    pub fn with_demo_schema(config: &crate::temp_config::TempConfig) -> (Self, String) {
         let cluster = Self::start();
         let url = cluster.database_url("postgres");
         for args in [&["demo", "schema"][..], &["install"]] {
-            crate::run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())])
-                .assert_success();
+            crate::kbsync_process::run_kbsync(
+                config.path(),
+                args,
+                &[("DATABASE_URL", url.as_str())],
+            )
+            .assert_success();
         }
         (cluster, url)
     }

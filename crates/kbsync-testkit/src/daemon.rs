@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::demo_state::TEST_MODEL;
-use crate::{TempConfig, kbsync_bin, shipped_config};
+use crate::kbsync_process::kbsync_bin;
+use crate::repo::shipped_config;
+use crate::temp_config::TempConfig;
+
+/// The model name `sync_config` gives the test server.
+pub const TEST_MODEL: &str = "test-embedding";
 
 /// The API key the daemon is given in tests; asserted never to appear in logs.
 pub const TEST_API_KEY: &str = "sk-test-0123456789abcdef";
@@ -62,7 +66,7 @@ fn openai_section(base_url: &str, dims: usize) -> String {
 /// The shipped config with its offline local model (all-MiniLM-L6-v2, fetched by
 /// `just model`) and the test windows, lease and poll of `sync_config`.
 pub fn local_model_config(window: &str) -> TempConfig {
-    let dir = crate::repo_root().join(".kbsync/models/all-MiniLM-L6-v2");
+    let dir = crate::repo::repo_root().join(".kbsync/models/all-MiniLM-L6-v2");
     assert!(
         dir.join("model.safetensors").exists(),
         "{} is missing: run `just model` (`just test` does)",
@@ -151,7 +155,7 @@ impl DaemonProcess {
         command
             .env_remove("KBSYNC_DATABASE_URL")
             .env_remove("DATABASE_URL");
-        for var in crate::LIBPQ_VARIABLES {
+        for var in crate::kbsync_process::LIBPQ_VARIABLES {
             command.env_remove(var);
         }
         command.envs(env.iter().copied());

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::DaemonProcess;
+use crate::daemon::DaemonProcess;
 
-/// The model name `sync_config` gives the test server.
-pub const TEST_MODEL: &str = "test-embedding";
+pub use crate::daemon::TEST_MODEL;
 const CONVERGE: Duration = Duration::from_secs(60);
 
 pub type ChunkSet = BTreeSet<(String, String, String, String)>;

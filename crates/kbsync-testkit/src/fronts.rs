@@ -14,7 +14,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::repo_root;
+use crate::repo::repo_root;
 
 /// A directory the test's PostgreSQL user can read (PgBouncer runs as that user when
 /// the tests run as root), removed when dropped.

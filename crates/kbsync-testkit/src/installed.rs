@@ -3,7 +3,10 @@
 
 use tokio_postgres::Client;
 
-use crate::{DaemonProcess, FakeOpenAi, TempConfig, TestDb, sync_config};
+use crate::daemon::{DaemonProcess, sync_config};
+use crate::openai_server::FakeOpenAi;
+use crate::temp_config::TempConfig;
+use crate::test_db::TestDb;
 
 pub struct Installed {
     pub db: TestDb,
@@ -30,7 +33,7 @@ impl Installed {
         let server = FakeOpenAi::start(dims).await;
         let mut config = sync_config(&server.base_url(), dims, window, delete_window);
         if logical {
-            config = config.edited(&[crate::LOGICAL_CAPTURE]);
+            config = config.edited(&[crate::temp_config::LOGICAL_CAPTURE]);
         }
         Self::with_config(server, config).await
     }

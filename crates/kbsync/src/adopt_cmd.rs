@@ -1,10 +1,10 @@
 //! `kbsync adopt`: reuse the vectors an earlier system already paid for (see
-//! `kbsync_core::adopt`), and `kbsync adopt --clear`.
+//! `kbsync_core::model::adopt`), and `kbsync adopt --clear`.
 
 use anyhow::bail;
-use kbsync_core::adopt::{self, AdoptReport, ModelOf, OldTable};
 use kbsync_core::config::Config;
-use kbsync_core::sql_ident::{Ident, TableName};
+use kbsync_core::config::sql_ident::{Ident, TableName};
+use kbsync_core::model::adopt::{self, AdoptReport, ModelOf, OldTable};
 
 /// `kbsync adopt`'s options.
 #[derive(clap::Args)]
@@ -38,7 +38,7 @@ pub struct AdoptArgs {
 }
 
 pub async fn adopt(config: &Config, request: AdoptArgs) -> anyhow::Result<()> {
-    let mut client = crate::connect_installed(config).await?;
+    let mut client = crate::connecting::connect_installed(config).await?;
     if request.clear {
         let removed = adopt::clear(&client).await?;
         println!("kbsync adopt --clear: {removed} adopted embeddings forgotten");
@@ -65,7 +65,7 @@ pub async fn adopt(config: &Config, request: AdoptArgs) -> anyhow::Result<()> {
         config,
         &old,
         request.dry_run,
-        &crate::reconcile_cmd::Bar::new(),
+        &crate::progress_bar::Bar::new(),
     )
     .await?;
     if request.json {

@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use anyhow::bail;
-use kbsync_core::config::{Config, redact_url};
-use kbsync_core::embed::Provider;
+use kbsync_core::config::Config;
+use kbsync_core::db::redact_url;
+use kbsync_core::sync::embed::Provider;
 
 /// What the check of the database found.
 enum DatabaseCheck {
@@ -60,7 +61,7 @@ pub async fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     }
     println!("# sources:");
     for source in &sources {
-        let list = |columns: Vec<kbsync_core::sql_ident::Ident>| {
+        let list = |columns: Vec<kbsync_core::config::sql_ident::Ident>| {
             columns
                 .iter()
                 .map(|c| c.as_str().to_owned())
@@ -149,15 +150,15 @@ async fn check_database(config: &Config) -> anyhow::Result<DatabaseCheck> {
         // A database that is down now may be up when the daemon starts (it waits).
         Err(e) => return Ok(DatabaseCheck::Unchecked(e.to_string())),
     };
-    let problems = kbsync_core::source_rows::unusable_sources(&client, config).await;
+    let problems = kbsync_core::sync::source_rows::unusable_sources(&client, config).await;
     if !problems.is_empty() {
         bail!(
             "the database does not have what the sources use; correct the config or the tables:\n  {}",
             problems.join("\n  ")
         );
     }
-    let schema_current = kbsync_core::install::schema_is_current(&client).await?;
-    let capture_drift = kbsync_core::install::capture_drift(&client, config).await?;
+    let schema_current = kbsync_core::schema::install::schema_is_current(&client).await?;
+    let capture_drift = kbsync_core::schema::install::capture_drift(&client, config).await?;
     Ok(DatabaseCheck::Checked {
         capture_drift,
         schema_current,

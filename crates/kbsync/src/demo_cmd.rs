@@ -8,7 +8,7 @@ const SCHEMA: &str = include_str!("../../../sql/demo/schema.sql");
 const DATA: &str = include_str!("../../../sql/demo/data.sql");
 
 pub async fn schema(config: &Config) -> anyhow::Result<()> {
-    let client = crate::connect(config).await?;
+    let client = crate::connecting::connect(config).await?;
     client
         .batch_execute(SCHEMA)
         .await
@@ -18,7 +18,7 @@ pub async fn schema(config: &Config) -> anyhow::Result<()> {
 }
 
 pub async fn data(config: &Config) -> anyhow::Result<()> {
-    let mut client = crate::connect(config).await?;
+    let mut client = crate::connecting::connect(config).await?;
     let tx = client.transaction().await?;
     tx.batch_execute(DATA)
         .await

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use kbsync_core::config::Config;
-use kbsync_core::embed::Provider;
+use kbsync_core::sync::embed::Provider;
 
 pub async fn embed(config: &Config, text: &str) -> anyhow::Result<()> {
     let provider = Provider::from_config(config)?;

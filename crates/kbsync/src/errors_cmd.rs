@@ -15,7 +15,7 @@ pub enum Selection {
 }
 
 pub async fn list(config: &Config, json: bool) -> anyhow::Result<()> {
-    let client = crate::connect(config).await?;
+    let client = crate::connecting::connect(config).await?;
     let rows = client
         .query(
             "SELECT d.id, d.source, d.source_key, d.attempts, d.retries, d.error,
@@ -76,7 +76,7 @@ pub async fn list(config: &Config, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn retry(config: &Config, selection: Selection) -> anyhow::Result<()> {
-    let client = crate::connect(config).await?;
+    let client = crate::connecting::connect(config).await?;
     let (ids, source, all): (Option<Vec<i64>>, Option<String>, bool) = match selection {
         Selection::Ids(ids) => (Some(ids), None, false),
         Selection::Source(s) => (None, Some(s), false),

@@ -2,14 +2,14 @@
 //! capture did, queued for the daemon.
 
 use kbsync_core::config::Config;
-use kbsync_core::install::{self, InstallOptions};
+use kbsync_core::schema::install::{self, InstallOptions};
 use kbsync_reconcile::{Options, Origin, ReconcileError, Report};
 use tokio_util::sync::CancellationToken;
 
-use crate::reconcile_cmd::Bar;
+use crate::progress_bar::Bar;
 
 pub async fn install(config: &Config, dry_run: bool, reset_embeddings: bool) -> anyhow::Result<()> {
-    let mut client = crate::connect(config).await?;
+    let mut client = crate::connecting::connect(config).await?;
     let options = InstallOptions { reset_embeddings };
     const NOTHING: &str = "the database is up to date; nothing to do";
     if dry_run {

@@ -2,11 +2,13 @@
 
 mod adopt_cmd;
 mod config_cmd;
+mod connecting;
 mod demo_cmd;
 mod embed_cmd;
 mod errors_cmd;
 mod install_cmd;
 mod model_cmd;
+mod progress_bar;
 mod reconcile_cmd;
 mod run_cmd;
 mod search_cmd;
@@ -382,31 +384,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
-}
-
-/// Connect to the configured database, with an error that says where the URL comes from.
-async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let url = config
-        .database_url()
-        .ok_or(kbsync_core::db::DbError::NoUrl)?;
-    match kbsync_core::db::connect(&url).await {
-        Ok((client, _connection)) => Ok(client),
-        // `just db`'s throwaway server, not running: say how to start it.
-        Err(e) if url.contains(":54329/") && !e.is_fatal() => Err(anyhow::Error::new(e)
-            .context("the project's local server is not running; `just db` starts it")),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// `connect`, for commands that need kbsync's schema as this kbsync knows it.
-async fn connect_installed(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let client = connect(config).await?;
-    if !kbsync_core::install::schema_is_current(&client).await? {
-        anyhow::bail!(
-            "kbsync's schema is missing or out of date in this database: run `kbsync install` first"
-        );
-    }
-    Ok(client)
 }
 
 /// Logging to stderr, filtered by `RUST_LOG` when it is set (a filter that does not

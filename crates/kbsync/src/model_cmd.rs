@@ -1,17 +1,17 @@
 //! `kbsync model`: what a change of embedding model would cost (`plan`, see
-//! `kbsync_core::model_plan`), and the blue/green migration itself (`start`, `status`,
-//! `cutover`, `rollback`, `finish`, see `kbsync_core::model_migration`).
+//! `kbsync_core::model::plan`), and the blue/green migration itself (`start`, `status`,
+//! `cutover`, `rollback`, `finish`, see `kbsync_core::model::migration`).
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use kbsync_core::config::Config;
-use kbsync_core::model_migration::{self, Phase, Progress};
-use kbsync_core::model_plan::{self, ModelPlan};
+use kbsync_core::model::migration::{self, Phase, Progress};
+use kbsync_core::model::plan::{self, ModelPlan};
 
 pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
-    let client = crate::connect_installed(config).await?;
-    let plan = model_plan::plan(&client, config, &crate::reconcile_cmd::Bar::new()).await?;
+    let client = crate::connecting::connect_installed(config).await?;
+    let plan = plan::plan(&client, config, &crate::progress_bar::Bar::new()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -21,10 +21,10 @@ pub async fn plan(config: &Config, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn start(config: &Config) -> anyhow::Result<()> {
-    let mut client = crate::connect_installed(config).await?;
-    let state = match model_migration::start(&mut client, config).await? {
-        model_migration::Started::Began(state) => state,
-        model_migration::Started::AlreadyFilling(state) => {
+    let mut client = crate::connecting::connect_installed(config).await?;
+    let state = match migration::start(&mut client, config).await? {
+        migration::Started::Began(state) => state,
+        migration::Started::AlreadyFilling(state) => {
             println!(
                 "kbsync model start: the migration {} -> {} is already filling; nothing to do (`kbsync model status` shows its progress)",
                 state.from_model, state.to_model
@@ -42,15 +42,15 @@ pub async fn start(config: &Config) -> anyhow::Result<()> {
 }
 
 pub async fn status(config: &Config, json: bool, watch: bool) -> anyhow::Result<()> {
-    let client = crate::connect_installed(config).await?;
+    let client = crate::connecting::connect_installed(config).await?;
     if json {
-        let progress = model_migration::progress(&client).await?;
+        let progress = migration::progress(&client).await?;
         println!("{}", serde_json::to_string_pretty(&progress)?);
         return Ok(());
     }
     let terminal = std::io::stdout().is_terminal();
     loop {
-        let progress = model_migration::progress(&client).await?;
+        let progress = migration::progress(&client).await?;
         let text = render_progress(&progress, terminal);
         if watch && terminal {
             // Redraw in place.
@@ -136,8 +136,8 @@ fn render_progress(p: &Progress, terminal: bool) -> String {
 }
 
 pub async fn cutover(config: &Config) -> anyhow::Result<()> {
-    let mut client = crate::connect_installed(config).await?;
-    let state = model_migration::cutover(&mut client).await?;
+    let mut client = crate::connecting::connect_installed(config).await?;
+    let state = migration::cutover(&mut client).await?;
     println!(
         "kbsync model cutover: tenant_knowledge.embedding now holds {}'s vectors ({} dimensions), in one transaction, with its HNSW index.\n  \
          Applications that embed their queries themselves must embed them with {} from now on; kbsync search and POST /v1/search already do.\n  \
@@ -148,8 +148,8 @@ pub async fn cutover(config: &Config) -> anyhow::Result<()> {
 }
 
 pub async fn rollback(config: &Config) -> anyhow::Result<()> {
-    let mut client = crate::connect_installed(config).await?;
-    match model_migration::rollback(&mut client).await? {
+    let mut client = crate::connecting::connect_installed(config).await?;
+    match migration::rollback(&mut client).await? {
         Some(state) => println!(
             "kbsync model rollback: tenant_knowledge.embedding holds {}'s vectors again; no embedding was requested.\n  \
              {}'s are kept in embedding_next and kept current: `kbsync model cutover` again when you want them.",
@@ -163,8 +163,8 @@ pub async fn rollback(config: &Config) -> anyhow::Result<()> {
 }
 
 pub async fn finish(config: &Config) -> anyhow::Result<()> {
-    let mut client = crate::connect_installed(config).await?;
-    let state = model_migration::finish(&mut client).await?;
+    let mut client = crate::connecting::connect_installed(config).await?;
+    let state = migration::finish(&mut client).await?;
     println!(
         "kbsync model finish: {}'s vectors and their index are dropped; tenant_knowledge has one vector column, {}'s.\n  \
          Now put {}'s settings in [embedding] and remove [next_embedding] (the daemons go on meanwhile, embedding with {}).",

@@ -1,14 +1,14 @@
 //! `kbsync reconcile`: one sweep, a summary table (or JSON), a progress bar on a
 //! terminal, and an exit code a timer or a script can act on.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use kbsync_core::config::Config;
-use kbsync_reconcile::{Options, Progress, ReconcileError, Report};
+use kbsync_reconcile::{Options, ReconcileError, Report};
+
+use crate::progress_bar::Bar;
 
 /// A safety stop: some orphans were not deleted; everything else was repaired.
 pub const EXIT_SAFETY_STOP: u8 = 3;
@@ -17,7 +17,7 @@ pub const EXIT_BUSY: u8 = 4;
 
 /// One sweep with `options`; `json` prints the report as JSON instead of a table.
 pub async fn reconcile(config: &Config, options: Options, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = crate::connect(config).await?;
+    let mut client = crate::connecting::connect(config).await?;
     let progress = Bar::new();
     // Ctrl-C stops between ranges and records the run as cancelled.
     let cancel = CancellationToken::new();
@@ -40,7 +40,8 @@ pub async fn reconcile(config: &Config, options: Options, json: bool) -> anyhow:
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let daemon_running =
-            kbsync_core::advisory_locks::held(&client, kbsync_core::advisory_locks::DAEMON).await?;
+            kbsync_core::db::advisory_locks::held(&client, kbsync_core::db::advisory_locks::DAEMON)
+                .await?;
         print!("{}", summary(&report, daemon_running));
     }
     if report.safety_stops().next().is_some() {
@@ -160,45 +161,4 @@ pub fn summary(report: &Report, daemon_running: bool) -> String {
         });
     }
     out
-}
-
-/// A progress bar on stderr when it is a terminal; nothing otherwise.
-pub(crate) struct Bar(ProgressBar);
-
-impl Bar {
-    pub(crate) fn new() -> Self {
-        let bar = if std::io::stderr().is_terminal() {
-            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-        } else {
-            ProgressBar::hidden()
-        };
-        Self(bar)
-    }
-}
-
-impl Progress for Bar {
-    fn step(&self, source: &str, what: &str, estimate: Option<u64>) {
-        let template = if estimate.is_some() {
-            "{msg:>20} [{bar:30}] {human_pos}/~{human_len} rows, {per_sec}, {eta} left"
-        } else {
-            "{msg:>20} {spinner} {pos} ({elapsed})"
-        };
-        if let Ok(style) = ProgressStyle::with_template(template) {
-            self.0.set_style(style.progress_chars("=> "));
-        }
-        self.0.reset();
-        match estimate {
-            Some(n) => self.0.set_length(n),
-            None => self.0.unset_length(),
-        }
-        self.0.set_message(format!("{source}: {what}"));
-    }
-
-    fn advance(&self, items: u64) {
-        self.0.inc(items);
-    }
-
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
 }

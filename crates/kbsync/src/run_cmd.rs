@@ -23,11 +23,11 @@ async fn fits_the_database(config: &Config) -> Result<(), String> {
         Err(e) if e.is_fatal() => return Err(e.to_string()),
         Err(_) => return Ok(()),
     };
-    let problems = kbsync_core::source_rows::unusable_sources(&client, config).await;
+    let problems = kbsync_core::sync::source_rows::unusable_sources(&client, config).await;
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    let drift = kbsync_core::install::capture_drift(&client, config)
+    let drift = kbsync_core::schema::install::capture_drift(&client, config)
         .await
         .map_err(|e| e.to_string())?;
     if !drift.is_empty() {

@@ -5,9 +5,9 @@ use anyhow::bail;
 use pgvector::Vector;
 
 use kbsync_core::config::Config;
-use kbsync_core::embed::Provider;
-use kbsync_core::model_migration;
+use kbsync_core::model::migration;
 use kbsync_core::search::{self, MAX_K, Mode};
+use kbsync_core::sync::embed::Provider;
 
 pub struct Query {
     pub tenant: String,
@@ -28,12 +28,12 @@ pub async fn search(config: &Config, query: Query) -> anyhow::Result<()> {
     if let Some(name) = &query.source {
         config.source_named(name).map_err(anyhow::Error::msg)?;
     }
-    let client = crate::connect(config).await?;
+    let client = crate::connecting::connect(config).await?;
     // The query is embedded with the model `embedding` holds: [next_embedding]'s after
     // a model cut-over.
     let vector = if query.mode.needs_vector() {
-        let models = model_migration::current_models(&client, config).await?;
-        let provider = Provider::from_config(&model_migration::with_model(config, &models))?;
+        let models = migration::current_models(&client, config).await?;
+        let provider = Provider::from_config(&migration::with_model(config, &models))?;
         Some(Vector::from(provider.embed_one(&query.text).await?))
     } else {
         None

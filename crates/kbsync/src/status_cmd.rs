@@ -5,12 +5,12 @@
 //! how fast it syncs and when it catches up; broken sources and rows nobody queued,
 //! with what to run; then the latest reconcile sweeps.
 
-use kbsync_core::advisory_locks;
+use kbsync_core::capture::logical;
 use kbsync_core::config::{CaptureMode, Config};
-use kbsync_core::knowledge_index::{self, IndexState};
-use kbsync_core::model_migration;
-use kbsync_core::replication;
-use kbsync_core::source_problems::{self, SourceProblem};
+use kbsync_core::db::advisory_locks;
+use kbsync_core::model::migration;
+use kbsync_core::search::index::{self, IndexState};
+use kbsync_core::sync::source_problems::{self, SourceProblem};
 use kbsync_reconcile::coverage::SourceCoverage;
 use kbsync_reconcile::coverage::coverage;
 use kbsync_reconcile::{Report, recent_runs};
@@ -110,7 +110,7 @@ fn catch_up(backlog: i64, per_minute: i64) -> String {
 }
 
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let client = crate::connect_installed(config).await?;
+    let client = crate::connecting::connect_installed(config).await?;
     let cover = coverage(&client, config).await?;
     let daemons = advisory_locks::holders(&client, advisory_locks::DAEMON).await?;
     let problems = source_problems::list(&client).await?;
@@ -122,7 +122,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         .is_some_and(|bytes| bytes > 0);
     let notes = attention(&cover.sources, &problems, daemons, undecoded);
     let index = index_status(&client, config).await?;
-    let migration = model_migration::progress_if_any(&client).await?;
+    let migration = migration::progress_if_any(&client).await?;
     if json {
         let runs: Vec<serde_json::Value> = runs
             .iter()
@@ -265,7 +265,7 @@ struct StatusPart {
 }
 
 /// One line on the model migration (`kbsync model status` has the whole of it).
-fn migration_line(p: &model_migration::Progress) -> String {
+fn migration_line(p: &migration::Progress) -> String {
     let s = &p.state;
     let phase = s.phase_words();
     match (p.filling_column, &p.filling_model) {
@@ -290,10 +290,10 @@ async fn index_status(
     client: &tokio_postgres::Client,
     config: &Config,
 ) -> anyhow::Result<StatusPart> {
-    let state = knowledge_index::state(client).await?;
-    let managed = knowledge_index::managed_by_a_daemon(client).await?;
+    let state = index::state(client).await?;
+    let managed = index::managed_by_a_daemon(client).await?;
     let defer_above = config.index.defer_above;
-    let build_below = knowledge_index::build_below(defer_above);
+    let build_below = index::build_below(defer_above);
     let keeper = if defer_above == 0 {
         "index.defer_above = 0: kbsync leaves it to you"
     } else if managed {
@@ -311,7 +311,7 @@ async fn index_status(
                 .unwrap_or_default()
         ),
         IndexState::Missing if defer_above > 0 => {
-            let backlog = knowledge_index::backlog(client, build_below).await?;
+            let backlog = index::backlog(client, build_below).await?;
             format!(
                 "none: deferred for the backlog; built when fewer than {build_below} entries are pending (now {}{backlog}); search is an exact scan meanwhile ({keeper})",
                 if backlog >= build_below {
@@ -345,8 +345,8 @@ async fn capture_status(
             json: serde_json::json!({"mode": "triggers"}),
         });
     }
-    let slot = replication::slot_name(client, config).await?;
-    let Some(state) = replication::slot_state(client, &slot).await? else {
+    let slot = logical::slot_name(client, config).await?;
+    let Some(state) = logical::slot_state(client, &slot).await? else {
         return Ok(StatusPart {
             line: format!(
                 "logical, slot {slot} MISSING: nothing is being captured; run `kbsync install` to create it, then `kbsync reconcile`"

@@ -1,10 +1,10 @@
-//! `kbsync uninstall`: what `kbsync install` made, removed (see `kbsync_core::uninstall`).
+//! `kbsync uninstall`: what `kbsync install` made, removed (see `kbsync_core::schema::uninstall`).
 
 use kbsync_core::config::Config;
-use kbsync_core::uninstall;
+use kbsync_core::schema::uninstall;
 
 pub async fn uninstall(config: &Config, dry_run: bool, drop_knowledge: bool) -> anyhow::Result<()> {
-    let mut client = crate::connect(config).await?;
+    let mut client = crate::connecting::connect(config).await?;
     const NOTHING: &str = "nothing of kbsync is in this database";
     if dry_run {
         let plan = uninstall::plan(&client, config, drop_knowledge).await?;

@@ -14,10 +14,10 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::chunk_texts::{ChunkTextsError, distinct_chunk_texts};
 use crate::config::Config;
-use crate::knowledge;
-use crate::sql_ident::{Ident, TableName};
+use crate::config::sql_ident::{Ident, TableName};
+use crate::sync::chunk_texts::{ChunkTextsError, distinct_chunk_texts};
+use crate::sync::knowledge;
 /// Hashes sent per statement into the temporary table.
 const HASHES_PER_STATEMENT: usize = 10_000;
 

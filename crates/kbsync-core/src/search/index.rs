@@ -23,7 +23,7 @@ use crate::config::VectorType;
 pub const HNSW_INDEX: &str = "tenant_knowledge_embedding_hnsw";
 
 /// Held by the daemon that manages the index.
-pub const INDEX_LOCK: i64 = crate::advisory_locks::INDEX;
+pub const INDEX_LOCK: i64 = crate::db::advisory_locks::INDEX;
 
 /// The build parameters of every embedding index kbsync makes. Why not pgvector's
 /// default ef_construction 64: with one tenant holding half of 200,000 chunks, its
@@ -155,7 +155,7 @@ pub async fn state(client: &impl GenericClient) -> Result<IndexState, tokio_post
 pub async fn managed_by_a_daemon(
     client: &impl GenericClient,
 ) -> Result<bool, tokio_postgres::Error> {
-    crate::advisory_locks::held(client, INDEX_LOCK).await
+    crate::db::advisory_locks::held(client, INDEX_LOCK).await
 }
 
 /// Changes waiting: outbox entries plus captured changes not yet folded into it, each

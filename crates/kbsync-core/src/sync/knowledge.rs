@@ -33,7 +33,7 @@ pub struct StoredChunk {
 /// Where a vector of `model` ($2) for one of these content hashes ($1) may be taken
 /// from, whichever key or tenant holds it (a vector depends on the text and the model
 /// only): stored chunks' `column` first (`embedding`, or during a model migration the
-/// other model's column, a name from `model_migration::OtherColumn`, never input), then
+/// other model's column, a name from `OtherColumn`, never input), then
 /// what `kbsync adopt` took over from an earlier table. A chunk whose text no longer
 /// matches its hash (edited by hand) is never a source. Read as `vector` whatever the
 /// column stores (a halfvec is widened exactly; writing it back narrows it again).
@@ -159,7 +159,7 @@ pub struct ChunkWrite {
 
 /// The upsert of a batch's chunks; during a model migration with the other model's
 /// vector column too (`$15` its vectors, NULL where none was obtained, `$16` its model).
-/// The column names come from a closed set (`model_migration::OtherColumn`).
+/// The column names come from a closed set (`OtherColumn`).
 fn upsert_sql(other: Option<&str>) -> String {
     let (columns, values, updates) = match other {
         Some(o) => (
@@ -202,7 +202,7 @@ static UPSERT_WITH_PREVIOUS: LazyLock<String> =
 
 /// The other model's vectors for a batch's chunks during a model migration.
 pub struct OtherVectors<'a> {
-    pub column: crate::model_migration::OtherColumn,
+    pub column: OtherColumn,
     pub model: &'a str,
     /// By content hash; a chunk whose text has none is written with NULL there (the
     /// daemon's fill gives it one).
@@ -261,8 +261,8 @@ pub async fn write_batch(
                 params.push(&other_vectors);
                 params.push(&other.model);
                 match other.column {
-                    crate::model_migration::OtherColumn::Next => UPSERT_WITH_NEXT.as_str(),
-                    crate::model_migration::OtherColumn::Previous => UPSERT_WITH_PREVIOUS.as_str(),
+                    OtherColumn::Next => UPSERT_WITH_NEXT.as_str(),
+                    OtherColumn::Previous => UPSERT_WITH_PREVIOUS.as_str(),
                 }
             }
         };
@@ -282,4 +282,67 @@ pub async fn write_batch(
             .await?;
     }
     Ok((written, deleted))
+}
+
+/// The second vector column, named for its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherColumn {
+    /// `embedding_next`: the model migrated to, before the cut-over.
+    Next,
+    /// `embedding_previous`: the model migrated from, after it.
+    Previous,
+}
+
+/// The statements that read and fill one other column. Its identifiers come from this
+/// closed set of two names, never from input.
+pub struct ColumnSql {
+    pub column: &'static str,
+    /// `$1` = at most this many rows, `$2` = content hashes to pass over: (content_hash,
+    /// content) of chunks without a vector here, the most recently written first (live
+    /// edits before the backlog).
+    pub pending: String,
+    /// `$1` = content hashes, `$2` = the model: vectors of it already stored for them,
+    /// in this column of any chunk or adopted.
+    pub reusable: String,
+    /// `$1` = content hashes, `$2` = their vectors, `$3` = the model: set them on every
+    /// chunk with that text and no vector here yet.
+    pub fill: String,
+    /// Chunks without a vector here, and their distinct texts.
+    pub remaining: String,
+}
+
+impl ColumnSql {
+    fn for_column(column: &'static str) -> ColumnSql {
+        ColumnSql {
+            column,
+            pending: format!(
+                "SELECT content_hash, content FROM public.tenant_knowledge
+                  WHERE {column} IS NULL AND NOT (content_hash = ANY($2))
+                  ORDER BY updated_at DESC LIMIT $1"
+            ),
+            reusable: vectors_by_hash_sql(column),
+            fill: format!(
+                "UPDATE public.tenant_knowledge t SET {column} = v.vector, {column}_model = $3
+                   FROM unnest($1::bytea[], $2::vector[]) AS v(content_hash, vector)
+                  WHERE t.content_hash = v.content_hash AND t.{column} IS NULL
+                    AND t.content_hash = sha256(convert_to(t.content, 'UTF8'))"
+            ),
+            remaining: format!(
+                "SELECT count(*), count(DISTINCT content_hash) FROM public.tenant_knowledge WHERE {column} IS NULL"
+            ),
+        }
+    }
+}
+
+static NEXT_SQL: LazyLock<ColumnSql> = LazyLock::new(|| ColumnSql::for_column("embedding_next"));
+static PREVIOUS_SQL: LazyLock<ColumnSql> =
+    LazyLock::new(|| ColumnSql::for_column("embedding_previous"));
+
+impl OtherColumn {
+    pub fn sql(self) -> &'static ColumnSql {
+        match self {
+            OtherColumn::Next => &NEXT_SQL,
+            OtherColumn::Previous => &PREVIOUS_SQL,
+        }
+    }
 }

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::chunk::{ChunkError, Chunker};
 use crate::config::Config;
-use crate::embed::{EmbedError, Provider};
 use crate::progress::Progress;
-use crate::source_rows::SourceQuery;
+use crate::sync::chunk::{ChunkError, Chunker};
+use crate::sync::embed::{EmbedError, Provider};
+use crate::sync::source_rows::SourceQuery;
 
 /// Rows read per page while chunking a source.
 const PAGE: i64 = 1_000;

@@ -11,9 +11,9 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::chunk_texts::{ChunkTextsError, Texts, chunk_texts_by_source};
 use crate::config::{Config, EmbeddingConfig, ProviderKind};
-use crate::knowledge;
+use crate::sync::chunk_texts::{ChunkTextsError, Texts, chunk_texts_by_source};
+use crate::sync::knowledge;
 
 /// One source's share of the plan. A text two sources produce is counted in both here
 /// and once in the totals (it is embedded once).

@@ -19,13 +19,15 @@
 //!   found by the fold that the winner's NOTIFY starts, or by the follow-up folds the
 //!   daemon runs while changes keep arriving (see the daemon's collector).
 
+pub mod logical;
+
 use crate::config::{RowAlias, Source};
 
 /// NOTIFY channel the daemon listens on.
 pub const CHANNEL: &str = "kbsync";
 
 /// The advisory lock a capturing transaction must win to send the wake-up NOTIFY.
-pub const WAKE_LOCK: i64 = crate::advisory_locks::WAKE;
+pub const WAKE_LOCK: i64 = crate::db::advisory_locks::WAKE;
 
 pub fn function_name(source: &str) -> String {
     format!("capture_{source}")
@@ -157,7 +159,7 @@ $kbsync$",
 }
 
 /// `ROW(…)` of `columns` under `prefix` (`n.`, `(c.d).`): what an update compares.
-fn row_of(columns: &[crate::sql_ident::Ident], prefix: &str) -> String {
+fn row_of(columns: &[crate::config::sql_ident::Ident], prefix: &str) -> String {
     let list: Vec<String> = columns.iter().map(|c| format!("{prefix}{c}")).collect();
     format!("ROW({})", list.join(", "))
 }
@@ -458,7 +460,7 @@ mod tests {
     #[test]
     fn the_channel_literal_is_the_channel_quoted() {
         assert_eq!(
-            crate::sql_ident::SqlLiteral::new(super::CHANNEL)
+            crate::config::sql_ident::SqlLiteral::new(super::CHANNEL)
                 .unwrap()
                 .to_string(),
             super::CHANNEL_LITERAL

@@ -21,7 +21,6 @@
 //! with a model, in any chunk or in `kbsync.adopted_embeddings`, is never sent again.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use pgvector::Vector;
 use serde::Serialize;
@@ -29,8 +28,9 @@ use thiserror::Error;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::config::Config;
-use crate::embed::SentTotals;
-use crate::knowledge_index::HNSW_INDEX;
+use crate::search::index::HNSW_INDEX;
+use crate::sync::embed::SentTotals;
+use crate::sync::knowledge::OtherColumn;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,69 +117,6 @@ impl MigrationState {
     }
 }
 
-/// The second vector column, named for its role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OtherColumn {
-    /// `embedding_next`: the model migrated to, before the cut-over.
-    Next,
-    /// `embedding_previous`: the model migrated from, after it.
-    Previous,
-}
-
-/// The statements that read and fill one other column. Its identifiers come from this
-/// closed set of two names, never from input.
-pub struct ColumnSql {
-    pub column: &'static str,
-    /// `$1` = at most this many rows, `$2` = content hashes to pass over: (content_hash,
-    /// content) of chunks without a vector here, the most recently written first (live
-    /// edits before the backlog).
-    pub pending: String,
-    /// `$1` = content hashes, `$2` = the model: vectors of it already stored for them,
-    /// in this column of any chunk or adopted.
-    pub reusable: String,
-    /// `$1` = content hashes, `$2` = their vectors, `$3` = the model: set them on every
-    /// chunk with that text and no vector here yet.
-    pub fill: String,
-    /// Chunks without a vector here, and their distinct texts.
-    pub remaining: String,
-}
-
-impl ColumnSql {
-    fn for_column(column: &'static str) -> ColumnSql {
-        ColumnSql {
-            column,
-            pending: format!(
-                "SELECT content_hash, content FROM public.tenant_knowledge
-                  WHERE {column} IS NULL AND NOT (content_hash = ANY($2))
-                  ORDER BY updated_at DESC LIMIT $1"
-            ),
-            reusable: crate::knowledge::vectors_by_hash_sql(column),
-            fill: format!(
-                "UPDATE public.tenant_knowledge t SET {column} = v.vector, {column}_model = $3
-                   FROM unnest($1::bytea[], $2::vector[]) AS v(content_hash, vector)
-                  WHERE t.content_hash = v.content_hash AND t.{column} IS NULL
-                    AND t.content_hash = sha256(convert_to(t.content, 'UTF8'))"
-            ),
-            remaining: format!(
-                "SELECT count(*), count(DISTINCT content_hash) FROM public.tenant_knowledge WHERE {column} IS NULL"
-            ),
-        }
-    }
-}
-
-static NEXT_SQL: LazyLock<ColumnSql> = LazyLock::new(|| ColumnSql::for_column("embedding_next"));
-static PREVIOUS_SQL: LazyLock<ColumnSql> =
-    LazyLock::new(|| ColumnSql::for_column("embedding_previous"));
-
-impl OtherColumn {
-    pub fn sql(self) -> &'static ColumnSql {
-        match self {
-            OtherColumn::Next => &NEXT_SQL,
-            OtherColumn::Previous => &PREVIOUS_SQL,
-        }
-    }
-}
-
 #[derive(Debug, Error)]
 pub enum ModelMigrationError {
     #[error("database error: {}", crate::db::describe(.0))]
@@ -201,7 +138,7 @@ pub enum ModelMigrationError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    Column(#[from] crate::knowledge_index::ColumnTypeError),
+    Column(#[from] crate::search::index::ColumnTypeError),
     #[error(
         "the database is migrating from {from} to {to} ({phase}), but the config has [embedding] {embedding} and [next_embedding] {next}: keep [embedding] = {from} and [next_embedding] = {to} until `kbsync model finish`, then put {to}'s settings in [embedding]"
     )]
@@ -481,7 +418,7 @@ pub async fn start(client: &mut Client, config: &Config) -> Result<Started, Mode
         }
     }
     // halfvec (above 2,000 dimensions, or chosen) needs pgvector 0.7.0.
-    let versions = crate::server_versions::ServerVersions::read(&*client).await?;
+    let versions = crate::db::server_versions::ServerVersions::read(&*client).await?;
     if let Some(problem) = versions.unsupported([next]) {
         return Err(ModelMigrationError::Refused(problem));
     }
@@ -579,7 +516,7 @@ async fn build_next_index(client: &Client) -> Result<(), ModelMigrationError> {
     client
         .batch_execute("SET maintenance_work_mem = '512MB'")
         .await?;
-    let (vector_type, _) = crate::knowledge_index::column_type(client, "embedding_next")
+    let (vector_type, _) = crate::search::index::column_type(client, "embedding_next")
         .await?
         .ok_or_else(|| ModelMigrationError::Refused(
             "tenant_knowledge has no column embedding_next: no migration is filling (`kbsync model status`)".into(),
@@ -591,7 +528,7 @@ async fn build_next_index(client: &Client) -> Result<(), ModelMigrationError> {
             "CREATE INDEX CONCURRENTLY tenant_knowledge_embedding_next_hnsw
                  ON public.tenant_knowledge USING hnsw (embedding_next {}) WITH ({})",
             vector_type.cosine_ops(),
-            crate::knowledge_index::HNSW_OPTIONS
+            crate::search::index::HNSW_OPTIONS
         ),
     )
     .await?)
@@ -708,7 +645,9 @@ async fn in_phase(
 pub async fn cutover(client: &mut Client) -> Result<MigrationState, ModelMigrationError> {
     let s = in_phase(client, Phase::Filling, "cutover").await?;
     let (chunks, texts): (i64, i64) = {
-        let row = client.query_one(&NEXT_SQL.remaining, &[]).await?;
+        let row = client
+            .query_one(&OtherColumn::Next.sql().remaining, &[])
+            .await?;
         (row.get(0), row.get(1))
     };
     if chunks > 0 {

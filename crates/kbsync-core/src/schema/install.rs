@@ -6,14 +6,14 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio_postgres::{Client, GenericClient};
 
+use crate::capture::logical;
 use crate::capture::{
     dependents_function_name, dependents_function_sql, dependents_trigger_defs, function_name,
     function_sql, trigger_defs,
 };
+use crate::config::sql_ident::SqlLiteral;
 use crate::config::{CaptureMode, Config, Source};
-use crate::replication;
 use crate::search;
-use crate::sql_ident::SqlLiteral;
 
 pub struct Migration {
     pub version: i32,
@@ -27,63 +27,63 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "kbsync_schema",
-        sql: include_str!("../../../sql/migrations/0001_kbsync_schema.sql"),
+        sql: include_str!("../../../../sql/migrations/0001_kbsync_schema.sql"),
     },
     Migration {
         version: 2,
         name: "reconcile",
-        sql: include_str!("../../../sql/migrations/0002_reconcile.sql"),
+        sql: include_str!("../../../../sql/migrations/0002_reconcile.sql"),
     },
     Migration {
         version: 3,
         name: "fair_scheduling",
-        sql: include_str!("../../../sql/migrations/0003_fair_scheduling.sql"),
+        sql: include_str!("../../../../sql/migrations/0003_fair_scheduling.sql"),
     },
     Migration {
         version: 4,
         name: "change_log",
-        sql: include_str!("../../../sql/migrations/0004_change_log.sql"),
+        sql: include_str!("../../../../sql/migrations/0004_change_log.sql"),
     },
     Migration {
         version: 5,
         name: "embeddings_by_text",
-        sql: include_str!("../../../sql/migrations/0005_embeddings_by_text.sql"),
+        sql: include_str!("../../../../sql/migrations/0005_embeddings_by_text.sql"),
     },
     Migration {
         version: 6,
         name: "sweep_hashes",
-        sql: include_str!("../../../sql/migrations/0006_sweep_hashes.sql"),
+        sql: include_str!("../../../../sql/migrations/0006_sweep_hashes.sql"),
     },
     Migration {
         version: 7,
         name: "adopted_embeddings",
-        sql: include_str!("../../../sql/migrations/0007_adopted_embeddings.sql"),
+        sql: include_str!("../../../../sql/migrations/0007_adopted_embeddings.sql"),
     },
     Migration {
         version: 8,
         name: "full_text",
-        sql: include_str!("../../../sql/migrations/0008_full_text.sql"),
+        sql: include_str!("../../../../sql/migrations/0008_full_text.sql"),
     },
     Migration {
         version: 9,
         name: "knowledge_terms",
-        sql: include_str!("../../../sql/migrations/0009_knowledge_terms.sql"),
+        sql: include_str!("../../../../sql/migrations/0009_knowledge_terms.sql"),
     },
     Migration {
         version: 10,
         name: "model_migration",
-        sql: include_str!("../../../sql/migrations/0010_model_migration.sql"),
+        sql: include_str!("../../../../sql/migrations/0010_model_migration.sql"),
     },
     Migration {
         version: 11,
         name: "source_problems",
-        sql: include_str!("../../../sql/migrations/0011_source_problems.sql"),
+        sql: include_str!("../../../../sql/migrations/0011_source_problems.sql"),
     },
 ];
 
 /// Serialises concurrent installs.
-const INSTALL_LOCK: i64 = crate::advisory_locks::INSTALL;
-use crate::knowledge_index::{self, HNSW_INDEX};
+const INSTALL_LOCK: i64 = crate::db::advisory_locks::INSTALL;
+use crate::search::index::{self, HNSW_INDEX};
 
 #[derive(Debug, Error)]
 pub enum InstallError {
@@ -91,7 +91,7 @@ pub enum InstallError {
     Postgres(#[from] tokio_postgres::Error),
     /// A name or value that cannot be written into SQL (a NUL byte).
     #[error("{0}")]
-    Literal(#[from] crate::sql_ident::IdentError),
+    Literal(#[from] crate::config::sql_ident::IdentError),
     #[error(
         "migration {version} ({name}) was applied with a different text than this kbsync ships; released migrations must never be edited"
     )]
@@ -110,7 +110,7 @@ pub enum InstallError {
         wanted_dimensions: u32,
     },
     #[error(transparent)]
-    Column(#[from] knowledge_index::ColumnTypeError),
+    Column(#[from] index::ColumnTypeError),
     #[error(
         "capture.mode = \"logical\" needs wal_level = logical, and this server has wal_level = {current}. Run `ALTER SYSTEM SET wal_level = logical` (or set it in postgresql.conf) and restart PostgreSQL; or keep capture.mode = \"triggers\""
     )]
@@ -124,7 +124,7 @@ pub enum InstallError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    ModelMigration(#[from] crate::model_migration::ModelMigrationError),
+    ModelMigration(#[from] crate::model::migration::ModelMigrationError),
     #[error("sources.{source_name}: {problem}")]
     Source {
         source_name: String,
@@ -233,7 +233,7 @@ pub async fn plan(
     config: &Config,
     options: InstallOptions,
 ) -> Result<InstallPlan, InstallError> {
-    let versions = crate::server_versions::ServerVersions::read(client).await?;
+    let versions = crate::db::server_versions::ServerVersions::read(client).await?;
     if let Some(problem) =
         versions.unsupported(std::iter::once(&config.embedding).chain(&config.next_embedding))
     {
@@ -393,25 +393,25 @@ async fn plan_embedding_column(
         .await?
         .get(0);
     let migrating = if has_migrations {
-        crate::model_migration::state(client).await?
+        crate::model::migration::state(client).await?
     } else {
         None
     };
-    let active = crate::model_migration::models(config, migrating.as_ref())?.active;
+    let active = crate::model::migration::models(config, migrating.as_ref())?.active;
     let (wanted, wanted_type) = (active.dimensions, active.vector_type());
     let wanted_sql = active.column_type();
     if options.reset_embeddings
         && migrating
             .as_ref()
-            .is_some_and(|s| s.phase != crate::model_migration::Phase::Finished)
+            .is_some_and(|s| s.phase != crate::model::migration::Phase::Finished)
     {
-        return Err(crate::model_migration::ModelMigrationError::Refused(
+        return Err(crate::model::migration::ModelMigrationError::Refused(
             "a model migration is running: `kbsync install --reset-embeddings` would clear the vectors it is moving; finish it or roll it back first (`kbsync model status`)".into(),
         )
         .into());
     }
     // None: the table does not exist yet (migration pending); -1: no dimension yet.
-    let current = knowledge_index::column_type(client, "embedding").await?;
+    let current = index::column_type(client, "embedding").await?;
     let has_index: bool = client
         .query_one(
             &format!("SELECT to_regclass('public.{HNSW_INDEX}') IS NOT NULL"),
@@ -421,7 +421,7 @@ async fn plan_embedding_column(
         .get(0);
     let set_type =
         format!("ALTER TABLE public.tenant_knowledge ALTER COLUMN embedding TYPE {wanted_sql}");
-    let create_index = knowledge_index::create_sql(false, wanted_type);
+    let create_index = index::create_sql(false, wanted_type);
     let index_step = format!(
         "HNSW index (cosine) on the embedding ({})",
         wanted_type.cosine_ops()
@@ -440,7 +440,7 @@ async fn plan_embedding_column(
         Some((kind, dim)) if dim == wanted as i32 && kind == wanted_type => {
             // A running daemon that manages the index builds it (concurrently) once its
             // backlog is small; a blocking build here would stop its writes meanwhile.
-            if !has_index && !knowledge_index::managed_by_a_daemon(client).await? {
+            if !has_index && !index::managed_by_a_daemon(client).await? {
                 plan.push(index_step, create_index);
             }
         }
@@ -507,7 +507,7 @@ async fn plan_capture(
     let sources = &config.sources();
     let logical = config.capture.mode == CaptureMode::Logical;
     if logical {
-        let current = replication::wal_level(client).await?;
+        let current = logical::wal_level(client).await?;
         if current != "logical" {
             return Err(InstallError::WalLevel { current });
         }
@@ -609,10 +609,10 @@ async fn plan_capture(
         captured_tables.extend(related_regclasses);
     }
     if logical {
-        if let Some(problem) = replication::missing_replication_right(client).await? {
+        if let Some(problem) = logical::missing_replication_right(client).await? {
             return Err(InstallError::Logical(problem));
         }
-        let foreign = replication::tables_not_owned(client, &captured_tables).await?;
+        let foreign = logical::tables_not_owned(client, &captured_tables).await?;
         if !foreign.is_empty() {
             let list: Vec<String> = foreign
                 .iter()
@@ -723,7 +723,7 @@ pub(crate) async fn has_publication(
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&replication::PUBLICATION],
+            &[&logical::PUBLICATION],
         )
         .await?
         .get(0))
@@ -763,7 +763,7 @@ async fn plan_publication(
     wanted.sort();
     let exists = has_publication(client).await?;
     let list = wanted.join(", ");
-    let publication = replication::PUBLICATION;
+    let publication = logical::PUBLICATION;
     if !exists {
         plan.push(
             format!("publication {publication} of the source tables"),
@@ -795,8 +795,8 @@ async fn plan_slot(
     config: &Config,
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
-    let slot = replication::slot_name(client, config).await?;
-    if replication::slot_state(client, &slot).await?.is_none() {
+    let slot = logical::slot_name(client, config).await?;
+    if logical::slot_state(client, &slot).await?.is_none() {
         plan.push_outside_transaction(
             format!("logical replication slot {slot} (pgoutput); the daemon decodes changes from here on"),
             format!(
@@ -814,15 +814,15 @@ async fn plan_drop_logical(
     config: &Config,
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
-    let publication = replication::PUBLICATION;
+    let publication = logical::PUBLICATION;
     if has_publication(client).await? {
         plan.push(
             format!("drop publication {publication} (capture is by triggers)"),
             format!("DROP PUBLICATION {publication}"),
         );
     }
-    let slot = replication::slot_name(client, config).await?;
-    if let Some(state) = replication::slot_state(client, &slot).await? {
+    let slot = logical::slot_name(client, config).await?;
+    if let Some(state) = logical::slot_state(client, &slot).await? {
         if state.active {
             return Err(InstallError::SlotActive { slot });
         }
@@ -882,7 +882,7 @@ async fn check_columns(
     client: &impl GenericClient,
     source: &Source,
     table_text: &str,
-    columns: &[crate::sql_ident::Ident],
+    columns: &[crate::config::sql_ident::Ident],
 ) -> Result<(), InstallError> {
     for column in columns {
         let exists: bool = client

@@ -4,10 +4,10 @@
 
 use tokio_postgres::{Client, GenericClient};
 
+use crate::capture::logical;
 use crate::config::Config;
-use crate::install::{InstallError, InstallPlan};
-use crate::replication;
-use crate::sql_ident::quote_literal;
+use crate::config::sql_ident::quote_literal;
+use crate::schema::install::{InstallError, InstallPlan};
 
 /// What `uninstall` would remove. Refused while a daemon runs (it would recreate what it
 /// holds, and its slot cannot be dropped).
@@ -16,21 +16,21 @@ pub async fn plan(
     config: &Config,
     drop_knowledge: bool,
 ) -> Result<InstallPlan, InstallError> {
-    if crate::advisory_locks::held(client, crate::advisory_locks::DAEMON).await? {
+    if crate::db::advisory_locks::held(client, crate::db::advisory_locks::DAEMON).await? {
         return Err(InstallError::Refused(
             "a kbsync daemon is running against this database (`kbsync status` counts them): stop every daemon first (systemctl stop kbsync)".into(),
         ));
     }
     let mut plan = InstallPlan::default();
-    let triggers = crate::install::installed_capture_triggers(client).await?;
+    let triggers = crate::schema::install::installed_capture_triggers(client).await?;
     for (name, table, _, _) in &triggers {
         plan.push(
             format!("drop capture trigger {name} on {table}"),
             format!("DROP TRIGGER \"{name}\" ON {table}"),
         );
     }
-    let publication = replication::PUBLICATION;
-    let has_publication = crate::install::has_publication(client).await?;
+    let publication = logical::PUBLICATION;
+    let has_publication = crate::schema::install::has_publication(client).await?;
     if has_publication {
         plan.push(
             format!("drop publication {publication}"),
@@ -80,8 +80,8 @@ ALTER TABLE public.tenant_knowledge DISABLE ROW LEVEL SECURITY",
             "DROP SCHEMA kbsync CASCADE",
         );
     }
-    let slot = replication::slot_name(client, config).await?;
-    if let Some(state) = replication::slot_state(client, &slot).await? {
+    let slot = logical::slot_name(client, config).await?;
+    if let Some(state) = logical::slot_state(client, &slot).await? {
         if state.active {
             return Err(InstallError::SlotActive { slot });
         }
@@ -103,13 +103,13 @@ pub async fn apply(
     config: &Config,
     drop_knowledge: bool,
 ) -> Result<InstallPlan, InstallError> {
-    let lock = crate::advisory_locks::INSTALL;
+    let lock = crate::db::advisory_locks::INSTALL;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&lock])
         .await?;
     let done = async {
         let plan = plan(&*client, config, drop_knowledge).await?;
-        crate::install::run_plan(client, &plan).await?;
+        crate::schema::install::run_plan(client, &plan).await?;
         Ok(plan)
     }
     .await;

@@ -1,5 +1,10 @@
 //! Connecting to PostgreSQL and the one SQLSTATE → retryable/fatal mapping.
 
+pub mod advisory_locks;
+pub mod connection_defaults;
+pub mod server_versions;
+pub mod tls;
+
 use std::time::Duration;
 
 use thiserror::Error;
@@ -111,13 +116,13 @@ pub type TlsStream =
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     pub config: tokio_postgres::Config,
-    pub tls: crate::tls::TlsSettings,
+    pub tls: crate::db::tls::TlsSettings,
 }
 
 impl ConnectionSettings {
     /// `user@host:port/database`, for messages.
     pub fn target(&self) -> String {
-        crate::connection_defaults::describe_target(&self.config)
+        crate::db::connection_defaults::describe_target(&self.config)
     }
 
     /// Connect with these settings. The caller drives the returned connection.
@@ -152,17 +157,17 @@ impl ConnectionSettings {
 /// TLS parameters with libpq's meaning.
 pub fn connection_settings(url: &str) -> Result<ConnectionSettings, DbError> {
     let bad_url = |problem: String| DbError::BadUrl {
-        url: crate::config::redact_url(url),
+        url: redact_url(url),
         problem,
     };
-    let env = crate::connection_defaults::Environment::from_process();
-    let (rest, tls) = crate::tls::take_from_url(url, &env).map_err(bad_url)?;
+    let env = crate::db::connection_defaults::Environment::from_process();
+    let (rest, tls) = crate::db::tls::take_from_url(url, &env).map_err(bad_url)?;
     let rest =
-        crate::connection_defaults::with_port_from_environment(&rest, &env).map_err(bad_url)?;
+        crate::db::connection_defaults::with_port_from_environment(&rest, &env).map_err(bad_url)?;
     let mut config: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| bad_url(describe(&e)))?;
-    let warnings = crate::connection_defaults::apply(&mut config, &env).map_err(bad_url)?;
+    let warnings = crate::db::connection_defaults::apply(&mut config, &env).map_err(bad_url)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -258,4 +263,69 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Replace the password in a PostgreSQL URL (or key=value string) with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+            // A URL with a password can always take another; should it not, print
+            // nothing of it rather than the password.
+            return "(a database URL; its password could not be hidden)".to_owned();
+        }
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        if !pairs.is_empty() {
+            parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        return parsed.to_string();
+    }
+    // A URL too broken to parse may still carry `user:password@`: hide what lies
+    // between the scheme's `//` and the last `@`, whatever it looks like.
+    if let Some(start) = url.find("://").map(|i| i + 3)
+        && let Some(at) = url[start..].rfind('@').map(|i| start + i)
+    {
+        let user = url[start..at].split(':').next().unwrap_or("");
+        return format!("{}{user}:***{}", &url[..start], &url[at..]);
+    }
+    // key=value form: hide any password=... word.
+    url.split_whitespace()
+        .map(|word| {
+            if word.starts_with("password=") {
+                "password=***"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        assert!(!redact_url("postgres://db/app?password=s3cret").contains("s3cret"));
+        assert_eq!(
+            redact_url("host=db password=s3cret"),
+            "host=db password=***"
+        );
+        let broken = redact_url("postgres://u:s3cret@[::1");
+        assert!(!broken.contains("s3cret"), "{broken}");
+    }
 }

@@ -1,6 +1,8 @@
 //! `kbsync.toml`: every field, its default, and the checks that turn a bad file into an
 //! error naming the file, the field and what is wrong.
 
+pub mod sql_ident;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::sql_ident::{Ident, SqlLiteral, TableName};
+use crate::config::sql_ident::{Ident, SqlLiteral, TableName};
 
 /// Environment variables that override the config file.
 pub const ENV_DATABASE_URL: &str = "KBSYNC_DATABASE_URL";
@@ -642,7 +644,7 @@ mod defaults {
 }
 
 /// Largest `vector` pgvector can index with HNSW.
-pub const MAX_INDEXED_DIMENSIONS: u32 = 2000;
+pub const MAX_INDEXED_DIMENSIONS: u32 = crate::db::server_versions::MAX_VECTOR_INDEX_DIMENSIONS;
 /// Largest `halfvec` pgvector (0.7.0 and later) can index with HNSW.
 pub const MAX_INDEXED_HALFVEC_DIMENSIONS: u32 = 4000;
 
@@ -761,7 +763,7 @@ impl Config {
             .filter(|url| !url.is_empty())
             .or_else(|| self.database.url.clone())
             .or_else(|| {
-                crate::connection_defaults::Environment::from_process()
+                crate::db::connection_defaults::Environment::from_process()
                     .has_libpq_variables()
                     .then(|| "postgresql://".to_owned())
             })
@@ -1149,54 +1151,9 @@ impl Config {
 
     pub fn redacted(&self) -> Self {
         let mut copy = self.clone();
-        copy.database.url = copy.database.url.as_deref().map(redact_url);
+        copy.database.url = copy.database.url.as_deref().map(crate::db::redact_url);
         copy
     }
-}
-
-/// Replace the password in a PostgreSQL URL (or key=value string) with `***`.
-pub fn redact_url(url: &str) -> String {
-    if let Ok(mut parsed) = url::Url::parse(url) {
-        if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
-            // A URL with a password can always take another; should it not, print
-            // nothing of it rather than the password.
-            return "(a database URL; its password could not be hidden)".to_owned();
-        }
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k == "password" {
-                    "***".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        if !pairs.is_empty() {
-            parsed.query_pairs_mut().clear().extend_pairs(pairs);
-        }
-        return parsed.to_string();
-    }
-    // A URL too broken to parse may still carry `user:password@`: hide what lies
-    // between the scheme's `//` and the last `@`, whatever it looks like.
-    if let Some(start) = url.find("://").map(|i| i + 3)
-        && let Some(at) = url[start..].rfind('@').map(|i| start + i)
-    {
-        let user = url[start..at].split(':').next().unwrap_or("");
-        return format!("{}{user}:***{}", &url[..start], &url[at..]);
-    }
-    // key=value form: hide any password=... word.
-    url.split_whitespace()
-        .map(|word| {
-            if word.starts_with("password=") {
-                "password=***"
-            } else {
-                word
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn one_line(text: &str) -> String {
@@ -1742,6 +1699,18 @@ fn dedup(mut cols: Vec<Ident>) -> Vec<Ident> {
     cols
 }
 
+impl crate::db::server_versions::StoredModel for EmbeddingConfig {
+    fn name(&self) -> &str {
+        &self.model
+    }
+    fn dimensions(&self) -> u32 {
+        self.dimensions
+    }
+    fn stored_as_halfvec(&self) -> bool {
+        self.vector_type() == VectorType::Halfvec
+    }
+}
+
 /// A config of one openai model ("m", 8 dimensions) and one source `s`, with extra
 /// lines in each section: the unit tests' fixture.
 #[cfg(test)]
@@ -1922,20 +1891,5 @@ mod tests {
              tenant = { column = \"u\" }\ntext = \"{page.title}\"",
         );
         assert!(extra.contains("reference"), "{extra}");
-    }
-
-    #[test]
-    fn urls_lose_their_passwords() {
-        assert_eq!(
-            redact_url("postgres://app:s3cret@db:5432/app"),
-            "postgres://app:***@db:5432/app"
-        );
-        assert!(!redact_url("postgres://db/app?password=s3cret").contains("s3cret"));
-        assert_eq!(
-            redact_url("host=db password=s3cret"),
-            "host=db password=***"
-        );
-        let broken = redact_url("postgres://u:s3cret@[::1");
-        assert!(!broken.contains("s3cret"), "{broken}");
     }
 }

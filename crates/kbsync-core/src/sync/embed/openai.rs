@@ -12,9 +12,9 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use super::{EmbedError, InputOutcome};
-use crate::chunk::TokenCounter;
 use crate::config::{Config, EncodingFormat, OPENAI_TOKEN_LIMIT};
-use crate::rate_limit::SharedRateLimit;
+use crate::sync::chunk::TokenCounter;
+use crate::sync::rate_limit::SharedRateLimit;
 
 /// Longest server-directed wait we honour before retrying.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::chunk::TokenCounter;
 use crate::config::{Config, LOCAL_MODEL_TOKEN_LIMIT, ProviderKind};
+use crate::sync::chunk::TokenCounter;
 
 /// An input's vector, or why the provider refused that input.
 pub type InputOutcome = Result<Vec<f32>, String>;

@@ -11,6 +11,8 @@
 //! The full-text ranking uses each chunk's own text search configuration (its
 //! source's `text_search`) and the narrow terms table of migration 0009.
 
+pub mod index;
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::GenericClient;
 
 use crate::config::Config;
-use crate::sql_ident::Ident;
+use crate::config::sql_ident::Ident;
 
 /// How chunks are ranked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

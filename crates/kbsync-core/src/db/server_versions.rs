@@ -3,14 +3,24 @@
 
 use tokio_postgres::GenericClient;
 
-use crate::config::EmbeddingConfig;
-
 /// The oldest PostgreSQL major kbsync is tested on (CI runs 16 and 18).
 pub const MIN_POSTGRES_MAJOR: i32 = 16;
 /// The oldest pgvector with what kbsync's schema uses: HNSW indexes (0.5.0).
 pub const MIN_PGVECTOR: Version = Version(0, 5, 0);
 /// The oldest pgvector with `halfvec` (and HNSW indexes of up to 4,000 dimensions).
 pub const MIN_PGVECTOR_HALFVEC: Version = Version(0, 7, 0);
+
+/// The most dimensions pgvector indexes (HNSW) as `vector`; `halfvec` takes more.
+pub const MAX_VECTOR_INDEX_DIMENSIONS: u32 = 2000;
+
+/// What the version check needs to know of an embedding model (the config's
+/// `EmbeddingConfig` is one).
+pub trait StoredModel {
+    fn name(&self) -> &str;
+    fn dimensions(&self) -> u32;
+    /// Whether its vectors are stored as `halfvec`.
+    fn stored_as_halfvec(&self) -> bool;
+}
 
 /// A pgvector version, `major.minor.patch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -74,9 +84,9 @@ impl ServerVersions {
 
     /// None when kbsync supports this server for these models (a model stored as
     /// halfvec needs a newer pgvector); else what is wrong and what to do.
-    pub fn unsupported<'a>(
+    pub fn unsupported<'a, M: StoredModel + 'a>(
         &self,
-        models: impl IntoIterator<Item = &'a EmbeddingConfig>,
+        models: impl IntoIterator<Item = &'a M>,
     ) -> Option<String> {
         let major = self.postgres_num / 10_000;
         if major < MIN_POSTGRES_MAJOR {
@@ -105,16 +115,14 @@ impl ServerVersions {
                 "this database has pgvector {found} and kbsync needs {MIN_PGVECTOR} or newer (HNSW indexes): {fix}, then run `kbsync install` again"
             ));
         }
-        if let Some(model) = models
-            .into_iter()
-            .find(|m| m.vector_type() == crate::config::VectorType::Halfvec)
+        if let Some(model) = models.into_iter().find(|m| m.stored_as_halfvec())
             && found < MIN_PGVECTOR_HALFVEC
         {
             return Some(format!(
                 "model {:?} stores its {} dimensions as halfvec, and this database has pgvector {found}: halfvec needs pgvector {MIN_PGVECTOR_HALFVEC} or newer. Either {fix}, then run `kbsync install` again, or choose a model of at most {} dimensions (text-embedding-3 models shorten with send_dimensions = true) stored as vector_type = \"vector\"",
-                model.model,
-                model.dimensions,
-                crate::config::MAX_INDEXED_DIMENSIONS
+                model.name(),
+                model.dimensions(),
+                MAX_VECTOR_INDEX_DIMENSIONS
             ));
         }
         None
@@ -124,6 +132,23 @@ impl ServerVersions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model as the check sees it.
+    struct Model(u32);
+
+    impl StoredModel for Model {
+        fn name(&self) -> &str {
+            "text-embedding-3-large"
+        }
+        fn dimensions(&self) -> u32 {
+            self.0
+        }
+        fn stored_as_halfvec(&self) -> bool {
+            self.0 > MAX_VECTOR_INDEX_DIMENSIONS
+        }
+    }
+
+    const NO_MODELS: [&Model; 0] = [];
 
     fn versions(postgres_num: i32, pgvector: Option<&str>, installed: bool) -> ServerVersions {
         ServerVersions {
@@ -145,10 +170,16 @@ mod tests {
 
     #[test]
     fn unsupported_versions_name_what_was_found_the_minimum_and_the_fix() {
-        assert_eq!(versions(180004, Some("0.8.5"), true).unsupported([]), None);
-        assert_eq!(versions(160002, Some("0.6.2"), false).unsupported([]), None);
+        assert_eq!(
+            versions(180004, Some("0.8.5"), true).unsupported(NO_MODELS),
+            None
+        );
+        assert_eq!(
+            versions(160002, Some("0.6.2"), false).unsupported(NO_MODELS),
+            None
+        );
         let old_vector = versions(160014, Some("0.4.4"), true)
-            .unsupported([])
+            .unsupported(NO_MODELS)
             .unwrap();
         assert!(
             old_vector.contains("pgvector 0.4.4")
@@ -157,20 +188,21 @@ mod tests {
             "{old_vector}"
         );
         let old_server = versions(150007, Some("0.8.0"), true)
-            .unsupported([])
+            .unsupported(NO_MODELS)
             .unwrap();
         assert!(
             old_server.contains("PostgreSQL 15.7") && old_server.contains("16 or newer"),
             "{old_server}"
         );
-        let none = versions(180004, None, false).unsupported([]).unwrap();
+        let none = versions(180004, None, false)
+            .unsupported(NO_MODELS)
+            .unwrap();
         assert!(none.contains("pgvector is not available"), "{none}");
     }
 
     #[test]
     fn halfvec_needs_pgvector_0_7() {
-        let mut model = crate::config::for_tests("", "").embedding;
-        model.dimensions = 3072;
+        let model = Model(3072);
         assert_eq!(
             versions(180004, Some("0.7.0"), true).unsupported([&model]),
             None

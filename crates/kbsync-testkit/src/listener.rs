@@ -1,0 +1,44 @@
+//! A LISTENing connection that collects notifications, for tests of the wake-ups.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// A LISTENing connection that collects notifications, for tests of the wake-ups.
+pub struct Listener {
+    pub client: Client,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+}
+
+impl Listener {
+    pub async fn start(url: &str, channel: &str) -> Self {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .expect("listener connection");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Notifications arrive only through poll_message.
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = message {
+                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await
+            .expect("LISTEN");
+        Self { client, rx }
+    }
+
+    /// Every notification that arrives until `quiet` passes without one.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<(String, String)> {
+        let mut got = Vec::new();
+        while let Ok(Some(n)) = tokio::time::timeout(quiet, self.rx.recv()).await {
+            got.push(n);
+        }
+        got
+    }
+}
