@@ -756,11 +756,15 @@ impl Config {
     /// when libpq's `PGHOST`/`PGDATABASE`/... variables are set (they fill it in, as for
     /// psql).
     pub fn database_url(&self) -> Option<String> {
-        std::env::var(ENV_DATABASE_URL)
-            .ok()
-            .filter(|url| !url.is_empty())
-            .or_else(|| std::env::var(ENV_DATABASE_URL_FALLBACK).ok())
-            .filter(|url| !url.is_empty())
+        // A variable that is not UTF-8 is passed on as it reads (the connection then
+        // fails on it, naming it), not skipped for the next source of a URL.
+        let from_env = |name: &str| {
+            std::env::var_os(name)
+                .map(|value| value.to_string_lossy().into_owned())
+                .filter(|url| !url.is_empty())
+        };
+        from_env(ENV_DATABASE_URL)
+            .or_else(|| from_env(ENV_DATABASE_URL_FALLBACK))
             .or_else(|| self.database.url.clone())
             .or_else(|| {
                 crate::db::connection_defaults::Environment::from_process()

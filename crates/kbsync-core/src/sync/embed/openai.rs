@@ -494,7 +494,10 @@ fn decode_base64(s: &str) -> Result<Vec<f32>, String> {
         .collect())
 }
 
-/// A header's value as trimmed text, if present and ASCII.
+/// A header's value as trimmed text, if present and ASCII. The provider's rate-limit
+/// and retry headers are hints: one that does not parse (here or below) reads as
+/// absent, and the retry policy's own backoff applies, so nothing is lost or retried
+/// sooner for it.
 fn header_text<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get(name)
@@ -553,6 +556,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    // A date in the past: retry now.
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
