@@ -16,11 +16,12 @@ use kbsync_core::config::{Config, Source};
 use kbsync_core::db;
 use kbsync_core::model::migration;
 use kbsync_core::outbox::{self, Claimed, Failure, FailurePolicy, Scope};
-use kbsync_core::sync::chunk::{Chunk, Chunker, content_hash};
+use kbsync_core::sync::chunk::Chunker;
 use kbsync_core::sync::embed::{EmbedError, InputOutcome, Provider};
-use kbsync_core::sync::knowledge::{self, ChunkWrite, StoredChunk};
+use kbsync_core::sync::knowledge::{self, ChunkWrite};
 use kbsync_core::sync::source_rows::{SourceQuery, SourceRow};
 
+use crate::batch_plan::{self, Assembled, Planned, Writing};
 use crate::model_switch::ActiveModels;
 
 #[derive(Debug, Error)]
@@ -94,25 +95,6 @@ pub struct BatchReport {
     pub remote_embedding_time: std::time::Duration,
 }
 
-/// What a key's chunks need.
-struct KeyPlan {
-    tenant: String,
-    text_hash: [u8; 32],
-    text_hash64: i64,
-    metadata: serde_json::Value,
-    chunks: Vec<Chunk>,
-    /// Per chunk: a stored embedding that can be reused, or the index into the
-    /// batch's list of texts to embed.
-    sources: Vec<EmbeddingSource>,
-    /// Per chunk: true when the stored row at that index is already exactly this.
-    unchanged: Vec<bool>,
-}
-
-enum EmbeddingSource {
-    Stored(Vector),
-    Input(usize),
-}
-
 /// Process one claimed batch. A statement PostgreSQL rejects (a constraint, a trigger,
 /// a statement timeout, a value it cannot take) is pinned on the keys it belongs to:
 /// the batch is redone key by key, the keys that fail alone count an attempt (and are
@@ -145,86 +127,22 @@ pub async fn process(
     let chunker = Arc::clone(&pipeline.chunker);
     // A text the chunker panics on fails its key alone (retried, then dead-lettered):
     // one bad row must not take the daemon down again at every restart.
-    let (rows, mut chunked) = tokio::task::spawn_blocking(move || {
+    let (rows, chunked) = tokio::task::spawn_blocking(move || {
         let chunked = chunk_each(&rows, |text| chunker.chunk(text));
         (rows, chunked)
     })
     .await
     .map_err(|e| BatchError::Chunking(e.to_string()))?;
-    let mut unchunkable: HashMap<String, String> = HashMap::new();
-
-    // Plan every key; collect the distinct texts that need a new embedding.
-    let mut inputs: Vec<String> = Vec::new();
-    // Each input's content hash, computed once by the chunker.
-    let mut hashes: Vec<[u8; 32]> = Vec::new();
-    let mut input_by_hash: HashMap<[u8; 32], usize> = HashMap::new();
-    let mut plans: HashMap<String, KeyPlan> = HashMap::new();
-    for key in &keys {
-        let Some(row) = rows.get(key) else { continue };
-        let chunks = match chunked.remove(key) {
-            Some(Ok(chunks)) => chunks,
-            Some(Err(panic)) => {
-                unchunkable.insert(
-                    key.clone(),
-                    format!("the chunker failed on this text: {panic}"),
-                );
-                continue;
-            }
-            None => Vec::new(),
-        };
-        let text_hash = content_hash(&row.text);
-        let chunk_count = chunks.len() as i32;
-        let existing: &[StoredChunk] = stored.get(key).map(Vec::as_slice).unwrap_or(&[]);
-        let mut sources = Vec::with_capacity(chunks.len());
-        let mut unchanged = Vec::with_capacity(chunks.len());
-        for (i, chunk) in chunks.iter().enumerate() {
-            let reusable = |s: &&StoredChunk| {
-                s.hash == chunk.hash
-                    && s.intact
-                    && s.embedding.is_some()
-                    && s.model.as_deref() == Some(model.as_str())
-            };
-            let at_index = existing.iter().find(|s| s.index == i as i32);
-            unchanged.push(at_index.filter(reusable).is_some_and(|s| {
-                s.tenant == row.tenant
-                    && s.metadata == row.metadata
-                    && s.source_text_hash.as_deref() == Some(text_hash.as_slice())
-                    && s.source_text_hash64 == Some(row.text_hash64)
-                    && s.has_content_hash64
-                    && s.chunking.as_deref() == Some(pipeline.chunker.fingerprint())
-                    && s.chunk_count == Some(chunk_count)
-            }));
-            // Same text anywhere in the key's old chunks (e.g. shifted by an insert).
-            match existing
-                .iter()
-                .find(reusable)
-                .and_then(|s| s.embedding.clone())
-            {
-                Some(v) => sources.push(EmbeddingSource::Stored(v)),
-                None => {
-                    let next = inputs.len();
-                    let at = *input_by_hash.entry(chunk.hash).or_insert(next);
-                    if at == next {
-                        inputs.push(chunk.content.clone());
-                        hashes.push(chunk.hash);
-                    }
-                    sources.push(EmbeddingSource::Input(at));
-                }
-            }
-        }
-        plans.insert(
-            key.clone(),
-            KeyPlan {
-                tenant: row.tenant.clone(),
-                text_hash,
-                text_hash64: row.text_hash64,
-                metadata: row.metadata.clone(),
-                chunks,
-                sources,
-                unchanged,
-            },
-        );
-    }
+    let writing = Writing {
+        model: &model,
+        chunking: pipeline.chunker.fingerprint(),
+    };
+    let Planned {
+        mut plans,
+        inputs,
+        hashes,
+        mut unchunkable,
+    } = batch_plan::plan(&keys, &rows, chunked, &stored, &writing);
 
     // Texts another batch of this daemon is embedding right now are waited for; of
     // the rest, those another key (or an earlier batch) already has embedded with
@@ -283,69 +201,11 @@ pub async fn process(
         .map(|o| o.unwrap_or_else(|| Err("no vector was obtained for this text".into())))
         .collect();
 
-    // Assemble writes; a key with any refused chunk fails as a whole.
-    let mut writes: Vec<ChunkWrite> = Vec::new();
-    let mut lengths: Vec<(String, i32)> = Vec::new();
-    let mut failures: Vec<Failure> = Vec::new();
-    for key in &keys {
-        if let Some(error) = unchunkable.remove(key) {
-            failures.push(Failure {
-                key: key.clone(),
-                error,
-            });
-            continue;
-        }
-        let Some(plan) = plans.remove(key) else {
-            // Row gone or filtered out: its chunks go.
-            lengths.push((key.clone(), 0));
-            continue;
-        };
-        let refused = plan.sources.iter().find_map(|s| match s {
-            EmbeddingSource::Input(i) => outcomes.get(*i).and_then(|o| o.as_ref().err()).cloned(),
-            EmbeddingSource::Stored(_) => None,
-        });
-        if let Some(error) = refused {
-            failures.push(Failure {
-                key: key.clone(),
-                error,
-            });
-            continue;
-        }
-        let count = plan.chunks.len();
-        for (i, ((chunk, src), unchanged)) in plan
-            .chunks
-            .into_iter()
-            .zip(plan.sources)
-            .zip(plan.unchanged)
-            .enumerate()
-        {
-            if unchanged {
-                continue;
-            }
-            let embedding = match src {
-                EmbeddingSource::Stored(v) => v,
-                EmbeddingSource::Input(at) => match outcomes.get(at) {
-                    Some(Ok(v)) => Vector::from(v.clone()),
-                    _ => continue,
-                },
-            };
-            writes.push(ChunkWrite {
-                tenant: plan.tenant.clone(),
-                key: key.clone(),
-                index: i as i32,
-                content: chunk.content,
-                hash: chunk.hash.to_vec(),
-                embedding,
-                model: model.clone(),
-                metadata: plan.metadata.clone(),
-                source_text_hash: plan.text_hash.to_vec(),
-                source_text_hash64: plan.text_hash64,
-                chunking: pipeline.chunker.fingerprint().to_owned(),
-                chunk_count: count as i32,
-            });
-        }
-        lengths.push((key.clone(), count as i32));
-    }
+    let Assembled {
+        writes,
+        lengths,
+        failures,
+    } = batch_plan::assemble(&keys, &mut plans, &mut unchunkable, &outcomes, &writing);
 
     // During a model migration every chunk written gets the other model's vector too.
     let other_vectors = match &models.other {
