@@ -113,7 +113,7 @@ pub enum PoolMode {
 pub struct PgBouncer {
     child: Child,
     pub port: u16,
-    _dir: SharedDir,
+    dir: SharedDir,
 }
 
 /// Debian's PgBouncer; a test that lacks it fails with the command that installs it.
@@ -204,16 +204,26 @@ pidfile = {dir}/pgbouncer.pid
         wait_for_port(port, || {
             std::fs::read_to_string(dir.0.join("pgbouncer.log")).unwrap_or_default()
         });
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
+        Self { child, port, dir }
     }
 }
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
+        // As root the child is `runuser`, and killing it leaves PgBouncer running (one
+        // left behind by every test that used one): stop PgBouncer itself, by its pid.
+        let pidfile = self.dir.0.join("pgbouncer.pid");
+        match std::fs::read_to_string(&pidfile) {
+            Ok(pid) => match Command::new("kill").arg(pid.trim()).status() {
+                Ok(status) if status.success() => {}
+                Ok(status) => eprintln!("warning: kill {} of pgbouncer: {status}", pid.trim()),
+                Err(e) => eprintln!("warning: could not run kill for pgbouncer: {e}"),
+            },
+            Err(e) => eprintln!(
+                "warning: {}: {e}; pgbouncer may still run",
+                pidfile.display()
+            ),
+        }
         if let Err(e) = self.child.kill() {
             eprintln!("warning: could not stop pgbouncer: {e}");
         }
