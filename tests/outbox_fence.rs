@@ -30,11 +30,7 @@ async fn one_prompt() -> (TestDb, tokio_postgres::Client, Source) {
 /// The shipped config's source `name`, with no debounce.
 fn undebounced(name: &str) -> Source {
     let config = Config::load(&shipped_config()).unwrap();
-    let mut source = config
-        .sources()
-        .into_iter()
-        .find(|s| s.name == name)
-        .unwrap();
+    let mut source = config.source_named(name).unwrap();
     source.debounce = Duration::ZERO;
     source
 }

@@ -108,7 +108,7 @@ pub async fn rows() -> Vec<(String, String)> {
     let drift = n / 100 / 4;
     let config = TempConfig::new(&config_text(DIMS));
     let parsed = Config::load(config.path()).expect("bench config");
-    let source = parsed.sources().remove(0);
+    let source = parsed.sources()[0].clone();
     let fingerprint = fingerprint_for(&source, &parsed);
 
     let db = TestDb::create().await;

@@ -230,6 +230,31 @@ const WAITING: &str = "(EXISTS (SELECT 1 FROM kbsync.outbox w
         OR EXISTS (SELECT 1 FROM kbsync.changes c
                     WHERE c.source = $1 AND c.scope = 'row' AND c.source_key = k))";
 
+/// Queue the keys `k` of `keys_from` for source `$1`, ready at once (their first change
+/// is `$3` seconds, the source's `max_wait`, ago) but sorted after the live edits
+/// already waiting; keys already `WAITING` are left as they are (the row is read again
+/// when they are processed anyway). One statement for every way kbsync queues repairs.
+fn queue_sql(keys_from: &str) -> String {
+    format!(
+        "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
+         SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM {keys_from}
+          WHERE NOT {WAITING}
+         ON CONFLICT (source, scope, source_key) DO NOTHING"
+    )
+}
+
+/// Wake the daemons after queueing work of `source`; without it they find it at their
+/// fallback poll.
+async fn wake(client: &impl GenericClient, source: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_notify($1, $2)",
+            &[&crate::capture::CHANNEL, &source],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Which of `keys` of source `source` are already waiting (`WAITING`).
 pub async fn waiting(
     client: &impl GenericClient,
@@ -245,11 +270,8 @@ pub async fn waiting(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Queue `keys` of `source` for processing, ready at once (their first change is a
-/// `max_wait` ago) but sorted after the live edits already waiting; keys already
-/// waiting (`WAITING`: an entry, or a change not yet folded) are left as they are (the
-/// row is read again when they are processed anyway). Used by the reconcile sweep and
-/// `kbsync errors retry`: repairs take the triggers' path. Returns the keys queued.
+/// Queue `keys` of `source` for processing (`queue_sql`). Used by the reconcile sweep:
+/// repairs take the triggers' path. Returns the keys queued.
 pub async fn enqueue(
     client: &impl GenericClient,
     source: &Source,
@@ -258,22 +280,14 @@ pub async fn enqueue(
     let rows = client
         .query(
             &format!(
-                "INSERT INTO kbsync.outbox AS o (source, scope, source_key, first_changed_at, last_changed_at)
-                 SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now() FROM unnest($2::text[]) k
-                  WHERE NOT {WAITING}
-                 ON CONFLICT (source, scope, source_key) DO NOTHING
-                 RETURNING o.source_key"
+                "{} RETURNING o.source_key",
+                queue_sql("unnest($2::text[]) k")
             ),
             &[&source.name, &keys, &secs(source.max_wait)],
         )
         .await?;
     if !rows.is_empty() {
-        client
-            .execute(
-                "SELECT pg_notify($1, $2)",
-                &[&crate::capture::CHANNEL, &source.name],
-            )
-            .await?;
+        wake(client, &source.name).await?;
     }
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
@@ -442,26 +456,16 @@ pub async fn replay_dead_letters(
                     SELECT d.id, d.source_key FROM kbsync.dead_letters d
                      WHERE d.source = $1 AND d.id = ANY($2)
                        FOR UPDATE),
-                 queued AS (
-                    INSERT INTO kbsync.outbox (source, scope, source_key, first_changed_at, last_changed_at)
-                    SELECT $1, 'row', k, now() - make_interval(secs => $3::float8), now()
-                      FROM (SELECT source_key AS k FROM picked) p
-                     WHERE NOT {WAITING}
-                    ON CONFLICT (source, scope, source_key) DO NOTHING)
+                 queued AS ({})
                  UPDATE kbsync.dead_letters d SET retries = d.retries + 1, next_retry_at = NULL
-                   FROM picked WHERE d.id = picked.id"
+                   FROM picked WHERE d.id = picked.id",
+                queue_sql("(SELECT source_key AS k FROM picked) p")
             ),
             &[&source.name, &ids, &secs(source.max_wait)],
         )
         .await?;
     if replayed > 0 {
-        // The wake-up only saves the daemon its fallback poll; the entries are queued.
-        client
-            .execute(
-                "SELECT pg_notify($1, $2)",
-                &[&crate::capture::CHANNEL, &source.name],
-            )
-            .await?;
+        wake(client, &source.name).await?;
     }
     Ok(replayed)
 }

@@ -21,7 +21,7 @@ use kbsync_core::sync::embed::{EmbedError, InputOutcome, Provider};
 use kbsync_core::sync::knowledge::{self, ChunkWrite};
 use kbsync_core::sync::source_rows::{SourceQuery, SourceRow};
 
-use crate::batch_plan::{self, Assembled, Planned, Writing};
+use crate::batch_plan::{self, Assembled, Writing};
 use crate::model_switch::ActiveModels;
 
 #[derive(Debug, Error)]
@@ -137,19 +137,15 @@ pub async fn process(
         model: &model,
         chunking: pipeline.chunker.fingerprint(),
     };
-    let Planned {
-        mut plans,
-        inputs,
-        hashes,
-        mut unchunkable,
-    } = batch_plan::plan(&keys, &rows, chunked, &stored, &writing);
+    let planned = batch_plan::plan(&keys, &rows, chunked, &stored, &writing);
+    let (inputs, hashes) = (&planned.inputs, &planned.hashes);
 
     // Texts another batch of this daemon is embedding right now are waited for; of
     // the rest, those another key (or an earlier batch) already has embedded with
     // this model are read back. Registered first, looked up second, unregistered
     // after this batch's write has committed (the end of this function): see
     // texts_in_flight.
-    let registration = in_flight.register(&hashes);
+    let registration = in_flight.register(hashes);
     let mut awaited = registration.1;
     let registration = registration.0;
     let mut outcomes: Vec<Option<InputOutcome>> = vec![None; inputs.len()];
@@ -160,7 +156,7 @@ pub async fn process(
         .collect();
     if !owned.is_empty() {
         let known = knowledge::embeddings_by_hash(&*client, &model, &owned).await?;
-        for (outcome, hash) in outcomes.iter_mut().zip(&hashes) {
+        for (outcome, hash) in outcomes.iter_mut().zip(hashes) {
             if let Some(vector) = known.get(hash.as_slice()) {
                 registration.publish(hash, vector.as_slice());
                 *outcome = Some(Ok(vector.to_vec()));
@@ -173,7 +169,7 @@ pub async fn process(
     let own_inputs: Vec<usize> = (0..inputs.len())
         .filter(|at| outcomes[*at].is_none() && !waiting.contains(at))
         .collect();
-    embed_into(provider, &inputs, &own_inputs, &mut outcomes, &mut sent).await?;
+    embed_into(provider, inputs, &own_inputs, &mut outcomes, &mut sent).await?;
     for at in &own_inputs {
         if let Some(Ok(vector)) = &outcomes[*at] {
             registration.publish(&hashes[*at], vector);
@@ -187,7 +183,7 @@ pub async fn process(
     let unpublished: Vec<usize> = (0..inputs.len())
         .filter(|at| outcomes[*at].is_none())
         .collect();
-    embed_into(provider, &inputs, &unpublished, &mut outcomes, &mut sent).await?;
+    embed_into(provider, inputs, &unpublished, &mut outcomes, &mut sent).await?;
     metrics::counter!("kbsync_embeddings_reused_total", "source" => source.name.clone())
         .increment((inputs.len() - sent) as u64);
     // The local model's time is CPU work per text, which a smaller batch does shorten.
@@ -205,7 +201,7 @@ pub async fn process(
         writes,
         lengths,
         failures,
-    } = batch_plan::assemble(&keys, &mut plans, &mut unchunkable, &outcomes, &writing);
+    } = batch_plan::assemble(&keys, planned, &outcomes, &writing);
 
     // During a model migration every chunk written gets the other model's vector too.
     let other_vectors = match &models.other {

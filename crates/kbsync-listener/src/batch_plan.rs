@@ -152,11 +152,15 @@ pub(crate) struct Assembled {
 /// A key with any refused chunk fails as a whole.
 pub(crate) fn assemble(
     keys: &[String],
-    plans: &mut HashMap<String, KeyPlan>,
-    unchunkable: &mut HashMap<String, String>,
+    planned: Planned,
     outcomes: &[InputOutcome],
     writing: &Writing,
 ) -> Assembled {
+    let Planned {
+        mut plans,
+        mut unchunkable,
+        ..
+    } = planned;
     let mut out = Assembled {
         writes: Vec::new(),
         lengths: Vec::new(),
@@ -290,15 +294,9 @@ mod tests {
         .into_iter()
         .collect();
         let keys = keys(&["a", "b"]);
-        let mut planned = plan(&keys, &rows, chunked, &HashMap::new(), &WRITING);
+        let planned = plan(&keys, &rows, chunked, &HashMap::new(), &WRITING);
         assert_eq!(planned.inputs, ["same"]);
-        let out = assemble(
-            &keys,
-            &mut planned.plans,
-            &mut planned.unchunkable,
-            &[Ok(vec![0.5])],
-            &WRITING,
-        );
+        let out = assemble(&keys, planned, &[Ok(vec![0.5])], &WRITING);
         assert_eq!(out.writes.len(), 2);
         assert!(
             out.writes
@@ -320,16 +318,10 @@ mod tests {
             .into_iter()
             .collect();
         let keys = keys(&["a"]);
-        let mut planned = plan(&keys, &rows, chunked, &stored_chunks, &WRITING);
+        let planned = plan(&keys, &rows, chunked, &stored_chunks, &WRITING);
         // Only the new text is sent.
         assert_eq!(planned.inputs, ["new"]);
-        let out = assemble(
-            &keys,
-            &mut planned.plans,
-            &mut planned.unchunkable,
-            &[Ok(vec![0.75])],
-            &WRITING,
-        );
+        let out = assemble(&keys, planned, &[Ok(vec![0.75])], &WRITING);
         let written: Vec<(i32, &str, Vector)> = out
             .writes
             .iter()
@@ -348,15 +340,9 @@ mod tests {
         let chunked = [("a".to_owned(), Ok(vec![chunk("x")]))]
             .into_iter()
             .collect();
-        let mut planned = plan(&keys, &rows, chunked, &stored_chunks, &WRITING);
+        let planned = plan(&keys, &rows, chunked, &stored_chunks, &WRITING);
         assert!(planned.inputs.is_empty());
-        let out = assemble(
-            &keys,
-            &mut planned.plans,
-            &mut planned.unchunkable,
-            &[],
-            &WRITING,
-        );
+        let out = assemble(&keys, planned, &[], &WRITING);
         assert!(out.writes.is_empty());
         assert_eq!(out.lengths, [("a".to_owned(), 1)]);
     }
@@ -390,12 +376,11 @@ mod tests {
         .into_iter()
         .collect();
         let keys = keys(&["a", "b"]);
-        let mut planned = plan(&keys, &rows, chunked, &HashMap::new(), &WRITING);
+        let planned = plan(&keys, &rows, chunked, &HashMap::new(), &WRITING);
         assert_eq!(planned.inputs, ["good", "bad", "fine"]);
         let out = assemble(
             &keys,
-            &mut planned.plans,
-            &mut planned.unchunkable,
+            planned,
             &[Ok(vec![1.0]), Err("refused: 400".to_owned()), Ok(vec![2.0])],
             &WRITING,
         );
@@ -416,14 +401,8 @@ mod tests {
             .into_iter()
             .collect();
         let keys = keys(&["gone", "bad"]);
-        let mut planned = plan(&keys, &rows, chunked, &HashMap::new(), &WRITING);
-        let out = assemble(
-            &keys,
-            &mut planned.plans,
-            &mut planned.unchunkable,
-            &[],
-            &WRITING,
-        );
+        let planned = plan(&keys, &rows, chunked, &HashMap::new(), &WRITING);
+        let out = assemble(&keys, planned, &[], &WRITING);
         assert_eq!(out.lengths, [("gone".to_owned(), 0)]);
         assert_eq!(out.failures.len(), 1);
         assert_eq!(out.failures[0].key, "bad");

@@ -206,7 +206,7 @@ impl Daemon {
                 "source"
             );
             pipelines.push(
-                SourcePipeline::prepare(&client, source, &self.config, &chunking_provider)
+                SourcePipeline::prepare(&client, source.clone(), &self.config, &chunking_provider)
                     .await
                     .map_err(DaemonError::Source)?,
             );

@@ -437,7 +437,7 @@ async fn decode(
         return Err(DecodeError::WalLevel(level));
     }
     let slot = logical::slot_name(&client, config).await?;
-    let targets = targets(&client, &config.sources()).await?;
+    let targets = targets(&client, config.sources()).await?;
     let limit_mb = config.capture.max_retained_wal_mb;
     let mut stream = loop {
         let Some(state) = logical::slot_state(&client, &slot).await? else {

@@ -70,7 +70,12 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
-    let names: Vec<String> = state.config.sources().into_iter().map(|s| s.name).collect();
+    let names: Vec<String> = state
+        .config
+        .sources()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
     // Backlog gauges are read now; when the database is down they keep their last
     // values and readiness (below) says why.
     let refreshed = tokio::time::timeout(QUERY_TIMEOUT, async {

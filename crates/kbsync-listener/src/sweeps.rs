@@ -32,6 +32,7 @@ pub(crate) async fn scheduled_sweeps(
             cancel.cancelled().await;
             return;
         };
+        // Negative only when `next` passed while we computed it: then sweep now.
         let wait = (next - chrono::Utc::now()).to_std().unwrap_or_default();
         tracing::debug!(%next, "next scheduled reconcile sweep");
         tokio::select! {

@@ -110,7 +110,7 @@ pub async fn coverage(
 ) -> Result<Coverage, ReconcileError> {
     let mut sources = Vec::new();
     for source in config.sources() {
-        let rows = RowSql::prepare(client, &source).await?;
+        let rows = RowSql::prepare(client, source).await?;
         if rows.key_type.is_none() {
             return Err(ReconcileError::MissingTable {
                 source_name: source.name.clone(),
@@ -148,7 +148,7 @@ pub async fn coverage(
             } else {
                 rows_with_chunks as f64 / eligible_rows as f64
             },
-            source: source.name,
+            source: source.name.clone(),
             eligible_rows,
             rows_with_chunks,
             chunks: chunks.get(0),

@@ -29,7 +29,6 @@ use std::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use kbsync_core::capture::CHANNEL;
 use kbsync_core::config::Config;
 use kbsync_core::schema::install::schema_is_current;
 use kbsync_core::sync::chunk;
@@ -115,7 +114,7 @@ async fn sweep_sources(
     };
     let sources: Vec<_> = config
         .sources()
-        .into_iter()
+        .iter()
         .filter(|s| options.sources.is_empty() || options.sources.contains(&s.name))
         .collect();
     // The model whose vectors `embedding` holds: [next_embedding]'s after a model
@@ -174,11 +173,6 @@ async fn sweep_sources(
             dead_letters::sweep(&*client, source, &scan, &scope, &mut found).await?;
         }
 
-        if !scope.dry_run && found.dead_letters_retried > 0 {
-            client
-                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &source.name])
-                .await?;
-        }
         tracing::debug!(
             source = %source.name, dry_run = scope.dry_run,
             rows = found.rows, chunks = found.chunks, missing = found.missing,

@@ -21,8 +21,13 @@ impl Listener {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         tokio::spawn(async move {
             while let Some(Ok(message)) = messages.next().await {
-                if let AsyncMessage::Notification(n) = message {
-                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                // A send fails only once the Listener is dropped: nobody is left to read.
+                if let AsyncMessage::Notification(n) = message
+                    && tx
+                        .send((n.channel().to_owned(), n.payload().to_owned()))
+                        .is_err()
+                {
+                    break;
                 }
             }
         });

@@ -27,8 +27,12 @@ pub async fn connect_url(url: &str) -> Client {
         .unwrap_or_else(|e| {
             panic!("cannot connect to {url}: {e}. Is the test server up? `just db` starts it")
         });
+    // A connection that ends with an error makes the test's next statement fail with
+    // it; printed here too, so that the cause is beside the failure.
     tokio::spawn(async move {
-        let _ = connection.await;
+        if let Err(e) = connection.await {
+            eprintln!("a test connection ended: {e}");
+        }
     });
     client
 }

@@ -60,7 +60,7 @@ pub async fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
         None => println!("# database: {}", database_words(&database)),
     }
     println!("# sources:");
-    for source in &sources {
+    for source in sources {
         let list = |columns: Vec<kbsync_core::config::sql_ident::Ident>| {
             columns
                 .iter()

@@ -108,7 +108,7 @@ pub async fn retry(config: &Config, selection: Selection) -> anyhow::Result<()> 
         }
     }
     let mut queued = 0;
-    for source in &sources {
+    for source in sources {
         let ids: Vec<i64> = rows
             .iter()
             .filter(|r| r.get::<_, &str>(1) == source.name)

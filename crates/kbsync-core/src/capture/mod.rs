@@ -61,7 +61,7 @@ const OLD: RowAlias<'static> = RowAlias {
 /// its related tables, schema-qualified (install resolves them; the function runs with
 /// a pinned search_path). Each entry records its row's tenant for fair scheduling.
 pub fn function_sql(source: &Source, related_tables: &[String]) -> String {
-    let name = source.name_literal.to_string();
+    let name = source.name_literal();
     let key = &source.key;
     let append = |rows: &str| {
         format!(
@@ -203,7 +203,7 @@ pub fn dependents_function_sql(
     let Some(related) = source.related.get(i) else {
         return String::new();
     };
-    let name = source.name_literal.to_string();
+    let name = source.name_literal();
     let reference = &related.references;
     let row = |prefix: &str| row_of(&source.related_columns(i), prefix);
     let moved = related_tenant_moved(source, i, "d.", "n.");
@@ -276,7 +276,7 @@ fn dependents_sql(
            FROM (SELECT ref, bool_or(moved) AS moved{carried} FROM ({refs}) x GROUP BY ref) r
            JOIN {source_table} t ON t.{fk} = r.ref{joins}
           WHERE {own_ok}",
-        name = source.name_literal,
+        name = source.name_literal(),
         key = source.key,
         ok = source.filter_sql(table),
         tenant = source.tenant_sql(table),
@@ -297,7 +297,7 @@ fn dependents_sql(
 /// compared and counts as a change, and a delete counts as eligible: never a change
 /// missed, at worst a key re-read for nothing.
 pub fn decoded_changes_sql(source: &Source, table: &str, related_tables: &[String]) -> String {
-    let name = source.name_literal.to_string();
+    let name = source.name_literal();
     let key = &source.key;
     let new = RowAlias {
         own: "(c.n).",
@@ -401,7 +401,7 @@ SELECT {name}, 'row', t.{key}::text, true, '', c.at
  WHERE c.op = 'T' AND {own_ok}",
         c = decoded_rows_cte(related_table),
         dependents = dependents_sql(source, i, source_table, related_tables, &refs, ", r.at"),
-        name = source.name_literal,
+        name = source.name_literal(),
         key = source.key,
         fk = related.foreign_key,
         own_ok = source.own_filter_sql(RowAlias::TABLE),

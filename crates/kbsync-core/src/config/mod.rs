@@ -510,8 +510,8 @@ impl Config {
     }
 
     /// The validated sources (validated once, by `parse`).
-    pub fn sources(&self) -> Vec<Source> {
-        self.validated_sources.clone()
+    pub fn sources(&self) -> &[Source] {
+        &self.validated_sources
     }
 
     /// A copy safe to print: the password of the database URL replaced.
@@ -523,7 +523,7 @@ impl Config {
             "unknown source {name:?}: the config declares {}",
             known.join(", ")
         );
-        all.into_iter().find(|s| s.name == name).ok_or(message)
+        all.iter().find(|s| s.name == name).cloned().ok_or(message)
     }
 
     pub fn redacted(&self) -> Self {

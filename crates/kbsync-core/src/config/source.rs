@@ -200,8 +200,6 @@ impl Filter {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub name: String,
-    /// The name as a SQL literal (trigger functions carry it).
-    pub name_literal: SqlLiteral,
     pub table: TableName,
     pub key: Ident,
     /// Its related tables, each used by at least one column reference.
@@ -234,6 +232,13 @@ fn valid_related_name(name: &str) -> bool {
 }
 
 impl Source {
+    /// The name as a SQL literal (trigger functions carry it). Validation admits only
+    /// lowercase letters, digits and `_`, so wrapping is the whole quoting (as for
+    /// `Ident::as_literal`).
+    pub fn name_literal(&self) -> String {
+        format!("'{}'", self.name)
+    }
+
     pub(crate) fn from_config(
         name: &str,
         cfg: &SourceConfig,
@@ -384,12 +389,9 @@ impl Source {
                 ),
             )
         })?;
-        // The name checks above admit no NUL byte: this cannot fail.
-        let name_literal = SqlLiteral::new(name).map_err(|e| (String::new(), e.to_string()))?;
         let source = Self {
             text_search,
             name: name.to_owned(),
-            name_literal,
             table,
             key,
             related,

@@ -113,13 +113,6 @@ impl SqlLiteral {
     }
 }
 
-impl From<&Ident> for SqlLiteral {
-    /// An identifier holds only letters, digits, `_` and `$`: always a valid literal.
-    fn from(ident: &Ident) -> Self {
-        Self(ident.as_str().to_owned())
-    }
-}
-
 impl fmt::Display for SqlLiteral {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "'{}'", self.0.replace('\'', "''"))

@@ -426,11 +426,7 @@ pub async fn start(client: &mut Client, config: &Config) -> Result<Started, Mode
         .with_next_model()
         .ok_or(ModelMigrationError::NoNextModel)?;
     let limit = next_config.model_token_limit();
-    if let Some(source) = config
-        .sources()
-        .into_iter()
-        .find(|s| s.chunk_tokens > limit)
-    {
+    if let Some(source) = config.sources().iter().find(|s| s.chunk_tokens > limit) {
         return Err(ModelMigrationError::Refused(format!(
             "sources.{}.chunk_tokens = {}, but {} reads at most {limit} tokens: both models embed the chunks [embedding] cuts, so lower chunk_tokens to {limit} or less first (`kbsync reconcile` re-cuts the chunks; `kbsync model plan` shows the cost)",
             source.name, source.chunk_tokens, next.model

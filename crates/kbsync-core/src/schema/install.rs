@@ -258,11 +258,11 @@ async fn plan_search(
     let unknown = search::unknown_text_search_configs(client, config).await?;
     if let Some(source) = config
         .sources()
-        .into_iter()
+        .iter()
         .find(|s| unknown.iter().any(|u| u == s.text_search.as_str()))
     {
         return Err(InstallError::Source {
-            source_name: source.name,
+            source_name: source.name.clone(),
             problem: format!(
                 "text_search {:?} is not a text search configuration of this database (`SELECT cfgname FROM pg_ts_config` lists them)",
                 source.text_search.as_str()
@@ -504,7 +504,7 @@ async fn plan_capture(
     config: &Config,
     plan: &mut InstallPlan,
 ) -> Result<(), InstallError> {
-    let sources = &config.sources();
+    let sources = config.sources();
     let logical = config.capture.mode == CaptureMode::Logical;
     if logical {
         let current = logical::wal_level(client).await?;

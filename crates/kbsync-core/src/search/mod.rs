@@ -159,8 +159,8 @@ pub async fn search(
 fn text_search_configs(config: &Config) -> BTreeSet<Ident> {
     config
         .sources()
-        .into_iter()
-        .map(|s| s.text_search)
+        .iter()
+        .map(|s| s.text_search.clone())
         .collect()
 }
 

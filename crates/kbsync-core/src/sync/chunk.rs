@@ -183,7 +183,7 @@ mod tests {
     use super::*;
 
     fn source(single: bool, tokens: usize, overlap: usize) -> Source {
-        config(single, tokens, overlap).sources().remove(0)
+        config(single, tokens, overlap).sources()[0].clone()
     }
 
     fn config(single: bool, tokens: usize, overlap: usize) -> Config {
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn the_sweep_and_the_daemon_compute_the_same_chunking_fingerprint() {
         let config = config(false, 100, 10);
-        let source = config.sources().remove(0);
+        let source = config.sources()[0].clone();
         let chunker =
             Chunker::new(&source, TokenCounter::cl100k(), config.model_token_limit()).unwrap();
         assert_eq!(chunker.fingerprint(), fingerprint_for(&source, &config));

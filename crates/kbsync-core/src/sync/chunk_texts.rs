@@ -54,8 +54,8 @@ pub async fn chunk_texts_by_source(
         );
     }
     let mut by_source = Vec::new();
-    for (at, source) in first.sources().into_iter().enumerate() {
-        let query = SourceQuery::prepare(client, &source).await?;
+    for (at, source) in first.sources().iter().enumerate() {
+        let query = SourceQuery::prepare(client, source).await?;
         // The planner's row count: a good estimate for nothing (-1: never analysed).
         let estimate: i64 = client
             .query_one(
@@ -85,7 +85,7 @@ pub async fn chunk_texts_by_source(
                 }
             }
         }
-        by_source.push((source.name, texts));
+        by_source.push((source.name.clone(), texts));
     }
     progress.finish();
     Ok(by_source)

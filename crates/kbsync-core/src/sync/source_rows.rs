@@ -30,7 +30,7 @@ pub async fn unusable_sources(
     for source in config.sources() {
         // A related table's missing column is named as the config names it (the
         // statement's own error would name an alias).
-        let related = match missing_related_columns(client, &source).await {
+        let related = match missing_related_columns(client, source).await {
             Ok(missing) => missing,
             Err(e) => vec![crate::db::describe(&e)],
         };
@@ -42,7 +42,7 @@ pub async fn unusable_sources(
             );
             continue;
         }
-        let verified = match SourceQuery::prepare(client, &source).await {
+        let verified = match SourceQuery::prepare(client, source).await {
             Ok(query) => query.verify(client).await,
             Err(e) => Err(e),
         };
