@@ -278,6 +278,12 @@ async fn tls_failures_name_their_cause_and_pgssl_variables_work_as_the_url() {
             db.url("localhost", bouncer.port, "?sslmode=disable"),
             "accepts only TLS connections",
         ),
+        // PgBouncer reports a wrong password as 08P01 "SASL authentication failed", a
+        // protocol violation, not PostgreSQL's 28P01.
+        (
+            verify_full("localhost", &ca).replace(PASSWORD, "not-the-password"),
+            "check the user name and password",
+        ),
     ];
     for (url, cause) in &cases {
         let out = kbsync(&config, url, &["status"]);

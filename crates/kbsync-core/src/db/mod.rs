@@ -194,6 +194,10 @@ pub async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), DbError> {
     Ok((client, handle))
 }
 
+/// What to do about credentials the server (or a pooler) refused.
+const CHECK_CREDENTIALS: &str =
+    " (check the user name and password in the URL, PGPASSWORD or ~/.pgpass)";
+
 /// Whether waiting can fix a failed connection, and what to do about it where the
 /// message alone does not say.
 fn connect_failure(err: &tokio_postgres::Error) -> (ErrorKind, Option<&'static str>) {
@@ -226,15 +230,18 @@ fn connect_failure(err: &tokio_postgres::Error) -> (ErrorKind, Option<&'static s
             " (the server accepts only TLS connections: add sslmode=verify-full and sslrootcert=<its CA file> to the URL, or sslmode=require)",
         );
     }
+    // PostgreSQL says 28P01 (below); PgBouncer says 08P01 "SASL authentication failed",
+    // which the SQLSTATE class alone would call a connection fault worth waiting for.
+    if text.contains("authentication failed") {
+        return fatal(CHECK_CREDENTIALS);
+    }
     if text.contains("server does not support TLS") {
         return fatal(
             " (sslmode asks for TLS and this server offers none: connect to its TLS endpoint, or lower sslmode if the network is trusted)",
         );
     }
     let hint = match err.code() {
-        Some(code) if *code == SqlState::INVALID_PASSWORD => {
-            Some(" (check the user name and password in the URL, PGPASSWORD or ~/.pgpass)")
-        }
+        Some(code) if *code == SqlState::INVALID_PASSWORD => Some(CHECK_CREDENTIALS),
         Some(code) if *code == SqlState::INVALID_CATALOG_NAME => {
             Some(" (check the database name in the URL; `\\l` in psql lists them)")
         }
