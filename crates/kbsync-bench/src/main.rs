@@ -111,8 +111,8 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
     let (mut loaded, _, late) = probe(&writer, &reader, WRITES / 2, Some(until)).await;
     let synced_per_second =
         (server.inputs_total() - before) as f64 / started.elapsed().as_secs_f64();
-    let _ = load.kill();
-    let _ = load.wait();
+    load.kill().expect("stopping the pgbench load");
+    load.wait().expect("waiting for the pgbench load to end");
     loaded.sort();
     // A probe not visible within the timeout counts as the timeout: the percentiles
     // are then lower bounds, and say so.

@@ -82,6 +82,7 @@ impl PrivateCluster {
             .port();
         let out = pg_sh(&state, port, Some(&bindir), "start");
         if !out.status.success() {
+            // Best-effort tidying before the panic that reports the real failure.
             let _ = std::fs::remove_dir_all(&state);
             panic!(
                 "private cluster did not start: {}",
@@ -158,6 +159,8 @@ impl PrivateCluster {
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
+        // Drop cannot report, and a test that already failed must keep its own message;
+        // a cluster left behind stays under .kbsync/test-clusters, where it can be looked at.
         let _ = pg_sh(&self.state, self.port, Some(&self.bindir()), "stop");
         let _ = std::fs::remove_dir_all(&self.state);
     }

@@ -131,7 +131,7 @@ fn test_config(
 }
 
 /// What the listener logs once its LISTEN has taken effect.
-const LISTENER_LISTENING: &str = "kbsync_listener::listener: listening";
+const LISTENER_LISTENING: &str = "kbsync_daemon::listener: listening";
 
 /// A `kbsync run` process; killed when dropped. Its stderr goes to a log file.
 pub struct DaemonProcess {
@@ -164,7 +164,7 @@ impl DaemonProcess {
             .arg(config)
             .arg("run")
             .env("OPENAI_API_KEY", TEST_API_KEY)
-            .env("RUST_LOG", "info,kbsync_listener=debug")
+            .env("RUST_LOG", "info,kbsync_daemon=debug")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -186,6 +186,8 @@ impl DaemonProcess {
 
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
+        // Also called on a daemon that already exited (a test's cleanup after a crash it
+        // provoked): an error here only says it is gone, which is what was wanted.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -193,6 +195,7 @@ impl DaemonProcess {
     /// SIGTERM, then wait for the exit (at most `within`); returns the exit status.
     /// Async so that servers on the test's runtime keep answering meanwhile.
     pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        // The exit is what is checked, below: a kill that failed shows as a timeout there.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())

@@ -85,12 +85,16 @@ impl FakeOpenAi {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind the fake OpenAI server");
+                // The receivers are gone only when the test that started the server
+                // ended: then nobody is left to tell.
                 let _ = addr_tx.send(listener.local_addr().expect("local address"));
-                let _ = axum::serve(listener, app)
+                axum::serve(listener, app)
                     .with_graceful_shutdown(async {
+                        // Stop on the signal, or when its sender is dropped with the server.
                         let _ = stop_rx.await;
                     })
-                    .await;
+                    .await
+                    .expect("the fake OpenAI server stopped serving");
             });
         });
         let addr = addr_rx.await.expect("the fake OpenAI server started");
@@ -198,6 +202,7 @@ impl FakeOpenAi {
 impl Drop for FakeOpenAi {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
+            // The server already stopped on its own when this fails: nothing to stop.
             let _ = stop.send(());
         }
     }

@@ -392,7 +392,7 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(text) if !text.trim().is_empty() => EnvFilter::try_new(&text).map_err(|e| {
-            format!("RUST_LOG={text:?} is not a log filter ({e}); e.g. RUST_LOG=info or RUST_LOG=info,kbsync_listener=debug")
+            format!("RUST_LOG={text:?} is not a log filter ({e}); e.g. RUST_LOG=info or RUST_LOG=info,kbsync_daemon=debug")
         })?,
         Ok(_) | Err(std::env::VarError::NotPresent) => EnvFilter::new("info,tokio_postgres=warn"),
         Err(std::env::VarError::NotUnicode(_)) => {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use kbsync_core::config::Config;
-use kbsync_listener::{Daemon, systemd};
+use kbsync_daemon::{Daemon, systemd};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 

@@ -1,6 +1,6 @@
 //! Logical capture's objects in the database: the publication of the source tables,
 //! the replication slot the daemon reads it through, and what the slot holds back.
-//! (The decoding itself is the daemon's: kbsync-listener's decoder.)
+//! (The decoding itself is the daemon's: kbsync-daemon's decoder.)
 
 use tokio_postgres::GenericClient;
 

@@ -245,6 +245,10 @@ pub struct EmbeddingConfig {
     pub tokens_per_minute: Option<u64>,
 }
 
+/// The largest `daemon.batch_size`: a batch is written, fenced and acknowledged in one
+/// transaction, and its keys travel as statement parameters.
+pub const MAX_BATCH_SIZE: usize = 10_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {

@@ -1,7 +1,8 @@
 //! `kbsync.toml` loaded and validated once: the sections (`file.rs`), the sources made
-//! into the `Source`s the rest uses (`source.rs`), and the checks that turn a bad file
-//! into an error naming the file, the field and what is wrong.
+//! into the `Source`s the rest uses (`source.rs`), and each section's rules (`checks.rs`)
+//! that turn a bad file into an error naming the file, the field and what is wrong.
 
+mod checks;
 mod file;
 mod source;
 pub mod sql_ident;
@@ -14,8 +15,6 @@ pub use source::*;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -38,10 +37,6 @@ pub enum ConfigError {
         problem: String,
     },
 }
-
-/// The largest `daemon.batch_size`: a batch is written, fenced and acknowledged in one
-/// transaction, and its keys travel as statement parameters.
-pub const MAX_BATCH_SIZE: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,257 +155,25 @@ impl Config {
 
     /// The reconcile schedule, parsed.
     pub fn reconcile_schedule(&self) -> Result<cron::Schedule, String> {
-        let expression = &self.reconcile.schedule;
-        let fields = expression.split_whitespace().count();
-        if !(6..=7).contains(&fields) {
-            return Err(format!(
-                "{expression:?} has {fields} fields; kbsync wants 6 or 7: second minute hour day-of-month month day-of-week [year], in UTC, e.g. \"0 0 3 * * *\" for daily at 03:00{}",
-                if fields == 5 {
-                    " (a 5-field crontab line: put \"0 \" in front of it)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        cron::Schedule::from_str(expression).map_err(|e| {
-            // The cron crate words an inclusive maximum as "less than" (hours: 23).
-            let problem = e.to_string().replace(" must be less than ", " must be at most ");
-            format!(
-                "{expression:?} is not a valid cron expression: {problem} Fields: second minute hour day-of-month month day-of-week [year], in UTC"
-            )
-        })
+        self.reconcile.parsed_schedule()
     }
 
     /// Each problem as (field path, what is wrong and what to do).
     /// Check every section, and keep the validated sources and the next model's
     /// config for `sources` and `with_next_model`.
     fn validate(&mut self) -> Result<(), (String, String)> {
-        let e = &self.embedding;
-        if e.model.trim().is_empty() {
-            return Err(("embedding.model".into(), "must not be empty".into()));
+        fn in_section(section: &str) -> impl Fn(checks::Problem) -> (String, String) + '_ {
+            move |(field, problem)| (format!("{section}.{field}"), problem)
         }
-        if e.dimensions == 0 || e.dimensions > MAX_INDEXED_HALFVEC_DIMENSIONS {
-            return Err((
-                "embedding.dimensions".into(),
-                format!(
-                    "{} is out of range: 1..={MAX_INDEXED_HALFVEC_DIMENSIONS} (pgvector's HNSW index limit, for halfvec; text-embedding-3 models can be shortened with send_dimensions = true)",
-                    e.dimensions
-                ),
-            ));
-        }
-        if e.vector_type == Some(VectorType::Vector) && e.dimensions > MAX_INDEXED_DIMENSIONS {
-            return Err((
-                "embedding.vector_type".into(),
-                format!(
-                    "\"vector\" indexes at most {MAX_INDEXED_DIMENSIONS} dimensions and embedding.dimensions is {}: use \"halfvec\" (up to {MAX_INDEXED_HALFVEC_DIMENSIONS}), or leave vector_type out to get it",
-                    e.dimensions
-                ),
-            ));
-        }
-        let chunk_limit = self.model_token_limit();
-        if let Some(n) = e.max_chunk_tokens
-            && (n == 0 || n > chunk_limit)
-        {
-            return Err((
-                "embedding.max_chunk_tokens".into(),
-                format!("{n} is out of range: 1..={chunk_limit} for this provider's model"),
-            ));
-        }
-        match e.provider {
-            ProviderKind::Local => {
-                if e.model_dir.is_none() {
-                    return Err((
-                        "embedding.model_dir".into(),
-                        "required for provider \"local\": the directory with model.safetensors, tokenizer.json and config.json (`just model` fetches it)".into(),
-                    ));
-                }
-                if e.dimensions != 384 {
-                    return Err((
-                        "embedding.dimensions".into(),
-                        format!(
-                            "provider \"local\" (all-MiniLM-L6-v2) gives 384 dimensions, not {}",
-                            e.dimensions
-                        ),
-                    ));
-                }
-                for (field, set) in [
-                    ("base_url", e.base_url.is_some()),
-                    ("api_key_env", e.api_key_env.is_some()),
-                    ("api_key_file", e.api_key_file.is_some()),
-                ] {
-                    if set {
-                        return Err((
-                            format!("embedding.{field}"),
-                            "only meaningful for provider \"openai\"; remove it or set provider = \"openai\"".into(),
-                        ));
-                    }
-                }
-            }
-            ProviderKind::Openai => {
-                let Some(base) = &e.base_url else {
-                    return Err((
-                        "embedding.base_url".into(),
-                        "required for provider \"openai\", e.g. \"https://api.openai.com/v1\" or \"http://localhost:11434/v1\" for Ollama".into(),
-                    ));
-                };
-                match url::Url::parse(base) {
-                    Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                    _ => {
-                        return Err((
-                            "embedding.base_url".into(),
-                            format!("{base:?} is not an http(s) URL"),
-                        ));
-                    }
-                }
-                if e.api_key_env.is_some() && e.api_key_file.is_some() {
-                    return Err((
-                        "embedding.api_key_file".into(),
-                        "set either api_key_env or api_key_file, not both".into(),
-                    ));
-                }
-                if e.model_dir.is_some() {
-                    return Err((
-                        "embedding.model_dir".into(),
-                        "only meaningful for provider \"local\"".into(),
-                    ));
-                }
-            }
-        }
-        if e.max_inputs_per_request == 0 || e.max_inputs_per_request > 2048 {
-            return Err((
-                "embedding.max_inputs_per_request".into(),
-                format!("{} is out of range: 1..=2048", e.max_inputs_per_request),
-            ));
-        }
-        if e.max_tokens_per_request < self.max_chunk_tokens() {
-            return Err((
-                "embedding.max_tokens_per_request".into(),
-                format!(
-                    "{} is smaller than one chunk ({} tokens)",
-                    e.max_tokens_per_request,
-                    self.max_chunk_tokens()
-                ),
-            ));
-        }
-        if e.requests_per_minute == Some(0) || e.tokens_per_minute == Some(0) {
-            return Err((
-                "embedding.requests_per_minute".into(),
-                "limits must be at least 1 (remove them for no limit)".into(),
-            ));
-        }
-        if e.provider == ProviderKind::Local
-            && (e.requests_per_minute.is_some() || e.tokens_per_minute.is_some())
-        {
-            return Err((
-                "embedding.requests_per_minute".into(),
-                "rate limits apply to provider \"openai\" only; the local model has none".into(),
-            ));
-        }
-        if e.max_concurrency == 0 {
-            return Err((
-                "embedding.max_concurrency".into(),
-                "must be at least 1".into(),
-            ));
-        }
-        if self.daemon.batch_size == 0 || self.daemon.batch_size > MAX_BATCH_SIZE {
-            return Err((
-                "daemon.batch_size".into(),
-                format!("must be between 1 and {MAX_BATCH_SIZE} (keys written in one transaction)"),
-            ));
-        }
-        if let Some(slot) = &self.capture.slot
-            && (slot.is_empty()
-                || slot.len() > 63
-                || !slot
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-        {
-            return Err((
-                "capture.slot".into(),
-                format!("{slot:?} is not a replication slot name: 1 to 63 of a-z, 0-9 and _"),
-            ));
-        }
-        if self.capture.max_retained_wal_mb == 0 {
-            return Err((
-                "capture.max_retained_wal_mb".into(),
-                "must be at least 1".into(),
-            ));
-        }
-        if !(1..=1024 * 1024).contains(&self.index.build_memory_mb) {
-            return Err((
-                "index.build_memory_mb".into(),
-                "must be between 1 and 1048576 (maintenance_work_mem for the index build, in MB)"
-                    .into(),
-            ));
-        }
-        if self.index.build_workers > 64 {
-            return Err((
-                "index.build_workers".into(),
-                "must be at most 64 (max_parallel_maintenance_workers)".into(),
-            ));
-        }
-        if !(1..=10_000).contains(&self.search.candidates) {
-            return Err((
-                "search.candidates".into(),
-                "must be between 1 and 10000".into(),
-            ));
-        }
-        if !(1..=10_000).contains(&self.search.rrf_k) {
-            return Err(("search.rrf_k".into(), "must be between 1 and 10000".into()));
-        }
-        if self.search.max_query_chars == 0 {
-            return Err(("search.max_query_chars".into(), "must be at least 1".into()));
-        }
-        if self.search.api_tokens_env.is_some() && self.search.api_tokens_file.is_some() {
-            return Err((
-                "search.api_tokens_file".into(),
-                "set either api_tokens_env or api_tokens_file, not both".into(),
-            ));
-        }
-        if self.daemon.max_attempts == 0 {
-            return Err(("daemon.max_attempts".into(), "must be at least 1".into()));
-        }
-        if self.daemon.batch_duration.is_zero() {
-            return Err((
-                "daemon.batch_duration".into(),
-                "must be more than 0s (batches are sized to take about this long)".into(),
-            ));
-        }
-        if self.daemon.fallback_poll.is_zero() {
-            return Err(("daemon.fallback_poll".into(), "must be more than 0s".into()));
-        }
-        if self.daemon.claim_lease < Duration::from_secs(10) {
-            return Err((
-                "daemon.claim_lease".into(),
-                "must be at least 10s: a lease shorter than one embedding call makes daemons take each other's work".into(),
-            ));
-        }
-        self.reconcile_schedule()
-            .map_err(|problem| ("reconcile.schedule".to_owned(), problem))?;
-        let fraction = self.reconcile.max_delete_fraction;
-        if !(0.0..=1.0).contains(&fraction) {
-            return Err((
-                "reconcile.max_delete_fraction".into(),
-                format!("{fraction} is out of range: 0.0..=1.0"),
-            ));
-        }
-        if self.scheduling.priority_refresh < Duration::from_secs(1) {
-            return Err((
-                "scheduling.priority_refresh".into(),
-                "must be at least 1s".into(),
-            ));
-        }
-        if let Some(sql) = &self.scheduling.priority_tenants_sql
-            && sql.trim().is_empty()
-        {
-            return Err((
-                "scheduling.priority_tenants_sql".into(),
-                "is empty: remove it or give a query returning tenant ids".into(),
-            ));
-        }
-        if self.reconcile.range_size == 0 {
-            return Err(("reconcile.range_size".into(), "must be at least 1".into()));
-        }
+        self.embedding
+            .check(self.model_token_limit(), self.max_chunk_tokens())
+            .map_err(in_section("embedding"))?;
+        self.daemon.check().map_err(in_section("daemon"))?;
+        self.capture.check().map_err(in_section("capture"))?;
+        self.index.check().map_err(in_section("index"))?;
+        self.search.check().map_err(in_section("search"))?;
+        self.reconcile.check().map_err(in_section("reconcile"))?;
+        self.scheduling.check().map_err(in_section("scheduling"))?;
         if self.sources.is_empty() {
             return Err((
                 "sources".into(),

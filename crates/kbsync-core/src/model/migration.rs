@@ -15,7 +15,7 @@
 //! to the new model's only when the config names it in `[embedding]` after `finish`;
 //! the texts that cuts differently (`kbsync model plan` counts them) are embedded then.
 //!
-//! The daemon fills the other column (`kbsync_listener::model_fill`): a chunk whose text
+//! The daemon fills the other column (`kbsync_daemon::model_fill`): a chunk whose text
 //! changes loses its other vector (a trigger) and gets it again within seconds. The
 //! active model's vector is written with the chunk, as always. A text already embedded
 //! with a model, in any chunk or in `kbsync.adopted_embeddings`, is never sent again.

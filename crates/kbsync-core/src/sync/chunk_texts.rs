@@ -65,7 +65,6 @@ pub async fn chunk_texts_by_source(
             .await?
             .get(0);
         // -1 (never analysed) is "no estimate": the bar then counts without a total.
-        // The planner's estimate is -1 for a table never analysed: no estimate, a spinner.
         progress.step(&source.name, "rows", u64::try_from(estimate).ok());
         let mut texts: Vec<Texts> = vec![HashMap::new(); configs.len()];
         let mut after: Option<String> = None;

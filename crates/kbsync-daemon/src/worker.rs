@@ -13,10 +13,11 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use kbsync_core::config::{ProviderKind, Source};
-use kbsync_core::db::{self, ErrorKind};
+use kbsync_core::db;
 use kbsync_core::outbox;
 
 use crate::batch::{self, BatchError};
+use crate::batch_failure::{self, HealthEffect};
 use crate::batch_sizing::BatchSizer;
 use crate::leases::{give_back, with_lease};
 use crate::shared::{Shared, connect_with_retry};
@@ -155,77 +156,49 @@ pub(crate) async fn worker(
                                 "batch done"
                             );
                         }
-                        Err(BatchError::Provider(e)) => {
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "provider_error").increment(1);
-                            shared.health.provider_failed(&e.to_string());
-                            provider_failures += 1;
-                            let delay = outbox::retry_delay(provider_failures as i32);
-                            tracing::error!(source = %pipeline.source.name, error = %e, ?delay, "embedding provider failed; the batch is retried later");
-                            give_back(&lease_client, token, delay, &e.to_string()).await;
-                        }
-                        Err(BatchError::ModelChanged) => {
-                            // A cut-over or rollback committed while the batch embedded
-                            // with the model active before it: nothing was written; it
-                            // is redone at once with the active model, no attempt counted.
-                            tracing::info!(source = %pipeline.source.name, "the embedding model switched during the batch; redoing it with the active model");
-                            give_back(
-                                &lease_client,
-                                token,
-                                Duration::ZERO,
-                                "the embedding model switched during the batch",
-                            )
-                            .await;
-                            if let Err(e) = shared.models.refresh(&client).await {
-                                tracing::error!(error = %e, "reading the model migration failed");
+                        Err(err) => {
+                            let failure =
+                                batch_failure::diagnose(&err, &client, &shared, models.generation)
+                                    .await;
+                            let response = batch_failure::respond(
+                                failure,
+                                provider_failures,
+                                daemon.broken_source_retry,
+                            );
+                            provider_failures = response.provider_failures;
+                            let source = &pipeline.source.name;
+                            if let Some(outcome) = response.outcome {
+                                metrics::counter!("kbsync_batches_total", "source" => source.clone(), "outcome" => outcome).increment(1);
                             }
-                        }
-                        Err(BatchError::Chunking(e)) => {
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "chunking_error").increment(1);
-                            tracing::error!(source = %pipeline.source.name, error = %e, "chunking a batch failed; it is retried in 30 s");
-                            give_back(&lease_client, token, Duration::from_secs(30), &e).await;
-                        }
-                        Err(BatchError::Db(e))
-                            if !db::connection_failed(&client, &e)
-                                && shared.models.refresh(&client).await.is_ok()
-                                && shared.models.current().generation != models.generation =>
-                        {
-                            // A cut-over, rollback or finish renamed or dropped the
-                            // column the batch's statements named: redone at once.
-                            tracing::info!(source = %pipeline.source.name, error = %db::describe(&e), "the model migration moved on during the batch; redoing it");
-                            give_back(
-                                &lease_client,
-                                token,
-                                Duration::ZERO,
-                                "the model migration moved on during the batch",
-                            )
-                            .await;
-                        }
-                        Err(BatchError::Db(e))
-                            if !db::connection_failed(&client, &e)
-                                && db::classify(&e) == ErrorKind::Fatal =>
-                        {
-                            // Keys PostgreSQL rejects are failed one by one inside the
-                            // batch: a statement that fails on a live connection is the
-                            // source's (a missing column, no privilege), not a key's.
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "source_broken").increment(1);
-                            shared
-                                .source_broken(&lease_client, token, &pipeline.source.name, &e)
-                                .await;
-                        }
-                        Err(BatchError::Db(e)) => {
-                            // What is left here is the connection or the server.
-                            metrics::counter!("kbsync_batches_total", "source" => pipeline.source.name.clone(), "outcome" => "database_error").increment(1);
-                            shared.health.database_failed(&db::describe(&e));
-                            let kind = db::classify(&e);
-                            tracing::error!(source = %pipeline.source.name, error = %db::describe(&e), ?kind, "database error while processing a batch; it is retried");
-                            give_back(
-                                &lease_client,
-                                token,
-                                Duration::from_secs(1),
-                                &db::describe(&e),
-                            )
-                            .await;
-                            if db::connection_failed(&client, &e) {
+                            let error = match &err {
+                                BatchError::Db(e) => db::describe(e),
+                                other => other.to_string(),
+                            };
+                            if response.is_error {
+                                tracing::error!(source = %source, %error, retry_in = ?response.retry_in, "{}", response.what_happens);
+                            } else {
+                                tracing::info!(source = %source, %error, "{}", response.what_happens);
+                            }
+                            match (response.health, &err) {
+                                (HealthEffect::SourceBroken, BatchError::Db(e)) => {
+                                    // Pauses the source, records it, gives the batch back.
+                                    shared.source_broken(&lease_client, token, source, e).await;
+                                }
+                                (health, _) => {
+                                    match health {
+                                        HealthEffect::ProviderFailed => {
+                                            shared.health.provider_failed(&error)
+                                        }
+                                        HealthEffect::DatabaseFailed => {
+                                            shared.health.database_failed(&error)
+                                        }
+                                        HealthEffect::None | HealthEffect::SourceBroken => {}
+                                    }
+                                    give_back(&lease_client, token, response.retry_in, &error)
+                                        .await;
+                                }
+                            }
+                            if response.reconnect {
                                 continue 'connect;
                             }
                         }

@@ -6,6 +6,7 @@
 //! other model's vectors; and the HTTP endpoint, with the search API.
 
 mod batch;
+mod batch_failure;
 mod batch_plan;
 mod batch_sizing;
 mod collector;

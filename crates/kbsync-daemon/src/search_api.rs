@@ -103,6 +103,7 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 fn authorized(api: &SearchApi, headers: &HeaderMap) -> bool {
+    // A header that is not text is no token: refused with 401, like a missing one.
     let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
