@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use pgvector::Vector;
 use serde::Serialize;
 use thiserror::Error;
+use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::config::Config;
@@ -44,25 +45,36 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The phase column as stored. Its CHECK constraint (migration 0010) admits only
-    /// these three, and a kbsync older than the schema refuses to run (`schema_is_current`),
-    /// so the last arm is never taken; it reads as an unknown phase would be safest read:
-    /// no migration moving vectors.
-    fn parse(s: &str) -> Phase {
-        match s {
-            "filling" => Phase::Filling,
-            "cut_over" => Phase::CutOver,
-            "finished" => Phase::Finished,
-            _ => Phase::Finished,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Filling => "filling",
             Phase::CutOver => "cut_over",
             Phase::Finished => "finished",
         }
+    }
+}
+
+/// The phase column as stored. Its CHECK constraint (migration 0010) admits only the
+/// three phases; anything else is reported as a conversion error of the read, never
+/// read as some phase (a kbsync older than the schema would otherwise guess).
+impl<'a> FromSql<'a> for Phase {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        match <&str as FromSql>::from_sql(ty, raw)? {
+            "filling" => Ok(Phase::Filling),
+            "cut_over" => Ok(Phase::CutOver),
+            "finished" => Ok(Phase::Finished),
+            other => Err(format!(
+                "kbsync.model_migration.phase is {other:?}, a phase this kbsync does not know: run the kbsync that wrote it, or a newer one"
+            )
+            .into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as FromSql>::accepts(ty)
     }
 }
 
@@ -164,12 +176,15 @@ pub async fn state(
             &[],
         )
         .await?;
-    Ok(row.map(|r| MigrationState {
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    Ok(Some(MigrationState {
         from_model: r.get(0),
         from_dimensions: r.get(1),
         to_model: r.get(2),
         to_dimensions: r.get(3),
-        phase: Phase::parse(r.get(4)),
+        phase: r.try_get(4)?,
         generation: r.get(5),
         seconds_since_start: r.get(6),
         seconds_since_change: r.get(7),
@@ -790,6 +805,16 @@ pub async fn add_sent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_phase_reads_back_and_an_unknown_one_is_an_error_not_a_guess() {
+        for phase in [Phase::Filling, Phase::CutOver, Phase::Finished] {
+            let read = Phase::from_sql(&Type::TEXT, phase.as_str().as_bytes());
+            assert_eq!(read.ok(), Some(phase));
+        }
+        let err = Phase::from_sql(&Type::TEXT, b"paused").expect_err("an unknown phase");
+        assert!(err.to_string().contains("\"paused\""), "{err}");
+    }
 
     fn state(phase: Phase) -> MigrationState {
         MigrationState {
