@@ -105,12 +105,16 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
     // Let the load reach its pace first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = server.inputs_total();
+    let writes_before = table_writes(&reader).await;
     let started = Instant::now();
     // Probes start only while the load runs (a backlog behind can outlast it by far).
     let until = Instant::now() + Duration::from_secs(u64::from(LOAD_SECONDS) - 3);
     let (mut loaded, _, late) = probe(&writer, &reader, WRITES / 2, Some(until)).await;
-    let synced_per_second =
-        (server.inputs_total() - before) as f64 / started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
+    let synced_per_second = (server.inputs_total() - before) as f64 / seconds;
+    let writes_after = table_writes(&reader).await;
+    let updates_per_second = (writes_after.0 - writes_before.0) as f64 / seconds;
+    let chunk_writes_per_second = (writes_after.1 - writes_before.1) as f64 / seconds;
     load.kill().expect("stopping the pgbench load");
     load.wait().expect("waiting for the pgbench load to end");
     loaded.sort();
@@ -134,8 +138,32 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
             format!("{mode}, 64 writers: texts embedded per second meanwhile"),
             format!("{synced_per_second:.0}"),
         ),
+        // Beside the texts: fewer texts for as many updates means more of them folded
+        // (less paid), fewer updates means slower writers.
+        (
+            format!("{mode}, 64 writers: product updates per second (the writers' rate)"),
+            format!("{updates_per_second:.0}"),
+        ),
+        (
+            format!("{mode}, 64 writers: chunks written per second meanwhile"),
+            format!("{chunk_writes_per_second:.0}"),
+        ),
     ]);
     rows
+}
+
+/// Rows updated in the products table and rows inserted or updated in
+/// `tenant_knowledge` so far, from the server's statistics (flushed within a second).
+async fn table_writes(client: &tokio_postgres::Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'web_knowledge_product'),
+                    (SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables WHERE relname = 'tenant_knowledge')",
+            &[],
+        )
+        .await
+        .expect("table statistics");
+    (row.get(0), row.get(1))
 }
 
 /// How long a probe is waited for.
