@@ -50,16 +50,16 @@ impl Shared {
     /// A batch of `source` failed in a way waiting alone does not fix (a column the
     /// config names is missing, no privilege on the table): the source is marked broken
     /// — `/readyz`, `kbsync_source_broken`, `kbsync status` — its claims go back
-    /// without an attempt counted, and it is tried again after
-    /// `daemon.broken_source_retry`, not in a loop.
+    /// without an attempt counted, and it is tried again after `retry` (the failure
+    /// policy's: `daemon.broken_source_retry`), not in a loop.
     pub(crate) async fn source_broken(
         &self,
         lease_client: &Client,
         token: Uuid,
         source: &str,
         err: &tokio_postgres::Error,
+        retry: Duration,
     ) {
-        let retry = self.config.daemon.broken_source_retry;
         let error = db::describe(err);
         let fix = kbsync_core::sync::source_problems::fix_for(source, err, retry);
         self.paused_until

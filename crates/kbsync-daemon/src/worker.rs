@@ -179,24 +179,30 @@ pub(crate) async fn worker(
                             } else {
                                 tracing::info!(source = %source, %error, "{}", response.what_happens);
                             }
-                            match (response.health, &err) {
-                                (HealthEffect::SourceBroken, BatchError::Db(e)) => {
-                                    // Pauses the source, records it, gives the batch back.
-                                    shared.source_broken(&lease_client, token, source, e).await;
+                            match response.health {
+                                HealthEffect::ProviderFailed => {
+                                    shared.health.provider_failed(&error)
                                 }
-                                (health, _) => {
-                                    match health {
-                                        HealthEffect::ProviderFailed => {
-                                            shared.health.provider_failed(&error)
-                                        }
-                                        HealthEffect::DatabaseFailed => {
-                                            shared.health.database_failed(&error)
-                                        }
-                                        HealthEffect::None | HealthEffect::SourceBroken => {}
-                                    }
-                                    give_back(&lease_client, token, response.retry_in, &error)
-                                        .await;
+                                HealthEffect::DatabaseFailed => {
+                                    shared.health.database_failed(&error)
                                 }
+                                HealthEffect::None | HealthEffect::SourceBroken => {}
+                            }
+                            if let (HealthEffect::SourceBroken, BatchError::Db(e)) =
+                                (response.health, &err)
+                            {
+                                // Pauses the source, records it, gives the batch back.
+                                shared
+                                    .source_broken(
+                                        &lease_client,
+                                        token,
+                                        source,
+                                        e,
+                                        response.retry_in,
+                                    )
+                                    .await;
+                            } else {
+                                give_back(&lease_client, token, response.retry_in, &error).await;
                             }
                             if response.reconnect {
                                 continue 'connect;

@@ -809,8 +809,9 @@ mod tests {
     #[test]
     fn a_stored_phase_reads_back_and_an_unknown_one_is_an_error_not_a_guess() {
         for phase in [Phase::Filling, Phase::CutOver, Phase::Finished] {
-            let read = Phase::from_sql(&Type::TEXT, phase.as_str().as_bytes());
-            assert_eq!(read.ok(), Some(phase));
+            let read = Phase::from_sql(&Type::TEXT, phase.as_str().as_bytes())
+                .expect("a stored phase reads back");
+            assert_eq!(read, phase);
         }
         let err = Phase::from_sql(&Type::TEXT, b"paused").expect_err("an unknown phase");
         assert!(err.to_string().contains("\"paused\""), "{err}");
