@@ -114,7 +114,7 @@ pub async fn rows() -> Vec<(String, String)> {
     let server = FakeOpenAi::start(DIMS).await;
     let config = sync_config(&server.base_url(), DIMS, "0s", "0s");
     let (db, client) = queued(&config, n).await;
-    let daemon = DaemonProcess::start(config.path(), db.url());
+    let daemon = DaemonProcess::start_as_shipped(config.path(), db.url());
     let (took, peak) = drain(&client, std::slice::from_ref(&daemon)).await;
     let chunks: i64 = client
         .query_one("SELECT count(*) FROM tenant_knowledge", &[])
@@ -174,7 +174,7 @@ pub async fn concurrency_rows() -> Vec<(String, String)> {
         ]);
         let (db, client) = demo_db(&config).await;
         let running: Vec<DaemonProcess> = (0..daemons)
-            .map(|_| DaemonProcess::start(config.path(), db.url()))
+            .map(|_| DaemonProcess::start_as_shipped(config.path(), db.url()))
             .collect();
         for daemon in &running {
             daemon
@@ -233,7 +233,7 @@ async fn backfill_with_index(handling: IndexHandling, n: i64, dims: usize) -> (f
             .expect("dropping the HNSW index");
     }
     let started = Instant::now();
-    let daemon = DaemonProcess::start(config.path(), db.url());
+    let daemon = DaemonProcess::start_as_shipped(config.path(), db.url());
     let (_, mut peak) = drain(&client, std::slice::from_ref(&daemon)).await;
     let written = started.elapsed().as_secs_f64();
     if handling == IndexHandling::BuiltAfter {

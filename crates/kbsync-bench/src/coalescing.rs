@@ -20,7 +20,7 @@ pub async fn rows() -> Vec<(String, String)> {
     let server = FakeOpenAi::start(DIMS).await;
     let config = sync_config(&server.base_url(), DIMS, "1s", "100ms");
     let (db, client) = demo_db(&config).await;
-    let daemon = DaemonProcess::start(config.path(), db.url());
+    let daemon = DaemonProcess::start_as_shipped(config.path(), db.url());
     db.kbsync_with_config(config.path(), &["demo", "data"])
         .assert_success();
     drained(&client, &[&daemon], Duration::from_secs(600)).await;
@@ -82,7 +82,7 @@ pub async fn rows() -> Vec<(String, String)> {
         )
         .await
         .expect("tenant 1's import");
-    let daemon = DaemonProcess::start(config.path(), db.url());
+    let daemon = DaemonProcess::start_as_shipped(config.path(), db.url());
     // Let the import get going, then tenant 2 edits.
     let deadline = Instant::now() + Duration::from_secs(120);
     while count(&client, "SELECT count(*) FROM tenant_knowledge").await < 2_000 {

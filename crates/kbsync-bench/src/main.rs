@@ -41,7 +41,7 @@ async fn latency_rows(logical: bool) -> Vec<(String, String)> {
     for args in [&["demo", "schema"][..], &["install"], &["demo", "data"]] {
         run_kbsync(config.path(), args, &[("DATABASE_URL", url.as_str())]).assert_success();
     }
-    let daemon = DaemonProcess::start(config.path(), &url);
+    let daemon = DaemonProcess::start_as_shipped(config.path(), &url);
     let (writer, conn) = tokio_postgres::connect(&url, NoTls).await.expect("writer");
     tokio::spawn(conn);
     let (reader, conn) = tokio_postgres::connect(&url, NoTls).await.expect("reader");
@@ -335,7 +335,9 @@ async fn main() {
              commit's return to the new chunk being visible on another connection (polled every 1 ms). Then half \
              as many (or as many as fit in the {LOAD_SECONDS} s of load) while 64 pgbench clients edit 10,000 \
              products of another tenant as fast as they can, all of it synced at debounce 0 too. Once with trigger capture, once with logical capture (a fresh cluster \
-             each). {} build of kbsync.\n\n{}\n",
+             each). {} build of kbsync, logging at its shipped level (`info`). The 64-writer rows also give the writers' own update \
+             rate and the chunks written meanwhile (from `pg_stat_user_tables`): fewer texts for as many updates means more folded, \
+             fewer updates means slower writers.\n\n{}\n",
                 build_profile(),
                 {
                     let mut rows = latency_rows(false).await;

@@ -81,7 +81,7 @@ max_concurrency = 2
         next.base_url()
     ));
     let (db, client) = demo_db(&config).await;
-    let daemon = DaemonProcess::start(config.path(), db.url());
+    let daemon = DaemonProcess::start_as_shipped(config.path(), db.url());
     daemon
         .wait_until_listening(1, Duration::from_secs(30))
         .await;

@@ -214,7 +214,7 @@ pub async fn quality_rows() -> Vec<(String, String)> {
     let config = local_model_config("0s");
     let (db, client) = demo_db(&config).await;
     let questions = load(&client).await;
-    let daemon = DaemonProcess::start(config.path(), db.url());
+    let daemon = DaemonProcess::start_as_shipped(config.path(), db.url());
     drained(&client, &[&daemon], Duration::from_secs(300)).await;
     let chunks: Vec<Chunk> = client
         .query(

@@ -201,7 +201,7 @@ async fn set_capture(
     if capture != Capture::Logical {
         return None;
     }
-    let daemon = DaemonProcess::start(config.path(), url);
+    let daemon = DaemonProcess::start_as_shipped(config.path(), url);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !daemon.log().contains("decoding changes") {
         assert!(
@@ -589,7 +589,7 @@ async fn app_transactions_beside_the_daemon(cluster: &PrivateCluster) -> Vec<(St
         .expect("loading products");
 
     let (alone_tx, alone_stmt) = edit_rounds(&mut client, 0).await;
-    let daemon = DaemonProcess::start(config.path(), &url);
+    let daemon = DaemonProcess::start_as_shipped(config.path(), &url);
     drained(&client, &[&daemon], Duration::from_secs(120)).await;
     let batches_before = server.request_count();
     let (beside_tx, beside_stmt) = edit_rounds(&mut client, 1).await;

@@ -130,6 +130,10 @@ fn test_config(
     TempConfig::new(&out)
 }
 
+/// The log filter of a test's daemon: each batch at debug, for the log a failing test
+/// prints.
+pub const TEST_LOG_FILTER: &str = "info,kbsync_daemon=debug";
+
 /// What the listener logs once its LISTEN has taken effect.
 const LISTENER_LISTENING: &str = "kbsync_daemon::listener: listening";
 
@@ -148,6 +152,18 @@ impl DaemonProcess {
     /// `start` with these variables for the database instead of `DATABASE_URL` (libpq's
     /// `PG*` variables, say).
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn(config, env, Some(TEST_LOG_FILTER))
+    }
+
+    /// `start` with the log level `kbsync run` ships with (no `RUST_LOG`): for benchmarks,
+    /// which measure what production runs. A test's daemon logs each batch at debug, and
+    /// that filter names the daemon crate's log target: two builds compared side by side
+    /// across a rename of that crate would not log the same.
+    pub fn start_as_shipped(config: &Path, database_url: &str) -> Self {
+        Self::spawn(config, &[("DATABASE_URL", database_url)], None)
+    }
+
+    fn spawn(config: &Path, env: &[(&str, &str)], log_filter: Option<&str>) -> Self {
         let log_dir = tempfile::tempdir().expect("a directory for the daemon log");
         let log = log_dir.path().join("kbsync.log");
         let stderr = std::fs::File::create(&log).expect("daemon log file");
@@ -158,13 +174,17 @@ impl DaemonProcess {
         for var in crate::kbsync_process::LIBPQ_VARIABLES {
             command.env_remove(var);
         }
-        command.envs(env.iter().copied());
-        let child = command
+        command
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(config)
             .arg("run")
-            .env("OPENAI_API_KEY", TEST_API_KEY)
-            .env("RUST_LOG", "info,kbsync_daemon=debug")
+            .env("OPENAI_API_KEY", TEST_API_KEY);
+        if let Some(filter) = log_filter {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
