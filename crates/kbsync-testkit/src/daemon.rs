@@ -132,7 +132,7 @@ fn test_config(
 
 /// The log filter of a test's daemon: each batch at debug, for the log a failing test
 /// prints.
-pub const TEST_LOG_FILTER: &str = "info,kbsync_daemon=debug";
+const TEST_LOG_FILTER: &str = "info,kbsync_daemon=debug";
 
 /// What the listener logs once its LISTEN has taken effect.
 const LISTENER_LISTENING: &str = "kbsync_daemon::listener: listening";
@@ -175,15 +175,17 @@ impl DaemonProcess {
             command.env_remove(var);
         }
         command
-            .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .arg("--config")
             .arg(config)
             .arg("run")
             .env("OPENAI_API_KEY", TEST_API_KEY);
-        if let Some(filter) = log_filter {
-            command.env("RUST_LOG", filter);
-        }
+        // The one place the daemon's log filter is decided: a RUST_LOG of the caller's
+        // environment would otherwise leak in.
+        match log_filter {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
         let child = command
             .stdout(Stdio::null())
             .stderr(stderr)
